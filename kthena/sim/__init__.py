@@ -1,0 +1,1 @@
+"""kthena-sim: a simulated vLLM / SGLang model server for demos, tests and benchmarks."""

@@ -1,0 +1,52 @@
+"""
+Small pieces of twisted.web that the router and the simulator both need.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.interfaces import ITCPTransport
+from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IRequest
+from twisted.web.server import Site
+
+JSON_TYPE = b"application/json"
+
+
+class NoDelayHTTPChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel with Nagle's algorithm off: streamed events are small writes,
+    and Nagle plus delayed ACKs would hold each one back by up to 40 ms.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        transport = ITCPTransport(self.transport, None)
+        if transport is not None:
+            transport.setTcpNoDelay(True)
+
+
+class QuietSite(Site):
+    """
+    A site with no-delay channels, no tracebacks in error pages and no combined access
+    log (which costs about a fifth of the throughput); the router logs through its own.
+    """
+
+    protocol = NoDelayHTTPChannel  # type: ignore[assignment]
+    displayTracebacks = False
+
+    def log(self, request: object) -> None:
+        pass
+
+
+def json_bytes(value: object) -> bytes:
+    """Compact JSON, as the engines and the router send it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def respond_json(request: IRequest, status: int, value: object) -> bytes:
+    """Set the status and JSON content type on C{request}; return the body to send."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON_TYPE)
+    return json_bytes(value)
