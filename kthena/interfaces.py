@@ -7,12 +7,19 @@ dialects, KV connectors, log sinks) arrive with the issues that build them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
     IReactorTCP,
     IReactorTime,
 )
+from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from kthena.store import PodEndpoint, RouteMatch
 
 
 class IServerReactor(IReactorCore, IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
@@ -21,3 +28,20 @@ class IServerReactor(IReactorCore, IReactorTCP, IReactorTime, IReactorPluggableN
     name (treq, Agent) and to stop itself when it cannot listen. For type checking; any
     real reactor provides it.
     """
+
+
+class IScheduler(Interface):
+    """
+    Chooses the pods a request may go to, best first. The data plane tries them in that
+    order, moving on when a pod fails before answering (the retry policy).
+    """
+
+    def schedule(
+        match: RouteMatch, pods: Sequence[PodEndpoint], body: dict[str, object]
+    ) -> list[PodEndpoint]:
+        """
+        @param match: the route, rule and server the request matched.
+        @param pods: the server's pods that may take traffic (never empty).
+        @param body: the parsed request body (read-only).
+        @return: candidates, best first; empty when none may take the request.
+        """

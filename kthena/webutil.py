@@ -35,6 +35,7 @@ class QuietSite(Site):
 
     protocol = NoDelayHTTPChannel  # type: ignore[assignment]
     displayTracebacks = False
+    noisy = False
 
     def log(self, request: object) -> None:
         pass

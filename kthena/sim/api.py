@@ -425,7 +425,9 @@ class SimAPI(Resource):
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise ApiError(400, "messages must be a list of objects", "messages")
             try:
-                text = render_chat(messages, _flag(body, "add_generation_prompt"))
+                # vLLM's TokenizeChatRequest defaults add_generation_prompt to true.
+                defaults = {"add_generation_prompt": True}
+                text = render_chat(messages, _flag(defaults | body, "add_generation_prompt"))
             except ValueError as e:
                 raise ApiError(400, str(e), "messages") from e
         elif isinstance(body.get("prompt"), str):
@@ -697,7 +699,9 @@ class Generation:
         self._abort()
         self.gone = True
         assert self.request.channel is not None
-        self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
+        # loseConnection, not abortConnection: the token events written so far are still in
+        # the transport's buffer and must reach the client before the cut.
+        self.request.channel.transport.loseConnection()  # type: ignore[union-attr]
 
     def _abort(self) -> None:
         if self.seq is not None:

@@ -5,6 +5,7 @@ make a pod go bad and recover without restarting it.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -74,7 +75,7 @@ def _check(key: str, value: object) -> object:
             raise ValueError("drop_after_tokens must be a whole number >= 0, or null")
         return value
     # slowdown
-    if not _is_number(value) or value <= 0:  # type: ignore[operator]
+    if not _is_number(value) or not 0 < value < math.inf:  # type: ignore[operator]
         raise ValueError("slowdown must be a number > 0")
     return float(value)  # type: ignore[arg-type]
 

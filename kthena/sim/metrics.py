@@ -278,7 +278,7 @@ class EngineGauges(Collector):
             (
                 "DCGM_FI_DEV_FB_FREE",
                 "Framebuffer memory free (in MiB).",
-                round(self.gpu_memory_mib - used),
+                self.gpu_memory_mib - round(used),
             ),
         )
         for name, doc, value in specs:

@@ -74,12 +74,8 @@ def make_room_fetcher(reactor: IServerReactor) -> RoomFetcher:
         authority = f"[{host}]" if ":" in host else host
         url = f"http://{authority}:{port}/sim/bootstrap/{room}?timeout={timeout}"
         # treq names its own reactor interface; any real reactor provides it.
-        response = await treq.get(
-            url,
-            timeout=timeout + 5,
-            reactor=reactor,
-            persistent=False,  # type: ignore[arg-type]
-        )
+        wait = timeout + 5
+        response = await treq.get(url, reactor=reactor, timeout=wait)  # type: ignore[arg-type]
         body = await response.json()
         if response.code != 200:
             raise ApiError(500, f"bootstrap server answered {response.code}: {body}")

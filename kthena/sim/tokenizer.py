@@ -11,7 +11,7 @@ import re
 import zlib
 from collections.abc import Sequence
 
-_PIECE = re.compile(r"<\|[a-z_]+\|>|\s*\w+|\s*[^\w\s]|\s+")
+_PIECE = re.compile(r"<\|[a-z_]+\|>|\s*\w+|\s*(?!<\|[a-z_]+\|>)[^\w\s]|\s+")
 _VOCAB = 32_000
 _FILLER = (" the", " model", " is", " simulated")
 

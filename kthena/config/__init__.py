@@ -1,0 +1,1 @@
+"""Router configuration: the router file and the resource documents it names."""

@@ -1,0 +1,313 @@
+"""
+The router's configuration file: settings, the C{observability} section exactly as the
+specification writes it, the resource documents (files, globs or inline) and, for the
+demo, simulated model servers to run in the same process.
+
+A config is loaded whole or not at all: L{load_config} returns a complete L{RouterConfig}
+or raises L{ConfigError}, so a reload never leaves the router half-configured.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kthena.config.resources import Resource, ResourceSet, build_resource_set, parse_document
+from kthena.config.validate import (
+    ConfigError,
+    Where,
+    boolean,
+    choice,
+    duration,
+    integer,
+    mapping,
+    number,
+    sequence,
+    string,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    port: int = 9090
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    enabled: bool = True
+    format: str = "json"
+    output: str = "stdout"
+
+
+@dataclass(frozen=True, slots=True)
+class DebugConfig:
+    enabled: bool = True
+    port: int = 9090
+
+
+@dataclass(frozen=True, slots=True)
+class ObservabilityConfig:
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """
+    How the router talks to pods.
+
+    @ivar pool_idle_timeout: idle pooled connections are closed after this long; it must
+        stay below the pods' keep-alive (uvicorn, under vLLM, closes after 5 s) or a
+        request may be sent on a connection the pod is closing.
+    """
+
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    max_connections_per_pod: int = 128
+    pool_idle_timeout: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorSpec:
+    """A kthena-sim model server run inside the router process (demo mode)."""
+
+    engine: str
+    model: str
+    listen: str
+    loras: tuple[str, ...] = ()
+    itl: float = 0.02
+    prefill_per_token: float = 0.0001
+    max_num_seqs: int = 64
+    output_tokens: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """
+    One generation of the router's configuration.
+
+    @ivar files: every file this generation was read from (watched for changes).
+    """
+
+    listen: str = "tcp:8080"
+    max_body_bytes: int = 10 * 1024 * 1024
+    drain_timeout: float = 30.0
+    reload_interval: float = 2.0
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    resources: ResourceSet = field(default_factory=ResourceSet)
+    simulators: tuple[SimulatorSpec, ...] = ()
+    source: str = "<defaults>"
+    files: tuple[str, ...] = ()
+
+
+_TOP = (
+    "listen",
+    "maxBodyBytes",
+    "drainTimeout",
+    "reloadInterval",
+    "upstream",
+    "observability",
+    "resources",
+    "simulators",
+)
+
+
+def _listen(value: object, where: Where) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"tcp:{integer(value, where, minimum=0, maximum=65535)}"
+    return string(value, where)
+
+
+def _observability(value: object, where: Where) -> ObservabilityConfig:
+    spec = mapping(value, where, ("metrics", "accessLog", "debug"))
+    m_where, a_where, d_where = where.at("metrics"), where.at("accessLog"), where.at("debug")
+    m = mapping(spec.get("metrics"), m_where, ("enabled", "port", "path"))
+    a = mapping(spec.get("accessLog"), a_where, ("enabled", "format", "output"))
+    d = mapping(spec.get("debug"), d_where, ("enabled", "port"))
+    path = string(m.get("path", "/metrics"), m_where.at("path"))
+    if not path.startswith("/"):
+        m_where.at("path").fail(f"must start with '/', not {path!r}")
+    return ObservabilityConfig(
+        metrics=MetricsConfig(
+            enabled=boolean(m.get("enabled", True), m_where.at("enabled")),
+            port=integer(m.get("port", 9090), m_where.at("port"), minimum=0, maximum=65535),
+            path=path,
+        ),
+        access_log=AccessLogConfig(
+            enabled=boolean(a.get("enabled", True), a_where.at("enabled")),
+            format=choice(a.get("format", "json"), a_where.at("format"), ("json", "text")),
+            output=string(a.get("output", "stdout"), a_where.at("output")),
+        ),
+        debug=DebugConfig(
+            enabled=boolean(d.get("enabled", True), d_where.at("enabled")),
+            port=integer(d.get("port", 9090), d_where.at("port"), minimum=0, maximum=65535),
+        ),
+    )
+
+
+def _upstream(value: object, where: Where) -> UpstreamConfig:
+    spec = mapping(
+        value,
+        where,
+        ("connectTimeout", "idleTimeout", "maxConnectionsPerPod", "poolIdleTimeout"),
+    )
+    d = UpstreamConfig()
+    return UpstreamConfig(
+        connect_timeout=duration(
+            spec.get("connectTimeout", d.connect_timeout), where.at("connectTimeout")
+        ),
+        idle_timeout=duration(spec.get("idleTimeout", d.idle_timeout), where.at("idleTimeout")),
+        max_connections_per_pod=integer(
+            spec.get("maxConnectionsPerPod", d.max_connections_per_pod),
+            where.at("maxConnectionsPerPod"),
+            minimum=1,
+        ),
+        pool_idle_timeout=duration(
+            spec.get("poolIdleTimeout", d.pool_idle_timeout), where.at("poolIdleTimeout")
+        ),
+    )
+
+
+def _simulator(value: object, where: Where) -> SimulatorSpec:
+    spec = mapping(
+        value,
+        where,
+        (
+            "engine",
+            "model",
+            "listen",
+            "loras",
+            "itl",
+            "prefillPerToken",
+            "maxNumSeqs",
+            "outputTokens",
+        ),
+        required=("engine", "model", "listen"),
+    )
+    d = SimulatorSpec("vllm", "", "")
+    return SimulatorSpec(
+        engine=choice(spec["engine"], where.at("engine"), ("vllm", "sglang")),
+        model=string(spec["model"], where.at("model")),
+        listen=_listen(spec["listen"], where.at("listen")),
+        loras=tuple(
+            string(x, where.at("loras").at(i))
+            for i, x in enumerate(sequence(spec.get("loras"), where.at("loras")))
+        ),
+        itl=number(spec.get("itl", d.itl), where.at("itl"), minimum=0),
+        prefill_per_token=number(
+            spec.get("prefillPerToken", d.prefill_per_token), where.at("prefillPerToken"), minimum=0
+        ),
+        max_num_seqs=integer(
+            spec.get("maxNumSeqs", d.max_num_seqs), where.at("maxNumSeqs"), minimum=1
+        ),
+        output_tokens=integer(
+            spec.get("outputTokens", d.output_tokens), where.at("outputTokens"), minimum=1
+        ),
+    )
+
+
+def _yaml_documents(path: str) -> Iterator[tuple[int, object]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        for number_, doc in enumerate(yaml.safe_load_all(text), start=1):
+            if doc is not None:
+                yield number_, doc
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+
+
+def _resource_entries(
+    entries: list[Any], where: Where, base: Path, files: list[str]
+) -> Iterator[tuple[Resource, Where]]:
+    order = 0
+    for i, entry in enumerate(entries):
+        e_where = where.at(i)
+        if isinstance(entry, str):
+            pattern = str(base / entry)
+            paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            if not paths:
+                e_where.fail(f"no file matches {entry!r}")
+            for path in paths:
+                files.append(path)
+                for doc_number, doc in _yaml_documents(path):
+                    d_where = Where(path, doc_number)
+                    order += 1
+                    yield parse_document(doc, d_where, order), d_where
+        else:
+            d_where = Where(where.source, None, field=e_where.field)
+            order += 1
+            yield parse_document(entry, d_where, order), d_where
+
+
+def parse_config(raw: object, source: str, base: Path, files: list[str]) -> RouterConfig:
+    """A router config from its parsed YAML; resource paths are relative to C{base}."""
+    where = Where(source)
+    spec = mapping(raw, where, _TOP)
+    d = RouterConfig()
+    resources = build_resource_set(
+        _resource_entries(
+            sequence(spec.get("resources"), where.at("resources")),
+            where.at("resources"),
+            base,
+            files,
+        )
+    )
+    sims = tuple(
+        _simulator(s, where.at("simulators").at(i))
+        for i, s in enumerate(sequence(spec.get("simulators"), where.at("simulators")))
+    )
+    return RouterConfig(
+        listen=_listen(spec.get("listen", d.listen), where.at("listen")),
+        max_body_bytes=integer(
+            spec.get("maxBodyBytes", d.max_body_bytes), where.at("maxBodyBytes"), minimum=1
+        ),
+        drain_timeout=duration(spec.get("drainTimeout", d.drain_timeout), where.at("drainTimeout")),
+        reload_interval=duration(
+            spec.get("reloadInterval", d.reload_interval), where.at("reloadInterval")
+        ),
+        upstream=_upstream(spec.get("upstream"), where.at("upstream")),
+        observability=_observability(spec.get("observability"), where.at("observability")),
+        resources=resources,
+        simulators=sims,
+        source=source,
+        files=(source, *files),
+    )
+
+
+def load_config(path: str) -> RouterConfig:
+    """
+    Read the router config file and every resource file it names.
+
+    @raise ConfigError: with the file, document and field of the first problem.
+    """
+    documents = list(_yaml_documents(path))
+    if len(documents) != 1:
+        raise ConfigError(f"{path}: must hold exactly one YAML document, found {len(documents)}")
+    files: list[str] = []
+    return parse_config(documents[0][1], path, Path(os.path.dirname(os.path.abspath(path))), files)
+
+
+def file_stamps(paths: tuple[str, ...]) -> tuple[tuple[str, float, int], ...]:
+    """Modification time and size of each file, to notice changes cheaply."""
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamps.append((path, st.st_mtime, st.st_size))
+        except OSError:
+            stamps.append((path, -1.0, -1))
+    return tuple(stamps)

@@ -1,0 +1,180 @@
+"""
+Reading untrusted YAML into typed values, with errors that say where.
+
+Every reader takes the raw value and a L{Where} (file, document, field path) and either
+returns a checked value or raises L{ConfigError} naming the file, the document and the
+field, so that an operator can fix a config without guessing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, NoReturn
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; C{str()} is the message for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """A place in the configuration: a file, a document in it, a field path."""
+
+    source: str
+    document: int | None = None
+    label: str = ""
+    field: str = ""
+
+    def at(self, key: str | int) -> Where:
+        if isinstance(key, int):
+            return replace(self, field=f"{self.field}[{key}]")
+        return replace(self, field=f"{self.field}.{key}" if self.field else key)
+
+    def named(self, label: str) -> Where:
+        return replace(self, label=label)
+
+    def describe(self) -> str:
+        parts = [self.source]
+        if self.document is not None:
+            parts.append(f"document {self.document}" + (f" ({self.label})" if self.label else ""))
+        if self.field:
+            parts.append(self.field)
+        return ": ".join(parts)
+
+    def fail(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.describe()}: {message}")
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def mapping(
+    value: object,
+    where: Where,
+    known: Collection[str] | None = None,
+    required: Collection[str] = (),
+) -> dict[str, Any]:
+    """A mapping with string keys, only C{known} ones (when given), C{required} present."""
+    if value is None and not required:
+        return {}
+    if not isinstance(value, Mapping):
+        where.fail(f"must be a mapping, not {_type_name(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            where.fail(f"keys must be strings, not {_type_name(key)}")
+        if known is not None and key not in known:
+            where.at(key).fail(f"unknown field; known fields: {', '.join(sorted(known))}")
+    for key in required:
+        if key not in value:
+            where.at(key).fail("is required")
+    return dict(value)
+
+
+def sequence(value: object, where: Where, *, max_items: int | None = None) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        where.fail(f"must be a list, not {_type_name(value)}")
+    if max_items is not None and len(value) > max_items:
+        where.fail(f"has {len(value)} items; at most {max_items} are allowed")
+    return value
+
+
+def string(value: object, where: Where, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        where.fail(f"must be a string, not {_type_name(value)}")
+    if not empty and not value:
+        where.fail("must not be empty")
+    return value
+
+
+def optional_string(value: object, where: Where) -> str | None:
+    return None if value is None else string(value, where)
+
+
+def choice(value: object, where: Where, options: Collection[str]) -> str:
+    text = string(value, where)
+    if text not in options:
+        where.fail(f"must be one of {', '.join(options)}, not {text!r}")
+    return text
+
+
+def integer(
+    value: object, where: Where, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        where.fail(f"must be a whole number, not {_type_name(value)}")
+    if minimum is not None and value < minimum:
+        where.fail(f"must be at least {minimum}, not {value}")
+    if maximum is not None and value > maximum:
+        where.fail(f"must be at most {maximum}, not {value}")
+    return value
+
+
+def number(value: object, where: Where, *, minimum: float | None = None) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        where.fail(f"must be a number, not {_type_name(value)}")
+    if minimum is not None and value < minimum:
+        where.fail(f"must be at least {minimum}, not {value}")
+    return float(value)
+
+
+def boolean(value: object, where: Where) -> bool:
+    if not isinstance(value, bool):
+        where.fail(f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def labels(value: object, where: Where) -> dict[str, str]:
+    """A label map: string keys to string values (YAML numbers are refused, as Kubernetes does)."""
+    result = mapping(value, where)
+    for key, item in result.items():
+        string(item, where.at(key), empty=True)
+    return result
+
+
+def duration(value: object, where: Where) -> float:
+    """
+    Seconds, from a Go / Kubernetes duration (C{"30s"}, C{"1m30s"}, C{"100ms"}) or a
+    plain number of seconds.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            where.fail(f"must not be negative, not {value}")
+        return float(value)
+    text = string(value, where)
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        where.fail(f"is not a duration like 30s, 1m30s or 100ms: {text!r}")
+    return total
+
+
+def regex(value: object, where: Where) -> re.Pattern[str]:
+    text = string(value, where, empty=True)
+    try:
+        return re.compile(text)
+    except re.error as e:
+        where.fail(f"is not a valid regular expression ({e}): {text!r}")

@@ -1,0 +1,306 @@
+"""
+One proxied request, from the first upstream attempt to the last byte relayed.
+
+Retries follow the ModelServer's C{trafficPolicy.retry} (attempts, interval), on the next
+candidate pod, for failures before the first response byte: connection failures,
+timeouts and 5xx answers. Without a retry policy only connection failures, where the pod
+never saw the request, are retried. 4xx answers are the client's and pass through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
+
+from kthena.proxy.context import ProxyContext
+from kthena.proxy.core import RouterCore
+from kthena.proxy.errors import ErrorType, ProxyError, error_object, respond_error
+from kthena.proxy.relay import Relay
+from kthena.store import PodEndpoint, RouteMatch
+from kthena.webutil import json_bytes
+
+log = Logger()
+
+CONNECT_RETRIES = 2
+"""Retries on connection failure when the ModelServer sets no retry policy."""
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+_CONNECT_ERRORS = (
+    net_error.ConnectError,
+    net_error.DNSLookupError,
+    net_error.TimeoutError,
+)
+
+
+def forwardable(
+    headers: Headers, extra: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, Sequence[bytes]]]:
+    """Headers minus hop-by-hop ones (and those the Connection header names)."""
+    skip = HOP_BY_HOP | extra
+    connection = headers.getRawHeaders(b"connection")
+    if connection:
+        skip = skip | {t.strip().lower() for v in connection for t in v.split(b",")}
+    return [(n, v) for n, v in headers.getAllRawHeaders() if n.lower() not in skip]
+
+
+class _Discard:
+    """Swallows a response body we will not relay (a 5xx before a retry)."""
+
+    def makeConnection(self, transport: object) -> None:
+        stop = getattr(transport, "stopProducing", None)
+        if stop is not None:
+            stop()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+
+class ProxyCall:
+    """
+    Drives one request through attempts and the relay, and ends it exactly once.
+    """
+
+    def __init__(
+        self,
+        core: RouterCore,
+        request: Request,
+        ctx: ProxyContext,
+        match: RouteMatch,
+        candidates: list[PodEndpoint],
+        headers: Headers,
+        body: bytes,
+        hide_usage: bool,
+    ) -> None:
+        self.core = core
+        self.request = request
+        self.ctx = ctx
+        self.match = match
+        self.candidates = candidates
+        self.headers = headers
+        self.body = body
+        self.hide_usage = hide_usage
+        self.client_gone = False
+        self.relay: Relay | None = None
+        self._run: Deferred[None] | None = None
+
+    def start(self) -> None:
+        self.core.call_started(self)
+        self.request.notifyFinish().addErrback(self._client_lost)
+        self._run = Deferred.fromCoroutine(self._proxy())
+        self._run.addErrback(self._crashed)
+        self._run.addBoth(self._ended)
+
+    def cancel(self) -> None:
+        """Stop wherever the call is (client gone, or shutdown)."""
+        if self._run is not None and not self._run.called:
+            self._run.cancel()
+
+    # -- the attempts
+
+    async def _proxy(self) -> None:
+        server = self.match.server
+        policy = server.retry
+        attempts = 1 + (policy.attempts if policy is not None else CONNECT_RETRIES)
+        interval = policy.interval if policy is not None else 0.0
+        timeout = server.timeout
+        clock = self.core.reactor
+        failure = ProxyError(503, ErrorType.NO_PODS, "no pod could take the request")
+        ctx = self.ctx
+        ctx.upstream_started = clock.seconds()
+        for attempt in range(attempts):
+            if attempt and interval:
+                await deferLater(clock, interval, lambda: None)
+            pod = self.candidates[attempt % len(self.candidates)]
+            ctx.pod = pod
+            ctx.attempts += 1
+            pod.in_flight += 1
+            try:
+                response = await self._send(pod, timeout)
+            except _CONNECT_ERRORS as e:
+                pod.in_flight -= 1
+                failure = ProxyError(
+                    503, ErrorType.PROXY, f"pod {pod.name} unreachable: {e.__class__.__name__}"
+                )
+                continue
+            except TimeoutError:
+                pod.in_flight -= 1
+                failure = ProxyError(
+                    504, ErrorType.TIMEOUT, f"pod {pod.name} sent no response within {timeout}s"
+                )
+                if policy is None:
+                    break
+                continue
+            except CancelledError:
+                pod.in_flight -= 1
+                raise
+            except Exception as e:
+                pod.in_flight -= 1
+                failure = ProxyError(
+                    503, ErrorType.PROXY, f"pod {pod.name} failed: {e.__class__.__name__}"
+                )
+                if policy is None:
+                    break
+                continue
+            if response.code >= 500 and policy is not None and attempt + 1 < attempts:
+                pod.in_flight -= 1
+                response.deliverBody(_Discard())
+                failure = ProxyError(
+                    503, ErrorType.UPSTREAM, f"pod {pod.name} answered {response.code}"
+                )
+                continue
+            try:
+                await self._relay(response)
+            finally:
+                pod.in_flight -= 1
+            return
+        self._answer_error(failure)
+
+    def _send(self, pod: PodEndpoint, timeout: float | None) -> Deferred[IResponse]:
+        request = self.request
+        d = self.core.upstream.request(
+            pod, self.match.server.protocol, request.method, request.uri, self.headers, self.body
+        )
+        if timeout:
+            d.addTimeout(timeout, self.core.reactor)
+        return d
+
+    # -- the response
+
+    async def _relay(self, response: IResponse) -> None:
+        ctx = self.ctx
+        request = self.request
+        core = self.core
+        ctx.first_byte = core.reactor.seconds()
+        ctx.status = response.code
+        if response.code >= 400:
+            ctx.error_type = ErrorType.UPSTREAM
+            ctx.error_message = f"pod answered {response.code}"
+        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        sse = content_type.startswith(b"text/event-stream")
+        drop = frozenset({b"content-length"}) if sse else frozenset()
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        for name, values in forwardable(response.headers, drop):
+            out.setRawHeaders(name, values)
+        out.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
+        relay = Relay(
+            request, core.reactor, core.config.upstream.idle_timeout, sse, self.hide_usage
+        )
+        self.relay = relay
+        response.deliverBody(relay)
+        cut = await relay.done
+        usage = relay.usage
+        if usage is not None:
+            ctx.prompt_tokens = _count(usage.get("prompt_tokens"))
+            ctx.completion_tokens = _count(usage.get("completion_tokens"))
+        if self.client_gone:
+            return
+        request.unregisterProducer()
+        if cut is None:
+            request.finish()
+            return
+        self._interrupted(relay, cut, sse)
+
+    def _interrupted(self, relay: Relay, cut: Failure, sse: bool) -> None:
+        """The body broke after the headers went out: tell the client it is incomplete."""
+        ctx = self.ctx
+        if relay.idle_expired:
+            error = ProxyError(
+                504,
+                ErrorType.TIMEOUT,
+                "the pod stopped sending mid-response "
+                f"for {self.core.config.upstream.idle_timeout}s",
+            )
+        else:
+            error = ProxyError(
+                502,
+                ErrorType.STREAM_INTERRUPTED,
+                f"the pod's response was cut: {cut.getErrorMessage()}",
+            )
+        ctx.error_type = error.error_type
+        ctx.error_message = error.message
+        if sse:
+            # OpenAI clients raise on an event carrying "error"; [DONE] is withheld.
+            body = error_object(error.status, error.error_type, error.message)
+            self.request.write(b"data: " + json_bytes(body) + b"\n\n")
+            self.request.finish()
+        else:
+            # A plain body cannot say it is incomplete: drop the connection instead.
+            self._abort_client()
+
+    def _answer_error(self, error: ProxyError) -> None:
+        ctx = self.ctx
+        ctx.fail(error.status, error.error_type, error.message)
+        if self.client_gone:
+            return
+        self.request.setHeader(b"x-request-id", ctx.request_id.encode())
+        self.request.write(respond_error(self.request, error))
+        self.request.finish()
+
+    def _abort_client(self) -> None:
+        channel = self.request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- endings
+
+    def _client_lost(self, reason: Failure) -> None:
+        self.client_gone = True
+        self.ctx.error_type = ErrorType.CLIENT_DISCONNECT
+        self.ctx.error_message = "the client closed the connection"
+        self.cancel()
+
+    def _crashed(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            if not self.client_gone:  # shutdown cut the call
+                self.ctx.error_type = ErrorType.PROXY
+                self.ctx.error_message = "the router shut down before the response ended"
+                if self.request.startedWriting:
+                    self._abort_client()
+                else:
+                    self._answer_error(ProxyError(503, ErrorType.DRAINING, "router shutting down"))
+            return
+        log.failure("proxying {request_id} failed", failure, request_id=self.ctx.request_id)
+        if self.client_gone:
+            return
+        if self.request.startedWriting:
+            self.ctx.fail(self.ctx.status or 502, ErrorType.PROXY, failure.getErrorMessage())
+            self._abort_client()
+        else:
+            self._answer_error(ProxyError(500, ErrorType.PROXY, "internal router error"))
+
+    def _ended(self, result: object) -> None:
+        ctx = self.ctx
+        ctx.finished = self.core.reactor.seconds()
+        if not ctx.status:
+            ctx.status = 499 if self.client_gone else 502
+        self.core.call_ended(self)
+        self.core.request_done(ctx)
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

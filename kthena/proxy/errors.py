@@ -1,0 +1,76 @@
+"""
+The closed set of request outcomes (the C{error_type} label and log field) and the
+OpenAI-style error objects clients receive.
+
+Kthena answers errors with bare JSON strings; OpenAI clients parse C{{"error": {...}}}, so
+that is what we send, with Kthena's status codes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from twisted.web.iweb import IRequest
+
+from kthena.webutil import respond_json
+
+
+class ErrorType(enum.Enum):
+    """Why a request ended as it did. The values are metric label values: never add one
+    without documenting it."""
+
+    SUCCESS = "successful_request"
+    INVALID_REQUEST = "prompt_parsing"
+    ROUTE_NOT_FOUND = "route_not_found"
+    NO_PODS = "pod_discovery"
+    SCHEDULING = "scheduling"
+    PROXY = "proxy"
+    TIMEOUT = "timeout"
+    UPSTREAM = "upstream_error"
+    STREAM_INTERRUPTED = "stream_interrupted"
+    CLIENT_DISCONNECT = "client_disconnect"
+    TOO_LARGE = "request_too_large"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    NOT_FOUND = "not_found"
+    DRAINING = "draining"
+    RATE_LIMIT = "rate_limit"
+
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class ProxyError(Exception):
+    """A request the router answers itself, with a status, an outcome and a message."""
+
+    def __init__(self, status: int, error_type: ErrorType, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+def error_object(status: int, error_type: ErrorType, message: str) -> dict[str, object]:
+    return {
+        "error": {
+            "message": message,
+            "type": _OPENAI_TYPES.get(status, "server_error"),
+            "code": error_type.value,
+        }
+    }
+
+
+def respond_error(request: IRequest, error: ProxyError) -> bytes:
+    """Set status and headers on C{request}; return the JSON error body."""
+    return respond_json(
+        request, error.status, error_object(error.status, error.error_type, error.message)
+    )

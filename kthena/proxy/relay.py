@@ -1,0 +1,184 @@
+"""
+The byte-pushing relay: an upstream response body to the client, as it arrives.
+
+It is the client request's push producer, so a slow client pauses the pod's connection
+and memory stays bounded; it resets an idle timer on every chunk; for server-sent events
+it forwards whole events only, takes the C{usage} from the pod's usage chunk and hides
+that chunk when the router, not the client, asked for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+from zope.interface import implementer
+
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_MAX_USAGE_SCAN = 8 * 1024 * 1024
+"""Non-streamed bodies longer than this are relayed but not parsed for usage."""
+
+
+def _usage_of(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("usage"), dict):
+        return value
+    return None
+
+
+@implementer(IPushProducer)
+class Relay(Protocol):
+    """
+    Relays one response body; C{done} fires with C{None} when the body ended whole, or
+    with the L{Failure} that cut it (upstream lost, idle timeout, L{stop}).
+
+    @ivar usage: the pod's C{usage} object, once seen.
+    @ivar idle_expired: the body stalled longer than the idle timeout.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        idle_timeout: float,
+        sse: bool,
+        hide_usage: bool,
+    ) -> None:
+        self.request = request
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.sse = sse
+        self.hide_usage = hide_usage
+        self.usage: dict[str, Any] | None = None
+        self.idle_expired = False
+        self.stopped = False
+        self.done: Deferred[Failure | None] = Deferred(lambda _: self.stop())
+        self._pending = b""
+        self._body: list[bytes] | None = None if sse else []
+        self._body_size = 0
+        self._idle: IDelayedCall | None = None
+
+    # -- IProtocol (upstream side)
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self, True)
+        self._idle = self.clock.callLater(self.idle_timeout, self._idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.reset(self.idle_timeout)
+        if self.sse:
+            data = self._complete_events(data)
+            if not data:
+                return
+        elif self._body is not None:
+            self._body_size += len(data)
+            if self._body_size <= _MAX_USAGE_SCAN:
+                self._body.append(data)
+            else:
+                self._body = None
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        whole = reason.check(ResponseDone, PotentialDataLoss) is not None and not self.stopped
+        if whole:
+            if self._pending:
+                self._scan_events(self._pending)
+                self.request.write(self._pending)
+                self._pending = b""
+            if self._body is not None:
+                found = _usage_of(b"".join(self._body))
+                if found is not None:
+                    self.usage = found["usage"]
+            self.done.callback(None)
+        else:
+            self.done.callback(reason)
+
+    # -- IPushProducer (client side)
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Abandon the body: close the pod's connection (it stops generating)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    # -- server-sent events
+
+    def _idle_timeout(self) -> None:
+        self._idle = None
+        self.idle_expired = True
+        self.stop()
+
+    def _complete_events(self, data: bytes) -> bytes:
+        """Keep a trailing partial event back; return the complete ones to forward."""
+        if self._pending:
+            data = self._pending + data
+        end = _last_event_end(data)
+        complete, self._pending = data[:end], data[end:]
+        if complete and _USAGE.search(complete):
+            complete = self._scan_events(complete)
+        return complete
+
+    def _scan_events(self, events: bytes) -> bytes:
+        """Record usage from events that carry it; drop the usage-only one when hidden."""
+        kept: list[bytes] = []
+        for event in _split_events(events):
+            if _USAGE.search(event):
+                chunk = _usage_of(_event_data(event))
+                if chunk is not None:
+                    self.usage = chunk["usage"]
+                    if self.hide_usage and chunk.get("choices") == []:
+                        continue
+            kept.append(event)
+        return b"".join(kept)
+
+
+def _last_event_end(data: bytes) -> int:
+    """Where the last complete event ends (0: none is complete)."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _split_events(data: bytes) -> list[bytes]:
+    events: list[bytes] = []
+    start = 0
+    for match in _EVENT_END.finditer(data):
+        events.append(data[start : match.end()])
+        start = match.end()
+    if start < len(data):
+        events.append(data[start:])
+    return events
+
+
+def _event_data(event: bytes) -> bytes:
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines)

@@ -1,0 +1,50 @@
+"""
+The proxy listener's site: request bodies kept in memory and capped (twisted.web would
+spool bodies of 100 kB and more to a temporary file, blocking the reactor on disk I/O).
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from twisted.web.resource import IResource
+from twisted.web.server import Request
+
+from kthena.webutil import QuietSite
+
+
+class CappedRequest(Request):
+    """
+    Keeps the body in memory up to the site's C{max_body_bytes}; past that the body is
+    read and dropped, and C{too_large} tells the resource to answer 413.
+    """
+
+    too_large = False
+
+    def _cap(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_body_bytes", 10 * 1024 * 1024))
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length is not None and length > self._cap():
+            self.too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        content = self.content
+        assert isinstance(content, BytesIO)
+        if content.tell() + len(data) > self._cap():
+            self.too_large = True
+            self.content = BytesIO()
+            return
+        content.write(data)
+
+
+class ProxySite(QuietSite):
+    requestFactory = CappedRequest
+
+    def __init__(self, resource: IResource, max_body_bytes: int) -> None:
+        super().__init__(resource)
+        self.max_body_bytes = max_body_bytes

@@ -1,0 +1,183 @@
+"""
+The datastore: the resources of the current config generation, indexed for routing, and
+the live state of each pod that outlives reloads.
+
+Route matching follows Kthena: routes by C{modelName} first, then by LoRA adapter name;
+routes sharing a name are tried oldest first; in a route, the first rule whose conditions
+(headers, uri, body.model, ANDed) all hold wins, then a target by weight. A route whose
+rules do not match lets the next route try.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kthena.config.resources import ModelRoute, ModelServer, Pod, ResourceSet, Rule
+
+HeaderLookup = Callable[[str], str]
+
+
+@dataclass(eq=False, slots=True)
+class PodEndpoint:
+    """
+    A pod as the data plane sees it: where to send requests, and what the router knows
+    of it right now. Kept across config generations while the pod exists.
+
+    @ivar in_flight: requests the router has sent to this pod that have not ended.
+    """
+
+    key: str
+    pod: Pod
+    host: str
+    port: int
+    in_flight: int = 0
+    servers: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.pod.meta.name
+
+    @property
+    def authority(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """The outcome of matching a request: where it goes, and whether it names an adapter."""
+
+    route: ModelRoute
+    rule: Rule
+    server: ModelServer
+    is_lora: bool
+
+    def upstream_model(self, requested: str) -> str:
+        """The model name sent to the pod: the server's model, except for LoRA requests."""
+        if self.is_lora or self.server.model is None:
+            return requested
+        return self.server.model
+
+
+def _created_order(route: ModelRoute) -> tuple[str, int]:
+    # Timestamps in RFC 3339 UTC sort as text; routes without one keep file order after them.
+    return (route.meta.created or "\uffff", route.meta.order)
+
+
+@dataclass(slots=True)
+class _Index:
+    by_model: dict[str, list[ModelRoute]] = field(default_factory=dict)
+    by_lora: dict[str, list[ModelRoute]] = field(default_factory=dict)
+    servers: dict[str, ModelServer] = field(default_factory=dict)
+    server_pods: dict[str, list[PodEndpoint]] = field(default_factory=dict)
+
+
+class Datastore:
+    """
+    The routing state; L{replace} swaps in a whole config generation at once.
+
+    @ivar generation: how many resource sets have been applied.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.resources = ResourceSet()
+        self.generation = 0
+        self.pods: dict[str, PodEndpoint] = {}
+        self._index = _Index()
+        self._random = rng or random.Random()
+
+    def replace(self, resources: ResourceSet) -> None:
+        """Apply a new resource set; pods that stay keep their live state."""
+        index = _Index()
+        for route in sorted(resources.routes, key=_created_order):
+            if route.model_name:
+                index.by_model.setdefault(route.model_name, []).append(route)
+            for lora in route.lora_adapters:
+                index.by_lora.setdefault(lora, []).append(route)
+        pods: dict[str, PodEndpoint] = {}
+        for server in resources.servers:
+            index.servers[server.meta.key] = server
+            members: list[PodEndpoint] = []
+            for pod in resources.pods:
+                if not (pod.serving and server.selects(pod)):
+                    continue
+                endpoint = self._endpoint(pod, server, pods)
+                endpoint.servers = (*endpoint.servers, server.meta.key)
+                members.append(endpoint)
+            index.server_pods[server.meta.key] = members
+        self.pods = pods
+        self._index = index
+        self.resources = resources
+        self.generation += 1
+
+    def _endpoint(self, pod: Pod, server: ModelServer, pods: dict[str, PodEndpoint]) -> PodEndpoint:
+        key = pod.meta.key
+        endpoint = pods.get(key)
+        if endpoint is not None:
+            return endpoint
+        assert pod.ip is not None
+        port = pod.port or server.port
+        old = self.pods.get(key)
+        if old is not None and old.host == pod.ip and old.port == port:
+            old.pod = pod
+            old.servers = ()
+            endpoint = old
+        else:
+            endpoint = PodEndpoint(key=key, pod=pod, host=pod.ip, port=port)
+        pods[key] = endpoint
+        return endpoint
+
+    # -- queries
+
+    def match(self, model: str, header: HeaderLookup, path: str) -> RouteMatch | None:
+        """
+        Find the route, rule and target server for a request.
+
+        @param header: the request's header value by lower-case name ("" when absent).
+        """
+        index = self._index
+        routes = index.by_model.get(model)
+        is_lora = False
+        if routes is None:
+            routes = index.by_lora.get(model)
+            is_lora = True
+            if routes is None:
+                return None
+        for route in routes:
+            rule = _select_rule(route.rules, model, header, path)
+            if rule is None:
+                continue
+            target = self._random.choices(rule.targets, weights=rule.weights)[0]
+            server = index.servers[f"{route.meta.namespace}/{target.model_server_name}"]
+            return RouteMatch(route, rule, server, is_lora)
+        return None
+
+    def server_pods(self, server: ModelServer) -> list[PodEndpoint]:
+        """Pods of C{server} that may take traffic (Running, Ready, not deleting)."""
+        return self._index.server_pods.get(server.meta.key, [])
+
+    def model_names(self) -> list[tuple[str, ModelRoute]]:
+        """Every base model and LoRA adapter name known from routes, with its route."""
+        names: dict[str, ModelRoute] = {}
+        for table in (self._index.by_model, self._index.by_lora):
+            for name, routes in table.items():
+                names.setdefault(name, routes[0])
+        return sorted(names.items())
+
+
+def _select_rule(
+    rules: tuple[Rule, ...], model: str, header: HeaderLookup, path: str
+) -> Rule | None:
+    for rule in rules:
+        match = rule.match
+        if match is None:
+            return rule
+        if match.body_model is not None and match.body_model != model:
+            continue
+        if not all(m.matches(header(name)) for name, m in match.headers):
+            continue
+        if match.uri is not None and not match.uri.matches(path):
+            continue
+        return rule
+    return None
