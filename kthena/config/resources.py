@@ -469,6 +469,7 @@ def build_resource_set(resources: Iterable[tuple[Resource, Where]]) -> ResourceS
     servers: list[ModelServer] = []
     pods: list[Pod] = []
     for resource, where in resources:
+        where = where.named(f"{resource.kind} {resource.meta.key}")
         key = (resource.kind, resource.meta.key)
         if key in seen:
             where.fail(

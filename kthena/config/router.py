@@ -244,11 +244,11 @@ def _resource_entries(
             for path in paths:
                 files.append(path)
                 for doc_number, doc in _yaml_documents(path):
-                    d_where = Where(path, doc_number)
+                    d_where = Where(path, f"document {doc_number}")
                     order += 1
                     yield parse_document(doc, d_where, order), d_where
         else:
-            d_where = Where(where.source, None, field=e_where.field)
+            d_where = Where(where.source, e_where.field)
             order += 1
             yield parse_document(entry, d_where, order), d_where
 

@@ -31,10 +31,14 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Where:
-    """A place in the configuration: a file, a document in it, a field path."""
+    """
+    A place in the configuration: a file, a document in it (C{"document 2"} of a YAML
+    stream, or C{"resources[0]"} inline in the router file), what that document is, and
+    a field path inside it.
+    """
 
     source: str
-    document: int | None = None
+    document: str | None = None
     label: str = ""
     field: str = ""
 
@@ -49,7 +53,7 @@ class Where:
     def describe(self) -> str:
         parts = [self.source]
         if self.document is not None:
-            parts.append(f"document {self.document}" + (f" ({self.label})" if self.label else ""))
+            parts.append(self.document + (f" ({self.label})" if self.label else ""))
         if self.field:
             parts.append(self.field)
         return ": ".join(parts)

@@ -150,7 +150,7 @@ class EngineMetrics:
     def prefilled(self, seq: SimSequence) -> None:
         assert seq.first_token_at is not None
         self.ttft.observe(seq.first_token_at - seq.arrival)
-        self.prompt_tokens.inc(seq.computed_prompt_tokens)
+        self.prompt_tokens.inc(seq.prompt_tokens)
         self.generation_tokens.inc()
         if self.prefix_queries is not None and self.prefix_hits is not None:
             self.prefix_queries.inc(seq.prompt_tokens)

@@ -1,0 +1,80 @@
+"""Builders of router resources and configs for tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kthena.config.resources import KTHENA_API
+
+Doc = dict[str, Any]
+
+
+def route(name: str, spec: Doc, namespace: str = "default", created: str | None = None) -> Doc:
+    meta: Doc = {"name": name, "namespace": namespace}
+    if created:
+        meta["creationTimestamp"] = created
+    return {"apiVersion": KTHENA_API, "kind": "ModelRoute", "metadata": meta, "spec": spec}
+
+
+def server(
+    name: str,
+    labels: dict[str, str],
+    model: str | None = None,
+    engine: str = "vLLM",
+    port: int = 8000,
+    **spec: Any,
+) -> Doc:
+    body: Doc = {
+        "inferenceEngine": engine,
+        "workloadSelector": {"matchLabels": labels},
+        "workloadPort": {"port": port},
+        **spec,
+    }
+    if model is not None:
+        body["model"] = model
+    return {
+        "apiVersion": KTHENA_API,
+        "kind": "ModelServer",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": body,
+    }
+
+
+def pod(
+    name: str,
+    ip: str,
+    labels: dict[str, str],
+    *,
+    phase: str = "Running",
+    ready: bool = True,
+    port: int | None = None,
+    deleting: bool = False,
+) -> Doc:
+    meta: Doc = {"name": name, "namespace": "default", "labels": labels}
+    if port is not None:
+        meta["annotations"] = {"kthena.io/workload-port": str(port)}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "status": {
+            "podIP": ip,
+            "phase": phase,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def simple_route(name: str, model: str, *targets: str, **spec: Any) -> Doc:
+    return route(
+        name,
+        {
+            "modelName": model,
+            "rules": [
+                {"name": "default", "targetModels": [{"modelServerName": t} for t in targets]}
+            ],
+            **spec,
+        },
+    )
