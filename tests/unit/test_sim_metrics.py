@@ -363,7 +363,8 @@ def test_sglang_values() -> None:
     e2e = families["sglang:e2e_request_latency_seconds"]
     assert only(e2e, "_sum").value == pytest.approx(0.40 + 0.12 + 0.08 + 0.12)
     assert value(families, "sglang:generation_tokens", "_total") == 10
-    assert value(families, "sglang:prompt_tokens", "_total") == 40 + 8
+    # Every prompt token counts, cached or not, as the engines count them.
+    assert value(families, "sglang:prompt_tokens", "_total") == 40 + 40
     assert value(families, "sglang:cache_hit_rate") == pytest.approx(32 / 80)
     assert value(families, "sglang:token_usage") == 0
 
