@@ -468,8 +468,8 @@ def build_resource_set(resources: Iterable[tuple[Resource, Where]]) -> ResourceS
     routes: list[ModelRoute] = []
     servers: list[ModelServer] = []
     pods: list[Pod] = []
-    for resource, where in resources:
-        where = where.named(f"{resource.kind} {resource.meta.key}")
+    for resource, found_at in resources:
+        where = found_at.named(f"{resource.kind} {resource.meta.key}")
         key = (resource.kind, resource.meta.key)
         if key in seen:
             where.fail(

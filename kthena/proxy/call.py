@@ -128,7 +128,7 @@ class ProxyCall:
         interval = policy.interval if policy is not None else 0.0
         timeout = server.timeout
         clock = self.core.reactor
-        failure = ProxyError(503, ErrorType.NO_PODS, "no pod could take the request")
+        failure: ProxyError | None = None
         ctx = self.ctx
         ctx.upstream_started = clock.seconds()
         for attempt in range(attempts):
@@ -177,6 +177,7 @@ class ProxyCall:
             finally:
                 pod.in_flight -= 1
             return
+        assert failure is not None
         self._answer_error(failure)
 
     def _send(self, pod: PodEndpoint, timeout: float | None) -> Deferred[IResponse]:
