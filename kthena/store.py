@@ -148,7 +148,11 @@ class Datastore:
             rule = _select_rule(route.rules, model, header, path)
             if rule is None:
                 continue
-            target = self._random.choices(rule.targets, weights=rule.weights)[0]
+            targets = rule.targets
+            if len(targets) == 1:
+                target = targets[0]
+            else:
+                target = self._random.choices(targets, weights=rule.weights)[0]
             server = index.servers[f"{route.meta.namespace}/{target.model_server_name}"]
             return RouteMatch(route, rule, server, is_lora)
         return None

@@ -29,6 +29,7 @@ _MAX_USAGE_SCAN = 8 * 1024 * 1024
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:
+    """A JSON document carrying a C{usage} object, or None."""
     try:
         value = json.loads(data)
     except ValueError:
@@ -36,6 +37,27 @@ def _usage_of(data: bytes) -> dict[str, Any] | None:
     if isinstance(value, dict) and isinstance(value.get("usage"), dict):
         return value
     return None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _trailing_usage(body: bytes) -> dict[str, Any] | None:
+    """
+    The C{usage} object of a completion body, decoded alone: engines write it last, so
+    only the tail is decoded, not the whole (possibly long) completion.
+    """
+    match = None
+    for match in _USAGE.finditer(body, max(0, body.rfind(b'"usage"'))):
+        pass
+    if match is None:
+        return None
+    try:
+        tail = body[match.end() - 1 :].decode("utf-8")
+        value, _ = _DECODER.raw_decode(tail)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @implementer(IPushProducer)
@@ -95,16 +117,15 @@ class Relay(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
-        whole = reason.check(ResponseDone, PotentialDataLoss) is not None and not self.stopped
+        # isinstance, not Failure.check: check walks the class hierarchy on every call.
+        whole = isinstance(reason.value, ResponseDone | PotentialDataLoss) and not self.stopped
         if whole:
             if self._pending:
                 self._scan_events(self._pending)
                 self.request.write(self._pending)
                 self._pending = b""
             if self._body is not None:
-                found = _usage_of(b"".join(self._body))
-                if found is not None:
-                    self.usage = found["usage"]
+                self.usage = _trailing_usage(b"".join(self._body))
             self.done.callback(None)
         else:
             self.done.callback(reason)

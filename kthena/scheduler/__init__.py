@@ -24,4 +24,6 @@ class UniformScheduler:
     def schedule(
         self, match: RouteMatch, pods: Sequence[PodEndpoint], body: dict[str, object]
     ) -> list[PodEndpoint]:
+        if len(pods) == 1:
+            return [pods[0]]
         return self._random.sample(list(pods), len(pods))

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""
+Router throughput and added latency against direct access to the same backend.
+
+The backend is Debian's nginx answering a fixed chat completion (JSON) and a fixed SSE
+stream, so that it is never the bottleneck (it alone is shown to be many times faster).
+The router runs as `twistd kthena-router`, pinned to one core; wrk and nginx share the
+other core. Everything listens on loopback only; every run is bounded in time.
+
+    apt-get install -y nginx-light wrk
+    python3 bench/router_bench.py [--duration 10] [--connections 32]
+
+Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+BACKEND = "127.0.0.20"
+BACKEND_PORT = 8000
+ROUTER_PORT = 18080
+ROOT = Path(__file__).resolve().parents[1]
+
+CHAT_JSON = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "bench-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hello there"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    },
+    separators=(",", ":"),
+)
+
+
+def sse_body(tokens: int = 16) -> str:
+    head = '{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,"model":"m",'
+    events = [
+        f'data: {head}"choices":[{{"index":0,"delta":{{"content":" tok{i}"}},'
+        '"finish_reason":null}],"usage":null}\n\n'
+        for i in range(tokens)
+    ]
+    events.append(
+        f'data: {head}"choices":[],"usage":{{"prompt_tokens":9,"completion_tokens":{tokens},'
+        f'"total_tokens":{9 + tokens}}}}}\n\n'
+    )
+    events.append("data: [DONE]\n\n")
+    return "".join(events)
+
+
+def nginx_conf(workdir: Path) -> str:
+    (workdir / "chat.json").write_text(CHAT_JSON)
+    (workdir / "stream.sse").write_text(sse_body())
+    return f"""
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 60s;
+  server {{
+    listen {BACKEND}:{BACKEND_PORT};
+    location = /v1/chat/completions {{
+      if ($http_x_bench_stream) {{ rewrite ^ /stream last; }}
+      default_type application/json;
+      alias {workdir}/chat.json;
+      error_page 405 =200 $uri;
+    }}
+    location = /stream {{
+      internal;
+      default_type text/event-stream;
+      alias {workdir}/stream.sse;
+      error_page 405 =200 $uri;
+    }}
+  }}
+}}
+"""
+
+
+ROUTER_CONFIG = f"""
+listen: tcp:{ROUTER_PORT}:interface=127.0.0.1
+reloadInterval: 0s
+observability:
+  accessLog: {{enabled: false}}
+resources:
+  - apiVersion: networking.serving.volcano.sh/v1alpha1
+    kind: ModelRoute
+    metadata: {{name: bench}}
+    spec: {{modelName: bench, rules: [{{targetModels: [{{modelServerName: bench}}]}}]}}
+  - apiVersion: networking.serving.volcano.sh/v1alpha1
+    kind: ModelServer
+    metadata: {{name: bench}}
+    spec:
+      model: bench-model
+      inferenceEngine: vLLM
+      workloadSelector: {{matchLabels: {{app: bench}}}}
+      workloadPort: {{port: {BACKEND_PORT}}}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {{name: bench-0, labels: {{app: bench}}}}
+    status: {{podIP: {BACKEND}, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
+"""
+
+
+def wrk_script(workdir: Path, stream: bool) -> Path:
+    body = {"model": "bench", "messages": [{"role": "user", "content": "hello world"}]}
+    if stream:
+        body["stream"] = True
+    path = workdir / ("stream.lua" if stream else "chat.lua")
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body, separators=(',', ':')))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        + ('wrk.headers["X-Bench-Stream"] = "1"\n' if stream else "")
+    )
+    return path
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+         "-s", str(script), url],
+        capture_output=True, text=True, timeout=duration + 30, check=True,
+    ).stdout  # fmt: skip
+    if os.environ.get("BENCH_DEBUG"):
+        print(out)
+    result: dict[str, float] = {}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    result["rps"] = float(rps.group(1)) if rps else 0.0
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        result[f"p{pct}_ms"] = float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["errors"] = float(errors.group(1)) if errors else 0.0
+    return result
+
+
+def wait_for(url: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed: apt-get install -y nginx-light wrk util-linux")
+    workdir = Path(tempfile.mkdtemp(prefix="kthena-bench-"))
+    workdir.chmod(0o755)  # nginx workers (www-data) read the bodies from here
+    (workdir / "nginx.conf").write_text(nginx_conf(workdir))
+    (workdir / "router.yaml").write_text(ROUTER_CONFIG)
+    nginx = subprocess.Popen(
+        ["taskset", "-c", "1", "nginx", "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"]
+    )
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = (workdir / "router.log").open("w")
+    router = subprocess.Popen(
+        ["taskset", "-c", "0", twistd, "-n", "--pidfile=", "kthena-router", "--config",
+         str(workdir / "router.yaml")],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{ROUTER_PORT}/healthz")
+        direct = f"http://{BACKEND}:{BACKEND_PORT}/v1/chat/completions"
+        routed = f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"
+        print(f"{'scenario':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+        for stream in (False, True):
+            script = wrk_script(workdir, stream)
+            kind = "stream" if stream else "json"
+            base = run_wrk(direct, script, args.duration, args.connections)
+            via = run_wrk(routed, script, args.duration, args.connections)
+            for name, r in ((f"direct {kind}", base), (f"router {kind}", via)):
+                print(f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+                      f"{r['errors']:>8.0f}")  # fmt: skip
+            added = via["p50_ms"] - base["p50_ms"]
+            ratio = base["rps"] / max(via["rps"], 1)
+            print(f"{'  added p50 ' + kind:<28}{'':>10}{added:>10.2f}{'':>18}"
+                  f"  backend alone is {ratio:.1f}x the router")  # fmt: skip
+    finally:
+        router.send_signal(signal.SIGTERM)
+        nginx.send_signal(signal.SIGQUIT)
+        for proc in (router, nginx):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
