@@ -47,9 +47,7 @@ def _trailing_usage(body: bytes) -> dict[str, Any] | None:
     The C{usage} object of a completion body, decoded alone: engines write it last, so
     only the tail is decoded, not the whole (possibly long) completion.
     """
-    match = None
-    for match in _USAGE.finditer(body, max(0, body.rfind(b'"usage"'))):
-        pass
+    match = _USAGE.match(body, max(0, body.rfind(b'"usage"')))
     if match is None:
         return None
     try:
