@@ -143,7 +143,7 @@ class RouterService(MultiService):
         for spec in config.simulators:
             _simulator_service(spec, reactor).setServiceParent(self.simulators)
         self.core = RouterCore(reactor, config, UniformScheduler())
-        site = ProxySite(ProxyResource(self.core), config.max_body_bytes)
+        site = ProxySite(ProxyResource(self.core), config.max_body_bytes, reactor)
         self.proxy = ListeningService(reactor, config.listen, site)
         self.proxy.setServiceParent(self)
         self.reloader = ConfigReloader(reactor, self, install_signal_handlers)

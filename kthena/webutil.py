@@ -5,8 +5,9 @@ Small pieces of twisted.web that the router and the simulator both need.
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
@@ -36,6 +37,10 @@ class QuietSite(Site):
     protocol = NoDelayHTTPChannel  # type: ignore[assignment]
     displayTracebacks = False
     noisy = False
+
+    def __init__(self, resource: Any, reactor: IReactorTime | None = None, **kwargs: Any) -> None:
+        # HTTPFactory keeps its own reactor for channel timeouts; pass ours along.
+        super().__init__(resource, reactor=reactor, **kwargs)
 
     def log(self, request: object) -> None:
         pass

@@ -10,6 +10,7 @@ never saw the request, are retried. 4xx answers are the client's and pass throug
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -104,6 +105,7 @@ class ProxyCall:
         self.body = body
         self.hide_usage = hide_usage
         self.client_gone = False
+        self.cancelled = False
         self.relay: Relay | None = None
         self._run: Deferred[None] | None = None
 
@@ -117,6 +119,7 @@ class ProxyCall:
     def cancel(self) -> None:
         """Stop wherever the call is (client gone, or shutdown)."""
         if self._run is not None and not self._run.called:
+            self.cancelled = True
             self._run.cancel()
 
     # -- the attempts
@@ -185,9 +188,17 @@ class ProxyCall:
         d = self.core.upstream.request(
             pod, self.match.server.protocol, request.method, request.uri, self.headers, self.body
         )
+        d.addErrback(self._if_cancelled)
         if timeout:
-            d.addTimeout(timeout, self.core.reactor)
+            d.addTimeout(timeout, self.core.reactor, onTimeoutCancel=_timed_out)
         return d
+
+    def _if_cancelled(self, failure: Failure) -> Failure:
+        # Agent fails a cancelled request with ResponseNeverReceived, not CancelledError:
+        # without this the attempt loop would take it for a pod failure (and retry).
+        if self.cancelled:
+            raise CancelledError()
+        return failure
 
     # -- the response
 
@@ -212,8 +223,16 @@ class ProxyCall:
             request, core.reactor, core.config.upstream.idle_timeout, sse, self.hide_usage
         )
         self.relay = relay
+        if sse:
+            request.write(b"")  # the headers go now: the stream has begun, as for the pod
         response.deliverBody(relay)
-        cut = await relay.done
+        cut: Failure | None = None
+        try:
+            await relay.done
+        except CancelledError:
+            raise
+        except Exception:
+            cut = Failure()
         usage = relay.usage
         if usage is not None:
             ctx.prompt_tokens = _count(usage.get("prompt_tokens"))
@@ -245,13 +264,32 @@ class ProxyCall:
         ctx.error_type = error.error_type
         ctx.error_message = error.message
         if sse:
-            # OpenAI clients raise on an event carrying "error"; [DONE] is withheld.
-            body = error_object(error.status, error.error_type, error.message)
-            self.request.write(b"data: " + json_bytes(body) + b"\n\n")
-            self.request.finish()
+            self._error_event(error)
+        elif not self.request.startedWriting:
+            # Nothing reached the client yet: it can still get a proper error.
+            self.request.responseHeaders.removeHeader(b"content-length")
+            self._answer_error(error)
         else:
             # A plain body cannot say it is incomplete: drop the connection instead.
             self._abort_client()
+
+    def _cut_by_shutdown(self) -> None:
+        error = ProxyError(503, ErrorType.DRAINING, "the router shut down mid-response")
+        if not self.request.startedWriting:
+            self._answer_error(error)
+            return
+        self.ctx.error_type = error.error_type
+        self.ctx.error_message = error.message
+        if self.relay is not None and self.relay.sse:
+            self._error_event(error)
+        else:
+            self._abort_client()
+
+    def _error_event(self, error: ProxyError) -> None:
+        """End a stream with an error event; OpenAI clients raise on it. No [DONE]."""
+        body = error_object(error.status, error.error_type, error.message)
+        self.request.write(b"data: " + json_bytes(body) + b"\n\n")
+        self.request.finish()
 
     def _answer_error(self, error: ProxyError) -> None:
         ctx = self.ctx
@@ -276,14 +314,11 @@ class ProxyCall:
         self.cancel()
 
     def _crashed(self, failure: Failure) -> None:
+        if self.relay is not None and not self.client_gone:
+            self.request.unregisterProducer()
         if failure.check(CancelledError):
             if not self.client_gone:  # shutdown cut the call
-                self.ctx.error_type = ErrorType.PROXY
-                self.ctx.error_message = "the router shut down before the response ended"
-                if self.request.startedWriting:
-                    self._abort_client()
-                else:
-                    self._answer_error(ProxyError(503, ErrorType.DRAINING, "router shutting down"))
+                self._cut_by_shutdown()
             return
         log.failure("proxying {request_id} failed", failure, request_id=self.ctx.request_id)
         if self.client_gone:
@@ -301,6 +336,12 @@ class ProxyCall:
             ctx.status = 499 if self.client_gone else 502
         self.core.call_ended(self)
         self.core.request_done(ctx)
+
+
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    # A cancelled Agent request fails with ResponseNeverReceived, not CancelledError, so
+    # addTimeout's default translation would miss it and the timeout would look like a 503.
+    raise TimeoutError(timeout, "Deferred")
 
 
 def _count(value: object) -> int | None:

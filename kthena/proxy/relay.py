@@ -62,7 +62,7 @@ def _trailing_usage(body: bytes) -> dict[str, Any] | None:
 class Relay(Protocol):
     """
     Relays one response body; C{done} fires with C{None} when the body ended whole, or
-    with the L{Failure} that cut it (upstream lost, idle timeout, L{stop}).
+    fails with the L{Failure} that cut it (upstream lost, idle timeout, L{stop}).
 
     @ivar usage: the pod's C{usage} object, once seen.
     @ivar idle_expired: the body stalled longer than the idle timeout.
@@ -84,7 +84,7 @@ class Relay(Protocol):
         self.usage: dict[str, Any] | None = None
         self.idle_expired = False
         self.stopped = False
-        self.done: Deferred[Failure | None] = Deferred(lambda _: self.stop())
+        self.done: Deferred[None] = Deferred(lambda _: self.stop())
         self._pending = b""
         self._body: list[bytes] | None = None if sse else []
         self._body_size = 0
@@ -97,6 +97,8 @@ class Relay(Protocol):
         self._idle = self.clock.callLater(self.idle_timeout, self._idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.stopped:  # abandoned; the pod's connection may still deliver what it read
+            return
         if self._idle is not None:
             self._idle.reset(self.idle_timeout)
         if self.sse:
@@ -115,18 +117,21 @@ class Relay(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        if self.done.called:  # cancelled: nobody waits for the body any more
+            return
         # isinstance, not Failure.check: check walks the class hierarchy on every call.
         whole = isinstance(reason.value, ResponseDone | PotentialDataLoss) and not self.stopped
         if whole:
             if self._pending:
-                self._scan_events(self._pending)
-                self.request.write(self._pending)
+                tail = self._scan_events(self._pending)
+                if tail:
+                    self.request.write(tail)
                 self._pending = b""
             if self._body is not None:
                 self.usage = _trailing_usage(b"".join(self._body))
             self.done.callback(None)
         else:
-            self.done.callback(reason)
+            self.done.errback(reason)
 
     # -- IPushProducer (client side)
 

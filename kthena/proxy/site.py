@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from io import BytesIO
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
@@ -45,8 +46,10 @@ class CappedRequest(Request):
 class ProxySite(QuietSite):
     requestFactory = CappedRequest
 
-    def __init__(self, resource: IResource, max_body_bytes: int) -> None:
+    def __init__(
+        self, resource: IResource, max_body_bytes: int, reactor: IReactorTime | None = None
+    ) -> None:
         # Bodies are JSON, never forms: twisted.web's form parsing (a content-type parse
         # through the email package) cost about 15% of the proxy's CPU.
-        super().__init__(resource, parsePOSTFormSubmission=False)
+        super().__init__(resource, reactor, parsePOSTFormSubmission=False)
         self.max_body_bytes = max_body_bytes

@@ -122,7 +122,7 @@ class SimService(MultiService):
             BootstrapRooms(reactor),
             make_room_fetcher(reactor),
         )
-        site = QuietSite(self.api)
+        site = QuietSite(self.api, reactor)
         self.listener = ListeningService(reactor, config.listen_endpoint, site)
         self.listener.setServiceParent(self)
         if config.bootstrap_listen:

@@ -1,0 +1,492 @@
+"""
+kthena-router as a real process (C{twistd -n kthena-router}), with kthena-sim processes
+(or simulators in the router's own config) behind it, driven by the official C{openai}
+client and plain HTTP: the OpenAI API through the router, streaming, request ids, config
+reloads (SIGHUP and file changes, invalid configs kept out), an invalid config at start,
+draining on SIGTERM, and the README's demo command.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from openai.types.chat import ChatCompletionMessageParam
+
+from tests.integration.conftest import SimProcess, start_sim, twistd_command, twistd_env, wait_until
+from tests.integration.router_helpers import (
+    LISTEN,
+    LOOPBACK,
+    REQUEST_ID,
+    RouterProcess,
+    free_port,
+    median_gap,
+    spawn_router,
+    start_router,
+    wait_for_log,
+    wait_listening,
+    write_config,
+)
+from tests.unit.routerfixtures import Doc, pod, server, simple_route
+
+FAST_MODEL = "sys/fast-upstream"
+PACED_MODEL = "sys/paced-upstream"
+PACED_ITL = 0.05
+WORDS = [" alpha", " beta", " gamma", " delta", " epsilon", " zeta"]
+PROMPT = "".join(WORDS).strip()
+
+
+def messages(text: str = PROMPT) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": text}]
+
+
+def sim_pod(name: str, sim: SimProcess, labels: dict[str, str]) -> Doc:
+    return pod(name, sim.host, labels, port=sim.port)
+
+
+def router_config(resources: list[Any], **settings: Any) -> dict[str, Any]:
+    return {
+        "listen": LISTEN,
+        "drainTimeout": "3s",
+        "reloadInterval": "0s",
+        **settings,
+        "resources": resources,
+    }
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, SimProcess]]:
+    """A fast pod, and a paced one (one token per 50 ms, 400 tokens unless capped)."""
+    workdir = tmp_path_factory.mktemp("router-sims")
+    started: dict[str, SimProcess] = {}
+    try:
+        started["fast"] = start_sim(
+            workdir, "--model", FAST_MODEL, "--itl", "0.002", "--output-tokens", "6"
+        )
+        started["paced"] = start_sim(
+            workdir, "--model", PACED_MODEL, "--itl", str(PACED_ITL), "--output-tokens", "400"
+        )
+        yield started
+    finally:
+        for sim in started.values():
+            sim.terminate()
+
+
+def base_resources(sims: dict[str, SimProcess]) -> list[Any]:
+    return [
+        simple_route("chat", "chat-model", "fast"),
+        simple_route("paced", "paced-model", "paced"),
+        server("fast", {"app": "fast"}, FAST_MODEL),
+        server("paced", {"app": "paced"}, PACED_MODEL),
+        sim_pod("fast-0", sims["fast"], {"app": "fast"}),
+        sim_pod("paced-0", sims["paced"], {"app": "paced"}),
+    ]
+
+
+@pytest.fixture(scope="module")
+def router(
+    sims: dict[str, SimProcess], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RouterProcess]:
+    process = start_router(tmp_path_factory.mktemp("router"), router_config(base_resources(sims)))
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+# -- the OpenAI client through the router
+
+
+def test_openai_chat_and_completions(router: RouterProcess) -> None:
+    client = router.client()
+    chat = client.chat.completions.create(model="chat-model", messages=messages(), max_tokens=3)
+    assert chat.model == FAST_MODEL  # rewritten to the ModelServer's spec.model
+    assert chat.choices[0].message.content == "".join(WORDS[:3])
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == 3
+    assert chat.usage.prompt_tokens > 0
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 3
+
+    text = client.completions.create(model="chat-model", prompt=PROMPT)
+    assert text.model == FAST_MODEL
+    assert text.choices[0].text == "".join(WORDS)
+    assert text.choices[0].finish_reason == "stop"
+    assert text.usage is not None
+    assert text.usage.completion_tokens == 6
+
+
+def test_openai_chat_streams_show_usage_only_when_asked(router: RouterProcess) -> None:
+    client = router.client()
+    pieces: list[str] = []
+    with client.chat.completions.create(
+        model="chat-model", messages=messages(), stream=True, max_tokens=4
+    ) as stream:
+        for chunk in stream:
+            assert chunk.model == FAST_MODEL
+            assert chunk.usage is None  # the usage chunk the router asked for is hidden
+            assert chunk.choices, chunk
+            pieces.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(pieces) == "".join(WORDS[:4])
+
+    usage_chunks = []
+    pieces = []
+    with client.chat.completions.create(
+        model="chat-model",
+        messages=messages(),
+        stream=True,
+        max_tokens=4,
+        stream_options={"include_usage": True},
+    ) as stream:
+        for chunk in stream:
+            assert chunk.model == FAST_MODEL
+            if chunk.usage is not None:
+                assert chunk.choices == []
+                usage_chunks.append(chunk.usage)
+            pieces.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(pieces) == "".join(WORDS[:4])
+    assert len(usage_chunks) == 1
+    assert usage_chunks[0].completion_tokens == 4
+
+
+def test_openai_completion_streams_show_usage_only_when_asked(router: RouterProcess) -> None:
+    client = router.client()
+    for include_usage in (False, True):
+        texts: list[str] = []
+        usages = []
+        with client.completions.create(
+            model="chat-model",
+            prompt=PROMPT,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True} if include_usage else openai.omit,
+        ) as stream:
+            for chunk in stream:
+                assert chunk.model == FAST_MODEL
+                if chunk.usage is not None:
+                    assert chunk.choices == []
+                    usages.append(chunk.usage)
+                texts.extend(c.text for c in chunk.choices)
+        assert "".join(texts) == "".join(WORDS[:5])
+        assert len(usages) == (1 if include_usage else 0)
+        if include_usage:
+            assert usages[0].completion_tokens == 5
+
+
+def test_stream_events_arrive_one_by_one(router: RouterProcess) -> None:
+    arrivals: list[float] = []
+    with router.client().chat.completions.create(
+        model="paced-model", messages=messages(), stream=True, max_tokens=8
+    ) as stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 8
+    assert median_gap(arrivals) >= PACED_ITL / 2
+    assert arrivals[-1] - arrivals[0] >= 7 * PACED_ITL / 2
+
+
+def test_closing_a_stream_early_frees_the_pod(
+    router: RouterProcess, sims: dict[str, SimProcess]
+) -> None:
+    paced = sims["paced"]
+    pieces = 0
+    with router.client().chat.completions.create(
+        model="paced-model", messages=messages(), stream=True
+    ) as stream:  # 400 tokens: 20 s if nobody stops it
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces += 1
+            if pieces == 3:
+                break
+        assert paced.metrics()["vllm:num_requests_running"] == 1
+    wait_until(
+        lambda: paced.metrics()["vllm:num_requests_running"] == 0,
+        timeout=5,
+        what="the pod to stop generating for the closed stream",
+    )
+    assert paced.metrics()["vllm:generation_tokens_total"] < 200
+
+
+def test_request_ids_reach_the_pod_and_come_back(router: RouterProcess) -> None:
+    client = router.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat-model", messages=messages(), max_tokens=1
+    )
+    request_id = raw.headers.get("x-request-id") or ""
+    assert REQUEST_ID.match(request_id), raw.headers
+    assert raw.parse().id == f"chatcmpl-{request_id}"
+
+    given = client.chat.completions.with_raw_response.create(
+        model="chat-model",
+        messages=messages(),
+        max_tokens=1,
+        extra_headers={"x-request-id": "system-test-7"},
+    )
+    assert given.headers.get("x-request-id") == "system-test-7"
+    assert given.parse().id == "chatcmpl-system-test-7"
+
+
+def test_openai_client_reads_router_errors(router: RouterProcess) -> None:
+    client = router.client()
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=messages())
+    assert missing.value.code == "route_not_found"
+    assert "no-such-model" in missing.value.message
+    reply = router.request("GET", "/v1/chat/completions")
+    assert reply.status == 405
+    assert reply.json()["error"]["code"] == "method_not_allowed"
+    models = client.models.list()
+    assert sorted(m.id for m in models.data) == ["chat-model", "paced-model"]
+    assert all(m.owned_by for m in models.data)
+    assert router.request("GET", "/healthz").json() == {"message": "ok"}
+    assert router.request("GET", "/readyz").status == 200
+
+
+def assert_clean_exit(router: RouterProcess) -> None:
+    """Stopped by SIGTERM through the reactor's shutdown (twistd then re-raises the signal)."""
+    assert router.process.returncode in (0, -signal.SIGTERM), router.log()
+    assert "Server Shut Down." in router.log()
+
+
+# -- reloading
+
+
+def chat_status(router: RouterProcess, model: str) -> int:
+    return router.request(
+        "POST", "/v1/chat/completions", {"model": model, "messages": messages(), "max_tokens": 1}
+    ).status
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
+    sims: dict[str, SimProcess], tmp_path: Path
+) -> None:
+    first = [
+        simple_route("first", "first-model", "fast"),
+        server("fast", {"app": "fast"}, FAST_MODEL),
+        sim_pod("fast-0", sims["fast"], {"app": "fast"}),
+    ]
+    router = start_router(tmp_path, router_config(first))
+    try:
+        assert chat_status(router, "first-model") == 200
+        assert chat_status(router, "second-model") == 404
+        assert router.config_path is not None
+
+        second = [*first, simple_route("second", "second-model", "fast")]
+        write_config(router.config_path, router_config(second))
+        time.sleep(0.3)  # no reload without the signal (reloadInterval is 0)
+        assert chat_status(router, "second-model") == 404
+        router.signal(signal.SIGHUP)
+        wait_until(lambda: chat_status(router, "second-model") == 200, 5, what="reload")
+        assert "reload (SIGHUP) applied" in router.log()
+
+        broken = router_config([*second, server("bad", {"app": "bad"}, "m", engine="TGI")])
+        write_config(router.config_path, broken)
+        router.signal(signal.SIGHUP)
+        log = wait_for_log(router, "reload (SIGHUP) failed", 5)
+        assert str(router.config_path) in log
+        assert "(ModelServer default/bad): spec.inferenceEngine: must be one of" in log
+        assert router.process.poll() is None
+        assert chat_status(router, "first-model") == 200
+        assert chat_status(router, "second-model") == 200
+    finally:
+        router.stop()
+    assert_clean_exit(router)
+
+
+def test_changed_files_are_reloaded_without_a_signal(
+    sims: dict[str, SimProcess], tmp_path: Path
+) -> None:
+    docs = tmp_path / "resources.yaml"
+    first = [
+        simple_route("first", "first-model", "fast"),
+        server("fast", {"app": "fast"}, FAST_MODEL),
+        sim_pod("fast-0", sims["fast"], {"app": "fast"}),
+    ]
+    docs.write_text(yaml.safe_dump_all(first))
+    config = router_config(["resources.yaml"], reloadInterval="0.5s")
+    router = start_router(tmp_path, config)
+    try:
+        assert chat_status(router, "later-model") == 404
+        # A resource file changes: a new route.
+        tmp = tmp_path / "resources.tmp"
+        tmp.write_text(yaml.safe_dump_all([*first, simple_route("later", "later-model", "fast")]))
+        tmp.replace(docs)
+        wait_until(lambda: chat_status(router, "later-model") == 200, 5, what="file reload")
+        assert "reload (a config file changed) applied" in router.log()
+
+        # The router's own file changes: a smaller body limit.
+        big = {"model": "first-model", "messages": messages("word " * 500), "max_tokens": 1}
+        assert router.request("POST", "/v1/chat/completions", big).status == 200
+        assert router.config_path is not None
+        write_config(router.config_path, {**config, "maxBodyBytes": 1024})
+        wait_until(
+            lambda: router.request("POST", "/v1/chat/completions", big).status == 413,
+            5,
+            what="maxBodyBytes reload",
+        )
+
+        # A broken file is reported and the running config kept.
+        docs.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\n")
+        log = wait_for_log(router, "reload (a config file changed) failed", 5)
+        assert f"{docs}: document 1" in log
+        assert "metadata.name: must be a lower-case DNS name" in log
+        assert chat_status(router, "later-model") == 200
+    finally:
+        router.stop()
+
+
+# -- starting and stopping
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bad-port", ["resources.yaml: document 2 (ModelServer default/broken)",
+                      "spec.workloadPort.port: must be at most 65535, not 70000"]),
+        ("bad-key", ["router.yaml: lisen: unknown field; known fields:"]),
+    ],
+)  # fmt: skip
+def test_invalid_config_at_start_exits_with_the_place_of_the_error(
+    tmp_path: Path, name: str, expected: list[str]
+) -> None:
+    docs = [
+        simple_route("r", "m", "broken"),
+        server("broken", {"app": "x"}, "m", port=70000),
+    ]
+    (tmp_path / "resources.yaml").write_text(yaml.safe_dump_all(docs))
+    config: dict[str, Any] = {"listen": LISTEN, "resources": ["resources.yaml"]}
+    if name == "bad-key":
+        docs[1] = server("broken", {"app": "x"}, "m")
+        (tmp_path / "resources.yaml").write_text(yaml.safe_dump_all(docs))
+        config["lisen"] = config.pop("listen")
+    write_config(tmp_path / "router.yaml", config)
+    result = subprocess.run(
+        twistd_command("kthena-router", "--config", str(tmp_path / "router.yaml")),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=twistd_env(),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "invalid config" in output
+    for text in expected:
+        assert text in output, output
+
+
+def _refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_drains_the_stream_in_flight(tmp_path: Path) -> None:
+    sim_port = free_port()
+    config = router_config(
+        [
+            simple_route("drain", "drain-model", "drain"),
+            server("drain", {"app": "drain"}, "drain/upstream"),
+            pod("drain-0", LOOPBACK, {"app": "drain"}, port=sim_port),
+        ],
+        drainTimeout="15s",
+        simulators=[
+            {
+                "engine": "vllm",
+                "model": "drain/upstream",
+                "listen": f"tcp:{sim_port}:interface={LOOPBACK}",
+                "itl": 0.1,
+                "outputTokens": 20,
+            }
+        ],
+    )
+    router = start_router(tmp_path, config)
+    try:
+        connection = http.client.HTTPConnection(router.host, router.port, timeout=10)
+        body = {"model": "drain-model", "messages": messages(), "stream": True}
+        connection.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"}
+        )
+        response = connection.getresponse()
+        assert response.status == 200
+        events: list[bytes] = []
+        buffer = b""
+
+        def read_events(until: int) -> None:
+            nonlocal buffer
+            while len(events) < until:
+                data = response.read1(65536)
+                if not data:
+                    return
+                buffer += data
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    events.append(event)
+
+        read_events(3)  # the role event and two tokens: the stream is under way
+        router.signal(signal.SIGTERM)
+        wait_until(lambda: _refused(router.host, router.port), 5, what="the port to close")
+        assert router.process.poll() is None  # still draining
+        read_events(10_000)
+        connection.close()
+    finally:
+        try:
+            router.process.wait(20)
+        finally:
+            router.stop()
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(tokens) == 20
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["choices"] for c in chunks)  # no usage chunk: the client did not ask
+    assert_clean_exit(router)
+    assert "drain timeout" not in router.log()
+
+
+def test_readme_demo_command(tmp_path: Path) -> None:
+    """`twistd -n --pidfile= kthena-router --demo`, then the client on :8080 (never skipped)."""
+    router = spawn_router(tmp_path, "--demo")
+    try:
+        wait_listening(router, "tcp:8080")
+        client = openai.OpenAI(
+            base_url="http://127.0.0.1:8080/v1", api_key="demo", max_retries=0, timeout=15
+        )
+        expected = {
+            "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+            "deepseek-r1": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+            "sql-lora": "sql-lora",
+        }
+        assert sorted(m.id for m in client.models.list().data) == sorted(expected)
+        for model, upstream in expected.items():
+            chat = client.chat.completions.create(
+                model=model, messages=messages("hello demo"), max_tokens=4
+            )
+            assert chat.model == upstream
+            assert chat.choices[0].message.content == " hello demo hello demo"
+            assert chat.usage is not None
+            assert chat.usage.completion_tokens == 4
+        pieces: list[str] = []
+        with client.chat.completions.create(
+            model="deepseek-r1", messages=messages("hello demo"), stream=True, max_tokens=3
+        ) as stream:
+            for chunk in stream:
+                pieces.extend(c.delta.content or "" for c in chunk.choices)
+        assert "".join(pieces) == " hello demo hello"
+    finally:
+        router.stop()
+    assert_clean_exit(router)
