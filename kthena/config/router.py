@@ -95,7 +95,8 @@ class RouterConfig:
     """
     One generation of the router's configuration.
 
-    @ivar files: every file this generation was read from (watched for changes).
+    @ivar files: what is watched for changes: every file this generation was read from,
+        and the resource globs (a file appearing in or leaving a glob is a change too).
     """
 
     listen: str = "tcp:8080"
@@ -241,6 +242,8 @@ def _resource_entries(
             paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             if not paths:
                 e_where.fail(f"no file matches {entry!r}")
+            if glob.has_magic(pattern):
+                files.append(pattern)
             for path in paths:
                 files.append(path)
                 for doc_number, doc in _yaml_documents(path):
@@ -301,10 +304,16 @@ def load_config(path: str) -> RouterConfig:
     return parse_config(documents[0][1], path, Path(os.path.dirname(os.path.abspath(path))), files)
 
 
-def file_stamps(paths: tuple[str, ...]) -> tuple[tuple[str, float, int], ...]:
-    """Modification time and size of each file, to notice changes cheaply."""
-    stamps = []
+def file_stamps(paths: tuple[str, ...]) -> tuple[tuple[str, object, int], ...]:
+    """
+    Modification time and size of each file, and the matches of each glob, to notice
+    changes cheaply.
+    """
+    stamps: list[tuple[str, object, int]] = []
     for path in paths:
+        if glob.has_magic(path):
+            stamps.append((path, tuple(sorted(glob.glob(path))), 0))
+            continue
         try:
             st = os.stat(path)
             stamps.append((path, st.st_mtime, st.st_size))

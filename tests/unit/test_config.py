@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kthena.config.resources import KTHENA_API
-from kthena.config.router import RouterConfig, load_config, parse_config
+from kthena.config.router import RouterConfig, file_stamps, load_config, parse_config
 from kthena.config.validate import ConfigError, Where, duration
 from tests.unit.routerfixtures import Doc, pod, route, server, simple_route
 
@@ -318,6 +318,11 @@ def test_resource_files_and_globs(tmp_path: Path) -> None:
     assert len(config.resources.pods) == 1
     assert str(tmp_path / "res" / "a.yaml") in config.files
     assert config.files[0] == str(config_file)
+    # A file appearing in a watched glob is a change, as is an edit.
+    before = file_stamps(config.files)
+    assert file_stamps(config.files) == before
+    (tmp_path / "res" / "c.yaml").write_text("")
+    assert file_stamps(config.files) != before
 
 
 def test_errors_in_resource_files_name_file_and_document(tmp_path: Path) -> None:
