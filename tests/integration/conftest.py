@@ -41,6 +41,17 @@ _LISTENING = re.compile(
 )
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL after C{timeout}; always reaped."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
 def twistd_env() -> dict[str, str]:
     """The environment for a child C{twistd}: the checkout's code comes first."""
     env = dict(os.environ)
@@ -124,14 +135,7 @@ class SimProcess:
         return values
 
     def terminate(self) -> None:
-        process = self.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        stop_process(self.process)
 
 
 def wait_until(

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ from kthena.proxy.upstream import BytesBody
 from kthena.service import RouterService, makeRouterService
 from kthena.sim.engine import EngineConfig
 from kthena.sim.service import SimConfig, SimService
-from tests.integration.conftest import twistd_command, twistd_env
+from tests.integration.conftest import stop_process, twistd_command, twistd_env
 from tests.unit.routerfixtures import Doc, pod
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -532,14 +531,7 @@ class RouterProcess:
         self.process.send_signal(signum)
 
     def stop(self) -> None:
-        process = self.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        stop_process(self.process, STOP_TIMEOUT)
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> None:

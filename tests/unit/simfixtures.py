@@ -13,16 +13,16 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
+from kthena.proxy.upstream import BytesBody
 from kthena.sim import metrics
 from kthena.sim.api import SimAPI, SimIdentity
 from kthena.sim.engine import EngineConfig, SimEngine, SimSequence
@@ -62,28 +62,6 @@ class FakeRoomFetcher:
         call.result = Deferred(cancel)
         self.calls.append(call)
         return call.result
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body produced at once (no cooperator, so no global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @dataclass(eq=False)
@@ -219,7 +197,7 @@ class SimHarness:
         headers: dict[str, str] | None = None,
     ) -> Reply:
         raw = Headers({k: [v] for k, v in (headers or {}).items()})
-        producer = BytesProducer(body) if body is not None else None
+        producer = BytesBody(body) if body is not None else None
         d = self.agent.request(method.encode(), f"http://sim{path}".encode(), raw, producer)
         reply = Reply(d)
 
