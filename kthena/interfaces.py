@@ -8,7 +8,7 @@ dialects, KV connectors, log sinks) arrive with the issues that build them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import (
     IReactorCore,
@@ -44,4 +44,14 @@ class IScheduler(Interface):
         @param pods: the server's pods that may take traffic (never empty).
         @param body: the parsed request body (read-only).
         @return: candidates, best first; empty when none may take the request.
+        """
+
+
+class ITokenEstimator(Interface):
+    """Estimates a request's input tokens from its body, before it is sent."""
+
+    def estimate(body: dict[str, Any]) -> int:
+        """
+        @param body: the parsed request body (chat messages or a completions prompt).
+        @return: the estimated number of input tokens (0 when there is no prompt).
         """

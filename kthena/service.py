@@ -142,7 +142,7 @@ class RouterService(MultiService):
         self.simulators.setServiceParent(self)
         for spec in config.simulators:
             _simulator_service(spec, reactor).setServiceParent(self.simulators)
-        self.core = RouterCore(reactor, config, UniformScheduler())
+        self.core = RouterCore(reactor, config, UniformScheduler(), registry=self.registry)
         site = ProxySite(ProxyResource(self.core), config.max_body_bytes, reactor)
         self.proxy = ListeningService(reactor, config.listen, site)
         self.proxy.setServiceParent(self)

@@ -26,6 +26,8 @@ class PodEndpoint:
     of it right now. Kept across config generations while the pod exists.
 
     @ivar in_flight: requests the router has sent to this pod that have not ended.
+    @ivar failures: attempts on this pod that failed before or instead of an answer, or
+        were answered with a 5xx.
     """
 
     key: str
@@ -34,10 +36,17 @@ class PodEndpoint:
     port: int
     in_flight: int = 0
     servers: tuple[str, ...] = ()
+    failures: int = 0
+    last_error: str | None = None
 
     @property
     def name(self) -> str:
         return self.pod.meta.name
+
+    def failed(self, why: str) -> None:
+        """An attempt on this pod failed (kept for the debug views)."""
+        self.failures += 1
+        self.last_error = why
 
     @property
     def authority(self) -> str:

@@ -111,6 +111,7 @@ class ProxyCall:
 
     def start(self) -> None:
         self.core.call_started(self)
+        self.core.metrics.request_started(self.ctx)
         self.request.notifyFinish().addErrback(self._client_lost)
         self._run = Deferred.fromCoroutine(self._proxy())
         self._run.addErrback(self._crashed)
@@ -140,48 +141,57 @@ class ProxyCall:
             pod = self.candidates[attempt % len(self.candidates)]
             ctx.pod = pod
             ctx.attempts += 1
-            pod.in_flight += 1
+            self._acquire(pod)
             try:
-                response = await self._send(pod, timeout)
-            except _CONNECT_ERRORS as e:
-                pod.in_flight -= 1
-                failure = ProxyError(
-                    503, ErrorType.PROXY, f"pod {pod.name} unreachable: {e.__class__.__name__}"
-                )
-                continue
-            except TimeoutError:
-                pod.in_flight -= 1
-                failure = ProxyError(
-                    504, ErrorType.TIMEOUT, f"pod {pod.name} sent no response within {timeout}s"
-                )
-                if policy is None:
-                    break
-                continue
-            except CancelledError:
-                pod.in_flight -= 1
-                raise
-            except Exception as e:
-                pod.in_flight -= 1
-                failure = ProxyError(
-                    503, ErrorType.PROXY, f"pod {pod.name} failed: {e.__class__.__name__}"
-                )
-                if policy is None:
-                    break
-                continue
-            if response.code >= 500 and policy is not None and attempt + 1 < attempts:
-                pod.in_flight -= 1
-                response.deliverBody(_Discard())
-                failure = ProxyError(
-                    503, ErrorType.UPSTREAM, f"pod {pod.name} answered {response.code}"
-                )
-                continue
-            try:
+                try:
+                    response = await self._send(pod, timeout)
+                except CancelledError:
+                    raise
+                except _CONNECT_ERRORS as e:
+                    failure = ProxyError(
+                        503, ErrorType.PROXY, f"pod {pod.name} unreachable: {e.__class__.__name__}"
+                    )
+                    pod.failed(failure.message)
+                    continue
+                except TimeoutError:
+                    failure = ProxyError(
+                        504, ErrorType.TIMEOUT, f"pod {pod.name} sent no response within {timeout}s"
+                    )
+                    pod.failed(failure.message)
+                    if policy is None:
+                        break
+                    continue
+                except Exception as e:
+                    failure = ProxyError(
+                        503, ErrorType.PROXY, f"pod {pod.name} failed: {e.__class__.__name__}"
+                    )
+                    pod.failed(failure.message)
+                    if policy is None:
+                        break
+                    continue
+                if response.code >= 500:
+                    pod.failed(f"answered {response.code}")
+                    if policy is not None and attempt + 1 < attempts:
+                        response.deliverBody(_Discard())
+                        failure = ProxyError(
+                            503, ErrorType.UPSTREAM, f"pod {pod.name} answered {response.code}"
+                        )
+                        continue
                 await self._relay(response)
+                return
             finally:
-                pod.in_flight -= 1
-            return
+                self._release(pod)
+        ctx.upstream_ended = clock.seconds()
         assert failure is not None
         self._answer_error(failure)
+
+    def _acquire(self, pod: PodEndpoint) -> None:
+        pod.in_flight += 1
+        self.core.metrics.upstream_started(self.ctx)
+
+    def _release(self, pod: PodEndpoint) -> None:
+        pod.in_flight -= 1
+        self.core.metrics.upstream_ended(self.ctx)
 
     def _send(self, pod: PodEndpoint, timeout: float | None) -> Deferred[IResponse]:
         request = self.request
@@ -233,6 +243,8 @@ class ProxyCall:
             raise
         except Exception:
             cut = Failure()
+        finally:
+            ctx.upstream_ended = core.reactor.seconds()
         usage = relay.usage
         if usage is not None:
             ctx.prompt_tokens = _count(usage.get("prompt_tokens"))
@@ -335,6 +347,7 @@ class ProxyCall:
         if not ctx.status:
             ctx.status = 499 if self.client_gone else 502
         self.core.call_ended(self)
+        self.core.metrics.request_ended(ctx)
         self.core.request_done(ctx)
 
 

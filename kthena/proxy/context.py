@@ -14,10 +14,18 @@ from kthena.store import PodEndpoint, RouteMatch
 @dataclass(eq=False, slots=True)
 class ProxyContext:
     """
-    One request's record. Times are reactor seconds.
+    One request's record. Times are reactor seconds (the epoch on a real reactor).
 
+    The phases: C{started} (request complete at the router) -> C{upstream_started} (first
+    attempt sent) -> C{upstream_ended} (the last attempt's body ended or failed) ->
+    C{finished} (the router ended the response). Requests the router answers itself
+    have no upstream phase.
+
+    @ivar path: the request path, without the query.
     @ivar model: the model the client asked for (C{None} until the body is parsed).
+    @ivar candidates: the pods the scheduler offered, best first.
     @ivar attempts: upstream requests sent (more than one after retries).
+    @ivar input_estimate: input tokens estimated from the request before sending.
     @ivar prompt_tokens: from the pod's C{usage}, when it reported one.
     """
 
@@ -25,9 +33,11 @@ class ProxyContext:
     method: str
     path: str
     started: float
+    protocol: str = "HTTP/1.1"
     model: str | None = None
     stream: bool = False
     match: RouteMatch | None = None
+    candidates: list[PodEndpoint] | None = None
     pod: PodEndpoint | None = None
     attempts: int = 0
     status: int = 0
@@ -35,9 +45,22 @@ class ProxyContext:
     error_message: str | None = None
     upstream_started: float | None = None
     first_byte: float | None = None
+    upstream_ended: float | None = None
     finished: float | None = None
+    input_estimate: int | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+    @property
+    def input_tokens(self) -> int:
+        """The pod's count when it reported one, else the router's estimate."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        return self.input_estimate or 0
+
+    @property
+    def output_tokens(self) -> int:
+        return self.completion_tokens or 0
 
     def fail(self, status: int, error_type: ErrorType, message: str) -> None:
         self.status = status

@@ -6,22 +6,43 @@ settings, the calls in flight, and the hooks that observe each request's end.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 
 from kthena.config.router import RouterConfig
-from kthena.interfaces import IScheduler, IServerReactor
+from kthena.interfaces import IScheduler, IServerReactor, ITokenEstimator
+from kthena.observability.metrics import RouterMetrics
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.upstream import Upstream
+from kthena.ratelimit.estimate import CharsEstimator
 from kthena.store import Datastore
 
 if TYPE_CHECKING:
     from kthena.proxy.call import ProxyCall
 
 RequestHook = Callable[[ProxyContext], None]
+
+DECISIONS_KEPT = 256
+"""Routing decisions kept for C{/debug/routing/decisions}."""
+
+
+def _names(config: RouterConfig) -> tuple[set[str], set[tuple[str, str]]]:
+    """The model names and (route, server) pairs a config routes to, for metric labels."""
+    models: set[str] = set()
+    destinations: set[tuple[str, str]] = set()
+    for route in config.resources.routes:
+        models.update((route.model_name, *route.lora_adapters))
+        for rule in route.rules:
+            for target in rule.targets:
+                server = f"{route.meta.namespace}/{target.model_server_name}"
+                destinations.add((route.meta.key, server))
+    models.discard("")
+    return models, destinations
 
 
 class RouterCore:
@@ -37,6 +58,8 @@ class RouterCore:
         config: RouterConfig,
         scheduler: IScheduler,
         store: Datastore | None = None,
+        registry: CollectorRegistry | None = None,
+        estimator: ITokenEstimator | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
@@ -48,13 +71,20 @@ class RouterCore:
         self.draining = False
         self.ready = True
         self.calls: set[ProxyCall] = set()
-        self.request_hooks: list[RequestHook] = []
+        self.estimator: ITokenEstimator = estimator or CharsEstimator()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RouterMetrics(self.registry, reactor)
+        self.decisions: deque[ProxyContext] = deque(maxlen=DECISIONS_KEPT)
+        self.request_hooks: list[RequestHook] = [self.metrics.request_done]
         self._idle_waiters: list[Deferred[None]] = []
 
     def apply(self, config: RouterConfig) -> None:
         """Switch to a new config generation (the data plane part of a reload)."""
+        old_models, old_destinations = _names(self.config)
         self.store.replace(config.resources)
         self.config = config
+        new_models, new_destinations = _names(config)
+        self.metrics.forget(old_models - new_models, old_destinations - new_destinations)
 
     def request_done(self, ctx: ProxyContext) -> None:
         """Every request ends here exactly once, whatever its outcome."""
@@ -63,6 +93,7 @@ class RouterCore:
 
     def call_started(self, call: ProxyCall) -> None:
         self.calls.add(call)
+        self.decisions.append(call.ctx)
 
     def call_ended(self, call: ProxyCall) -> None:
         self.calls.discard(call)

@@ -24,25 +24,7 @@ from kthena.proxy.core import RouterCore
 from kthena.proxy.errors import ErrorType, ProxyError, respond_error
 from kthena.webutil import json_bytes, respond_json
 
-KNOWN_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/models",
-        "/v1/rerank",
-        "/v1/score",
-        "/v1/audio/transcriptions",
-    }
-)
-"""API paths named as themselves in metrics; any other path is labelled C{other}."""
-
 _DROP_UPSTREAM = frozenset({b"host", b"content-length", b"x-request-id"})
-
-
-def path_label(path: str) -> str:
-    return path if path in KNOWN_PATHS else "other"
 
 
 def _epoch(timestamp: str | None, default: int) -> int:
@@ -127,8 +109,9 @@ class ProxyResource(Resource):
         return ProxyContext(
             request_id=request_id,
             method=request.method.decode("latin-1"),
-            path=path_label(request.path.decode("latin-1")),
+            path=request.path.decode("latin-1"),
             started=self.core.reactor.seconds(),
+            protocol=request.clientproto.decode("latin-1"),
         )
 
     def _refuse(
@@ -192,9 +175,11 @@ class ProxyResource(Resource):
         pods = core.store.server_pods(match.server)
         if not pods:
             raise ProxyError(503, ErrorType.NO_PODS, f"no ready pod serves {match.server.meta.key}")
+        ctx.input_estimate = core.estimator.estimate(body)
         candidates = core.scheduler.schedule(match, pods, body)
         if not candidates:
             raise ProxyError(503, ErrorType.SCHEDULING, "no pod passed the scheduler's filters")
+        ctx.candidates = candidates
         raw, hide_usage = _upstream_body(raw, body, match.upstream_model(model), ctx.stream)
         headers = Headers()
         for name, values in forwardable(request.requestHeaders, _DROP_UPSTREAM):

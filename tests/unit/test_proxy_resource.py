@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLo
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from kthena.observability.metrics import path_label
 from kthena.proxy.errors import ErrorType
 from tests.unit.proxyfixtures import (
     BASE_MODEL,
@@ -154,7 +155,7 @@ def test_unknown_path_is_404() -> None:
     response = h.get("/nope").got()
     assert_error(response, 404, ErrorType.NOT_FOUND)
     ctx = h.context
-    assert (ctx.status, ctx.error_type, ctx.path) == (404, ErrorType.NOT_FOUND, "other")
+    assert (ctx.status, ctx.error_type, path_label(ctx.path)) == (404, ErrorType.NOT_FOUND, "other")
 
 
 def test_refusal_keeps_the_client_request_id() -> None:

@@ -1,0 +1,1 @@
+"""Observability: metrics, access logs, debug endpoints and the admin listener."""

@@ -1,0 +1,347 @@
+"""
+Every metric family of the observability specification, owned by one object on one
+L{CollectorRegistry} per router (two routers in a process never collide).
+
+Label values come from closed sets: C{model} is a model known from routes or C{unknown};
+C{path} a known API path or C{other}; C{error_type} an L{ErrorType} value; C{status_code}
+the status sent. Children are cached by label values (cheaper than C{.labels()} on the hot
+path) and series of routes, servers and models that leave the config are removed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from kthena.proxy.context import ProxyContext
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PLUGIN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)
+FAIRNESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+UNKNOWN = "unknown"
+
+KNOWN_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/models",
+        "/v1/rerank",
+        "/v1/score",
+        "/v1/audio/transcriptions",
+    }
+)
+"""API paths named as themselves in metrics; any other path is labelled C{other}."""
+
+
+def path_label(path: str) -> str:
+    return path if path in KNOWN_PATHS else "other"
+
+
+class UntypedCounter(Collector):
+    """
+    A monotonic count exposed I{untyped}, so that its name stays exactly as given:
+    prometheus_client appends C{_total} to every Counter, and the specification names
+    C{kthena_pd_group_routing_decisions} without it.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, *labelvalues: str, amount: float = 1.0) -> None:
+        with self._lock:
+            self._values[labelvalues] = self._values.get(labelvalues, 0.0) + amount
+
+    def remove(self, *labelvalues: str) -> None:
+        with self._lock:
+            self._values.pop(labelvalues, None)
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, "unknown")
+        with self._lock:
+            items = list(self._values.items())
+        for values, value in items:
+            metric.add_sample(self.name, dict(zip(self.labelnames, values, strict=True)), value)
+        yield metric
+
+
+class WindowSummary(Collector):
+    """
+    A summary with real quantiles over a sliding window (prometheus_client's Summary
+    has none): the last C{window} seconds, at most C{max_samples} observations per series.
+    """
+
+    QUANTILES = (0.5, 0.9, 0.99)
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        clock: Any,
+        window: float = 60.0,
+        max_samples: int = 2048,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.clock = clock
+        self.window = window
+        self.max_samples = max_samples
+        self._series: dict[tuple[str, ...], tuple[deque[tuple[float, float]], list[float]]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, *labelvalues: str) -> None:
+        now = self.clock.seconds()
+        with self._lock:
+            series = self._series.get(labelvalues)
+            if series is None:
+                series = self._series[labelvalues] = (deque(maxlen=self.max_samples), [0.0, 0.0])
+            samples, totals = series
+            samples.append((now, value))
+            totals[0] += value
+            totals[1] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = SummaryMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        horizon = self.clock.seconds() - self.window
+        with self._lock:
+            snapshot = [(k, list(s), t[0], t[1]) for k, (s, t) in self._series.items()]
+        for values, samples, total, count in snapshot:
+            recent = sorted(v for at, v in samples if at >= horizon)
+            family.add_metric(list(values), count_value=int(count), sum_value=total)
+            for q in self.QUANTILES:
+                family.add_sample(
+                    self.name,
+                    {**dict(zip(self.labelnames, values, strict=True)), "quantile": str(q)},
+                    _quantile(recent, q),
+                )
+        yield family
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return math.nan
+    rank = max(0, math.ceil(q * len(ordered)) - 1)
+    return ordered[min(rank, len(ordered) - 1)]
+
+
+class RouterMetrics:
+    """
+    The spec's families. Request families are fed by L{request_started},
+    L{upstream_started} / L{upstream_ended} and L{request_done}; the rest are filled
+    by the scheduler, rate limits, fairness, PD and the pod scrapers as they arrive.
+    """
+
+    def __init__(self, registry: CollectorRegistry, clock: Any) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "kthena_router_requests", "Total number of HTTP requests processed by the router",
+            ("model", "path", "status_code", "error_type"), registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "kthena_router_request_duration_seconds",
+            "End-to-end request processing latency distribution",
+            ("model", "path", "status_code"), buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prefill_duration = Histogram(
+            "kthena_router_request_prefill_duration_seconds",
+            "Prefill phase processing latency for PD-disaggregated requests",
+            ("model", "path", "status_code"), buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.decode_duration = Histogram(
+            "kthena_router_request_decode_duration_seconds",
+            "Decode phase processing latency for PD-disaggregated requests",
+            ("model", "path", "status_code"), buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.active_downstream = Gauge(
+            "kthena_router_active_downstream_requests",
+            "Current active downstream requests (from clients to router)", ("model",), registry=r,
+        )  # fmt: skip
+        self.active_upstream = Gauge(
+            "kthena_router_active_upstream_requests",
+            "Current active upstream requests (from router to backend pods)",
+            ("model_route", "model_server"), registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "kthena_router_tokens", "Total tokens processed/generated",
+            ("model", "path", "token_type"), registry=r,
+        )  # fmt: skip
+        self.plugin_duration = Histogram(
+            "kthena_router_scheduler_plugin_duration_seconds",
+            "Processing time per scheduler plugin", ("model", "plugin", "type"),
+            buckets=PLUGIN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rate_limit_exceeded = Counter(
+            "kthena_router_rate_limit_exceeded",
+            "Number of requests rejected due to rate limiting", ("model", "limit_type", "path"),
+            registry=r,
+        )  # fmt: skip
+        self.fairness_queue_size = Gauge(
+            "kthena_router_fairness_queue_size",
+            "Current fairness queue size for pending requests", ("model", "user_id"), registry=r,
+        )  # fmt: skip
+        self.fairness_queue_duration = Histogram(
+            "kthena_router_fairness_queue_duration_seconds",
+            "Time requests spend in fairness queue before processing", ("model", "user_id"),
+            buckets=FAIRNESS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.server_health = Gauge(
+            "kthena_model_server_health_status",
+            "Model server health: 1 when at least one of its pods is healthy, else 0",
+            ("model_server", "namespace"), registry=r,
+        )  # fmt: skip
+        self.server_queue_depth = Gauge(
+            "kthena_model_server_queue_depth",
+            "Requests waiting in the model server's engines", ("model_server", "model"),
+            registry=r,
+        )  # fmt: skip
+        self.server_gpu_utilization = Gauge(
+            "kthena_model_server_gpu_utilization",
+            "GPU utilization of the model server's pods (0-100)", ("model_server", "gpu_id"),
+            registry=r,
+        )  # fmt: skip
+        self.server_memory = Gauge(
+            "kthena_model_server_memory_usage_bytes",
+            "Memory used by the model server's pods", ("model_server", "type"), registry=r,
+        )  # fmt: skip
+        self.lb_decisions = Counter(
+            "kthena_lb_decisions", "Load-balancing decisions", ("algorithm", "model", "target"),
+            registry=r,
+        )  # fmt: skip
+        self.lb_target_health = Gauge(
+            "kthena_lb_target_health", "1 when the target pod may take traffic, else 0",
+            ("target", "model"), registry=r,
+        )  # fmt: skip
+        self.lb_pool_size = Gauge(
+            "kthena_lb_connection_pool_size", "Pooled connections to the target pod",
+            ("target",), registry=r,
+        )  # fmt: skip
+        self.pd_requests = Counter(
+            "kthena_pd_group_requests", "Requests sent to PD group members",
+            ("group_key", "role", "model"), registry=r,
+        )  # fmt: skip
+        self.pd_routing_decisions = UntypedCounter(
+            "kthena_pd_group_routing_decisions",
+            "PD routing decisions, a monotonic count (untyped to keep the spec's name)",
+            ("group_key", "source_role", "target_role"),
+        )
+        r.register(self.pd_routing_decisions)
+        self.pd_kv_cache_hit_rate = Gauge(
+            "kthena_pd_group_kv_cache_hit_rate", "KV-cache hit rate of a PD group (0-1)",
+            ("group_key", "model"), registry=r,
+        )  # fmt: skip
+        self.kv_cache_operations = Counter(
+            "kthena_kv_cache_operations", "KV-cache connector operations",
+            ("connector_type", "operation", "status"), registry=r,
+        )  # fmt: skip
+        self.kv_cache_transfer_bytes = Counter(
+            "kthena_kv_cache_transfer_bytes", "KV-cache bytes moved by connectors",
+            ("connector_type", "direction"), registry=r,
+        )  # fmt: skip
+        self.kv_cache_latency = WindowSummary(
+            "kthena_kv_cache_latency_seconds",
+            "KV-cache connector operation latency (quantiles over the last minute)",
+            ("connector_type", "operation"), clock,
+        )  # fmt: skip
+        r.register(self.kv_cache_latency)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    # -- cached children
+
+    def _child(self, family: Any, values: tuple[str, ...]) -> Any:
+        key = (id(family), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
+
+    # -- the request lifecycle
+
+    @staticmethod
+    def model_label(ctx: ProxyContext) -> str:
+        """The model, when a route knows it; C{unknown} otherwise (bounded)."""
+        return ctx.model if ctx.match is not None and ctx.model else UNKNOWN
+
+    def request_started(self, ctx: ProxyContext) -> None:
+        self._child(self.active_downstream, (self.model_label(ctx),)).inc()
+
+    def request_ended(self, ctx: ProxyContext) -> None:
+        """A proxied request (one L{request_started} saw) left the router."""
+        self._child(self.active_downstream, (self.model_label(ctx),)).dec()
+
+    def upstream_started(self, ctx: ProxyContext) -> None:
+        self._child(self.active_upstream, _destination(ctx)).inc()
+
+    def upstream_ended(self, ctx: ProxyContext) -> None:
+        self._child(self.active_upstream, _destination(ctx)).dec()
+
+    def request_done(self, ctx: ProxyContext) -> None:
+        """Count a request that ended, whatever the outcome (once per request)."""
+        model = self.model_label(ctx)
+        path = path_label(ctx.path)
+        status = str(ctx.status)
+        self._child(self.requests, (model, path, status, ctx.error_type.value)).inc()
+        if ctx.finished is not None:
+            self._child(self.request_duration, (model, path, status)).observe(
+                max(0.0, ctx.finished - ctx.started)
+            )
+        if ctx.match is None:
+            return
+        inputs = ctx.input_tokens
+        if inputs:
+            self._child(self.tokens, (model, path, "input")).inc(inputs)
+        outputs = ctx.output_tokens
+        if outputs:
+            self._child(self.tokens, (model, path, "output")).inc(outputs)
+
+    # -- keeping series bounded
+
+    def forget(self, models: Iterable[str], destinations: Iterable[tuple[str, str]]) -> None:
+        """
+        Remove the series of models and (route, server) pairs that left the config, so
+        label sets do not grow with every rename.
+        """
+        gone_models = set(models)
+        gone_destinations = set(destinations)
+        for key in list(self._children):
+            family_id, *values = key
+            family = next((f for f in self._families() if id(f) == family_id), None)
+            if family is None:
+                continue
+            names = family._labelnames
+            labels = dict(zip(names, values, strict=True))
+            gone = labels.get("model") in gone_models or (
+                "model_route" in labels
+                and (labels["model_route"], labels["model_server"]) in gone_destinations
+            )
+            child = self._children[key]
+            if gone and not (isinstance(family, Gauge) and child._value.get()):
+                # A gauge still counting requests in flight stays until a later reload.
+                family.remove(*values)
+                del self._children[key]
+
+    def _families(self) -> tuple[Any, ...]:
+        return (
+            self.requests, self.request_duration, self.prefill_duration, self.decode_duration,
+            self.active_downstream, self.active_upstream, self.tokens,
+        )  # fmt: skip
+
+
+def _destination(ctx: ProxyContext) -> tuple[str, str]:
+    match = ctx.match
+    assert match is not None
+    return (match.route.meta.key, match.server.meta.key)

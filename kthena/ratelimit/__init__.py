@@ -1,0 +1,1 @@
+"""Token estimation and token rate limits."""
