@@ -21,11 +21,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted  # type: ignore[import-untyped]
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -246,3 +248,20 @@ def engine_sim(
     )
     yield sim
     sim.terminate()
+
+
+@pytest_twisted.async_yield_fixture  # type: ignore[untyped-decorator]
+async def cluster() -> AsyncIterator[Any]:
+    """
+    Routers and simulated pods in this reactor (L{router_helpers.Cluster}), all stopped
+    after the test.
+    """
+    from twisted.internet import reactor
+
+    from tests.integration.router_helpers import Cluster
+
+    running = Cluster(reactor)  # type: ignore[arg-type]
+    try:
+        yield running
+    finally:
+        await running.close()

@@ -12,7 +12,6 @@ draining and embedding two routers in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -31,7 +30,6 @@ from tests.integration.router_helpers import (
     Cluster,
     Reply,
     assert_error_object,
-    async_yield_fixture,
     chat_body,
     closed_port,
     completion_body,
@@ -45,17 +43,6 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 UPSTREAM = "org/upstream-model"
 WORDS = [" alpha", " beta", " gamma", " delta"]
-
-
-@async_yield_fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    from twisted.internet import reactor
-
-    running = Cluster(reactor)  # type: ignore[arg-type]
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 def one_server(
