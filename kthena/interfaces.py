@@ -16,7 +16,7 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IReactorTime,
 )
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from kthena.store import PodEndpoint, RouteMatch
@@ -55,3 +55,46 @@ class ITokenEstimator(Interface):
         @param body: the parsed request body (chat messages or a completions prompt).
         @return: the estimated number of input tokens (0 when there is no prompt).
         """
+
+
+class IEngineDialect(Interface):
+    """How one inference engine family names what the router reads from C{/metrics}."""
+
+    name = Attribute("The engine, as ModelServer.spec.inferenceEngine names it.")
+
+    def parse(text: str) -> Any:
+        """
+        Read one scrape of a pod's C{/metrics} (Prometheus text or OpenMetrics).
+
+        @return: an L{kthena.engines.dialects.EngineSnapshot}.
+        @raise ValueError: when the text cannot be read.
+        """
+
+
+class IAccessLogSink(Interface):
+    """
+    Where access-log lines go: a stream, a file, an external collector.
+
+    The access log calls a sink only from its own writer thread, never from the reactor,
+    one call at a time: a sink may block (a slow disk, a full pipe, the network) without
+    slowing the proxy; lines wait in the access log's bounded buffer meanwhile, and are
+    dropped and counted when it is full.
+    """
+
+    def write(lines: Sequence[str]) -> None:
+        """
+        Write a batch of lines, in order.
+
+        @param lines: formatted records, each without its trailing newline.
+        @raise Exception: the batch is lost; the access log counts and reports it and goes
+            on with the next one.
+        """
+
+    def reopen() -> None:
+        """
+        Release the destination and acquire it again: a file is closed and opened again
+        by its path (after log rotation renamed it). Nothing to do for a stream.
+        """
+
+    def close() -> None:
+        """Flush and release the destination; no call follows."""

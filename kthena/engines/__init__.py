@@ -1,0 +1,1 @@
+"""Inference engines as the router sees them: metric dialects, pod state, scraping."""

@@ -1,0 +1,98 @@
+"""
+A pod's live state as its scrapes tell it, and whether it may be scheduled.
+
+TTFT and TPOT are averages over the last scrape period (delta of the histogram's sum over
+delta of its count, as Kthena computes them); a period with no new observations keeps
+the last average, and a counter that went down (the engine restarted) starts a new
+baseline instead of producing a negative figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kthena.engines.dialects import EngineSnapshot
+
+
+@dataclass(slots=True)
+class PodState:
+    """
+    @ivar scraped_at: reactor time of the last successful scrape (None: never).
+    @ivar consecutive_failures: failed scrapes since the last success.
+    @ivar loras: adapters the pod has loaded (from C{/v1/models}) or is running.
+    """
+
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    ttft: float = 0.0
+    tpot: float = 0.0
+    prefix_hit_rate: float = 0.0
+    gpu_utilization: dict[str, float] = field(default_factory=dict)
+    gpu_memory_used: dict[str, float] = field(default_factory=dict)
+    loras: frozenset[str] = frozenset()
+    models: frozenset[str] = frozenset()
+    scraped_at: float | None = None
+    consecutive_failures: int = 0
+    scrapes: int = 0
+    last_error: str | None = None
+    _previous: EngineSnapshot | None = None
+
+    def update(self, snapshot: EngineSnapshot, now: float) -> None:
+        """Take a successful scrape."""
+        previous = self._previous
+        self.waiting = snapshot.waiting
+        self.running = snapshot.running
+        self.kv_usage = snapshot.kv_usage or 0.0
+        self.gpu_utilization = snapshot.gpu_utilization
+        self.gpu_memory_used = snapshot.gpu_memory_used
+        if snapshot.running_loras or snapshot.waiting_loras:
+            self.loras = self.loras | {*snapshot.running_loras, *snapshot.waiting_loras}
+        if previous is not None:
+            self.ttft = _period_mean(
+                previous.ttft_sum, previous.ttft_count, snapshot.ttft_sum, snapshot.ttft_count,
+                self.ttft,
+            )  # fmt: skip
+            self.tpot = _period_mean(
+                previous.tpot_sum, previous.tpot_count, snapshot.tpot_sum, snapshot.tpot_count,
+                self.tpot,
+            )  # fmt: skip
+        if snapshot.prefix_hit_rate is not None:
+            self.prefix_hit_rate = snapshot.prefix_hit_rate
+        elif snapshot.prefix_queries is not None and previous is not None:
+            self.prefix_hit_rate = _period_mean(
+                previous.prefix_hits or 0.0, previous.prefix_queries or 0.0,
+                snapshot.prefix_hits or 0.0, snapshot.prefix_queries, self.prefix_hit_rate,
+            )  # fmt: skip
+        self._previous = snapshot
+        self.scraped_at = now
+        self.scrapes += 1
+        self.consecutive_failures = 0
+        self.last_error = None
+
+    def failed(self, why: str) -> None:
+        """Take a failed scrape."""
+        self.consecutive_failures += 1
+        self.last_error = why
+
+    def healthy(self, now: float, max_failures: int, stale_after: float) -> bool:
+        """
+        Schedulable: scraped at least once, fewer than C{max_failures} failures in a row,
+        and the last success no older than C{stale_after} seconds.
+        """
+        return (
+            self.scraped_at is not None
+            and self.consecutive_failures < max_failures
+            and now - self.scraped_at <= stale_after
+        )
+
+
+def _period_mean(
+    old_sum: float, old_count: float, new_sum: float, new_count: float, last: float
+) -> float:
+    if new_count < old_count or new_sum < old_sum:  # restarted: this scrape is the period
+        old_sum = old_count = 0.0
+    count = new_count - old_count
+    if count <= 0:
+        return last
+    return (new_sum - old_sum) / count
