@@ -100,6 +100,7 @@ http {{
 
 ROUTER_CONFIG = f"""
 listen: tcp:{ROUTER_PORT}:interface=127.0.0.1
+adminListen: tcp:0:interface=127.0.0.1
 reloadInterval: 0s
 observability:
   accessLog: {{enabled: false}}

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import (
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from kthena.store import PodEndpoint, RouteMatch
+    from kthena.store import PodEndpoint
 
 
 class IServerReactor(IReactorCore, IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
@@ -36,15 +36,19 @@ class IScheduler(Interface):
     order, moving on when a pod fails before answering (the retry policy).
     """
 
-    def schedule(
-        match: RouteMatch, pods: Sequence[PodEndpoint], body: dict[str, object]
-    ) -> list[PodEndpoint]:
+    def schedule(request: Any) -> Any:
         """
-        @param match: the route, rule and server the request matched.
-        @param pods: the server's pods that may take traffic (never empty).
-        @param body: the parsed request body (read-only).
-        @return: candidates, best first; empty when none may take the request.
+        @param request: a L{kthena.scheduler.framework.SchedulingRequest}: the matched
+            route and server, its pods that may take traffic (never empty), the body.
+        @return: a L{kthena.scheduler.framework.Decision} whose C{candidates} are best
+            first (empty when none may take the request).
         """
+
+    def scheduled(decision: Any, pod: PodEndpoint) -> None:
+        """C{pod}, a candidate of C{decision}, served the request."""
+
+    def forget_pods(keys: set[str]) -> None:
+        """Pods (by key) left the config: drop whatever is kept about them."""
 
 
 class ITokenEstimator(Interface):
@@ -98,3 +102,36 @@ class IAccessLogSink(Interface):
 
     def close() -> None:
         """Flush and release the destination; no call follows."""
+
+
+class IFilterPlugin(Interface):
+    """A scheduler plugin that removes pods unfit for a request."""
+
+    name = Attribute("The plugin's configuration name.")
+
+    def filter(request: Any, pods: Sequence[PodEndpoint]) -> list[PodEndpoint]:
+        """
+        @param request: the L{kthena.scheduler.framework.SchedulingRequest}.
+        @return: the pods that pass, in their given order.
+        """
+
+
+class IScorePlugin(Interface):
+    """A scheduler plugin that rates pods for a request, 0 (worst) to 100 (best)."""
+
+    name = Attribute("The plugin's configuration name.")
+
+    def score(request: Any, pods: Sequence[PodEndpoint]) -> Sequence[float]:
+        """
+        @param request: the L{kthena.scheduler.framework.SchedulingRequest}.
+        @return: a score for each pod, in the order of C{pods}.
+        """
+
+
+class IPostScheduleHook(Interface):
+    """Told which pod served a request, to learn from it (e.g. the prefix index)."""
+
+    name = Attribute("The plugin's configuration name.")
+
+    def scheduled(request: Any, pod: PodEndpoint) -> None:
+        """C{pod} served C{request} (its response began with a status below 500)."""

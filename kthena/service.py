@@ -17,18 +17,21 @@ from twisted.logger import Logger
 
 from kthena.config.router import RouterConfig, SimulatorSpec, file_stamps, load_config
 from kthena.config.validate import ConfigError
+from kthena.engines.scraper import PodScraper
 from kthena.interfaces import IServerReactor
 from kthena.listening import ListeningService
+from kthena.observability.accesslog import ReopenOnSignal, access_log_for
+from kthena.observability.admin import AdminService, listener_info
+from kthena.observability.debug import ListenerInfo
 from kthena.proxy.core import RouterCore
 from kthena.proxy.resource import ProxyResource
 from kthena.proxy.site import ProxySite
-from kthena.scheduler import UniformScheduler
 from kthena.sim.engine import EngineConfig
 from kthena.sim.service import SimConfig, SimService
 
 log = Logger()
 
-_RESTART_ONLY = ("listen", "observability", "simulators")
+_RESTART_ONLY = ("listen", "admin_listen", "debug_listen", "observability", "simulators")
 
 
 class ConfigReloader(Service):
@@ -142,15 +145,62 @@ class RouterService(MultiService):
         self.simulators.setServiceParent(self)
         for spec in config.simulators:
             _simulator_service(spec, reactor).setServiceParent(self.simulators)
-        self.core = RouterCore(reactor, config, UniformScheduler(), registry=self.registry)
+        self.core = RouterCore(reactor, config, registry=self.registry)
+        self.scraper: PodScraper | None = None
+        if config.pod_metrics.enabled:
+            self._start_scraping(config)
+        self.access_log = access_log_for(
+            config.observability.access_log, self.core.registry, reactor, config.source
+        )
+        self.access_log_reopener: ReopenOnSignal | None = None
+        if self.access_log is not None:
+            self.access_log.setServiceParent(self)
+            self.core.request_hooks.append(self.access_log.record)
+            if install_signal_handlers:  # SIGUSR1: reopen the file after logrotate
+                self.access_log_reopener = ReopenOnSignal(
+                    reactor,  # type: ignore[arg-type]
+                    self.access_log,
+                    signal.SIGUSR1,
+                )
+                self.access_log_reopener.setServiceParent(self)
         site = ProxySite(ProxyResource(self.core), config.max_body_bytes, reactor)
         self.proxy = ListeningService(reactor, config.listen, site)
         self.proxy.setServiceParent(self)
         self.reloader = ConfigReloader(reactor, self, install_signal_handlers)
         self.reloader.setServiceParent(self)
+        # /metrics and /debug (observability.metrics / .debug, adminListen, debugListen).
+        self.admin = AdminService(reactor, self.core, config, self._proxy_listeners)
+        self.admin.setServiceParent(self)
+
+    def _proxy_listeners(self) -> list[ListenerInfo]:
+        return [listener_info("proxy", self.proxy, ("/v1/*", "/healthz", "/readyz"))]
+
+    def _start_scraping(self, config: RouterConfig) -> None:
+        """Pods' own metrics feed the scheduler; the router is ready after one round."""
+        settings = config.pod_metrics
+        self.scraper = PodScraper(
+            self.reactor,
+            self.core.store,
+            interval=settings.interval,
+            timeout=settings.timeout,
+            concurrency=settings.concurrency,
+            models_every=max(1, round(settings.models_interval / settings.interval)),
+        )
+        self.scraper.setServiceParent(self)
+        self.core.pod_health = True
+        self.core.ready = False
+        self.scraper.round_hooks.append(self._scraped)
+
+    def _scraped(self) -> None:
+        self.core.ready = True
+        self.core.pods_observed()
 
     def apply(self, config: RouterConfig) -> None:
+        known = set(self.core.store.pods)
         self.core.apply(config)
+        if self.scraper is not None:  # new pods are scraped now, not at the next round
+            store = self.core.store
+            self.scraper.scrape([p for key, p in store.pods.items() if key not in known])
         site = self.proxy.factory
         if isinstance(site, ProxySite):
             site.max_body_bytes = config.max_body_bytes
@@ -165,6 +215,11 @@ class RouterService(MultiService):
         cut = await self.core.drain(self.config.drain_timeout)
         if cut:
             log.warn("drain timeout: cut {count} requests still in flight", count=cut)
+        if self.access_log_reopener is not None:
+            self.access_log_reopener.stopService()
+        if self.access_log is not None:  # after the drain: its records are flushed too
+            await _maybe(self.access_log.stopService())
+        await _maybe(self.admin.stopService())
         Service.stopService(self)
         await _maybe(self.simulators.stopService())
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kthena.config.resources import ModelRoute, ModelServer, Pod, ResourceSet, Rule
+from kthena.engines.state import PodState
 
 HeaderLookup = Callable[[str], str]
 
@@ -28,6 +29,8 @@ class PodEndpoint:
     @ivar in_flight: requests the router has sent to this pod that have not ended.
     @ivar failures: attempts on this pod that failed before or instead of an answer, or
         were answered with a 5xx.
+    @ivar engine: the inference engine of the ModelServer that selected it (its dialect).
+    @ivar state: what the pod's own metrics said at the last scrape.
     """
 
     key: str
@@ -38,6 +41,8 @@ class PodEndpoint:
     servers: tuple[str, ...] = ()
     failures: int = 0
     last_error: str | None = None
+    engine: str = "vLLM"
+    state: PodState = field(default_factory=PodState)
 
     @property
     def name(self) -> str:
@@ -133,7 +138,7 @@ class Datastore:
             old.servers = ()
             endpoint = old
         else:
-            endpoint = PodEndpoint(key=key, pod=pod, host=pod.ip, port=port)
+            endpoint = PodEndpoint(key=key, pod=pod, host=pod.ip, port=port, engine=server.engine)
         pods[key] = endpoint
         return endpoint
 
@@ -169,6 +174,16 @@ class Datastore:
     def server_pods(self, server: ModelServer) -> list[PodEndpoint]:
         """Pods of C{server} that may take traffic (Running, Ready, not deleting)."""
         return self._index.server_pods.get(server.meta.key, [])
+
+    def route_table(self) -> list[tuple[str, str, list[ModelRoute]]]:
+        """
+        For the debug views: every name a request may ask for, how it is matched
+        (C{modelName} or C{loraAdapters}) and its routes in the order they are tried.
+        A name found under C{modelName} is never looked up among adapters.
+        """
+        table = [(name, "modelName", routes) for name, routes in self._index.by_model.items()]
+        table += [(name, "loraAdapters", routes) for name, routes in self._index.by_lora.items()]
+        return sorted(table, key=lambda entry: (entry[0], entry[1] != "modelName"))
 
     def model_names(self) -> list[tuple[str, ModelRoute]]:
         """Every base model and LoRA adapter name known from routes, with its route."""

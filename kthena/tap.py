@@ -49,11 +49,11 @@ def makeService(options: Options) -> IService:
     path = options["config"]
     try:
         config = load_config(path)
+        return makeRouterService(  # may open files the config names (the access log)
+            config,
+            reactor,  # type: ignore[arg-type]
+            config_path=path,
+            install_signal_handlers=True,
+        )
     except ConfigError as e:
         raise SystemExit(f"kthena-router: invalid config: {e}") from e
-    return makeRouterService(
-        config,
-        reactor,  # type: ignore[arg-type]
-        config_path=path,
-        install_signal_handlers=True,
-    )

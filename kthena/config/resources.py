@@ -187,6 +187,7 @@ class Pod:
     ready: bool
     port: int | None
     status: Mapping[str, Any] = field(repr=False)
+    spec: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     kind = "Pod"
 
@@ -401,7 +402,8 @@ def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> Mode
 def parse_pod(doc: Mapping[str, Any], where: Where, order: int) -> Pod:
     meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
     where = where.named(f"Pod {meta.key}")
-    mapping(doc.get("spec"), where.at("spec"))  # accepted, not used: pods come from outside
+    # Accepted as is (pods come from outside); only the debug views read it (nodeName).
+    pod_spec = mapping(doc.get("spec"), where.at("spec"))
     st_where = where.at("status")
     status = mapping(doc.get("status"), st_where)
     ip = status.get("podIP")
@@ -425,6 +427,7 @@ def parse_pod(doc: Mapping[str, Any], where: Where, order: int) -> Pod:
         ready=ready,
         port=port,
         status=status,
+        spec=pod_spec,
     )
 
 

@@ -10,7 +10,9 @@ or raises L{ConfigError}, so a reload never leaves the router half-configured.
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import yaml
 
 from kthena.config.resources import Resource, ResourceSet, build_resource_set, parse_document
+from kthena.config.scheduler import SchedulerConfig, parse_scheduler
 from kthena.config.validate import (
     ConfigError,
     Where,
@@ -42,15 +45,49 @@ class MetricsConfig:
 
 @dataclass(frozen=True, slots=True)
 class AccessLogConfig:
+    """
+    The access log (C{observability.accessLog}).
+
+    @ivar output: C{stdout}, C{stderr} or a file path (reopened on SIGUSR1, for logrotate).
+    @ivar sample_rate: the share (0..1) of successful requests logged; errors always are.
+    @ivar buffer_size: lines waiting for the writer thread; past that, lines are dropped
+        (and counted) rather than slowing the proxy.
+    """
+
     enabled: bool = True
     format: str = "json"
     output: str = "stdout"
+    sample_rate: float = 1.0
+    buffer_size: int = 10000
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LOOPBACK_NETWORKS: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+MIN_DEBUG_TOKEN = 16
+_BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")  # RFC 6750 b64token
 
 
 @dataclass(frozen=True, slots=True)
 class DebugConfig:
+    """
+    The debug endpoints (C{observability.debug}).
+
+    A request is answered when its peer address is in C{allow} (an empty list means any
+    address, accepted only together with a token) and, when C{token} is set, it carries
+    C{Authorization: Bearer <token>}; anything else gets 403.
+
+    @ivar allow: networks whose clients may ask; loopback only by default.
+    @ivar token: the bearer token asked of every request, when set (never logged or shown).
+    """
+
     enabled: bool = True
     port: int = 9090
+    allow: tuple[Network, ...] = LOOPBACK_NETWORKS
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +95,25 @@ class ObservabilityConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class PodMetricsConfig:
+    """
+    Scraping the pods' own metrics, and the health that follows from it.
+
+    @ivar unhealthy_after: failed scrapes in a row that take a pod out of scheduling.
+    @ivar stale_after: a pod whose last good scrape is older than this is out too.
+    @ivar models_interval: how often each pod's C{/v1/models} is read (LoRA adapters).
+    """
+
+    enabled: bool = True
+    interval: float = 1.0
+    timeout: float = 0.8
+    concurrency: int = 32
+    unhealthy_after: int = 3
+    stale_after: float = 5.0
+    models_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,26 +156,34 @@ class RouterConfig:
     """
 
     listen: str = "tcp:8080"
+    admin_listen: str | None = None
+    debug_listen: str | None = None
     max_body_bytes: int = 10 * 1024 * 1024
     drain_timeout: float = 30.0
     reload_interval: float = 2.0
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    pod_metrics: PodMetricsConfig = field(default_factory=PodMetricsConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     resources: ResourceSet = field(default_factory=ResourceSet)
     simulators: tuple[SimulatorSpec, ...] = ()
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     source: str = "<defaults>"
     files: tuple[str, ...] = ()
 
 
 _TOP = (
     "listen",
+    "adminListen",
+    "debugListen",
     "maxBodyBytes",
     "drainTimeout",
     "reloadInterval",
     "upstream",
+    "podMetrics",
     "observability",
     "resources",
     "simulators",
+    "scheduler",
 )
 
 
@@ -133,11 +197,20 @@ def _observability(value: object, where: Where) -> ObservabilityConfig:
     spec = mapping(value, where, ("metrics", "accessLog", "debug"))
     m_where, a_where, d_where = where.at("metrics"), where.at("accessLog"), where.at("debug")
     m = mapping(spec.get("metrics"), m_where, ("enabled", "port", "path"))
-    a = mapping(spec.get("accessLog"), a_where, ("enabled", "format", "output"))
-    d = mapping(spec.get("debug"), d_where, ("enabled", "port"))
+    a = mapping(
+        spec.get("accessLog"),
+        a_where,
+        ("enabled", "format", "output", "sampleRate", "bufferSize"),
+    )
     path = string(m.get("path", "/metrics"), m_where.at("path"))
     if not path.startswith("/"):
         m_where.at("path").fail(f"must start with '/', not {path!r}")
+    a_default = AccessLogConfig()
+    sample_rate = number(
+        a.get("sampleRate", a_default.sample_rate), a_where.at("sampleRate"), minimum=0
+    )
+    if not sample_rate <= 1:  # NaN too
+        a_where.at("sampleRate").fail(f"must be a share from 0 to 1, not {a['sampleRate']}")
     return ObservabilityConfig(
         metrics=MetricsConfig(
             enabled=boolean(m.get("enabled", True), m_where.at("enabled")),
@@ -148,12 +221,93 @@ def _observability(value: object, where: Where) -> ObservabilityConfig:
             enabled=boolean(a.get("enabled", True), a_where.at("enabled")),
             format=choice(a.get("format", "json"), a_where.at("format"), ("json", "text")),
             output=string(a.get("output", "stdout"), a_where.at("output")),
+            sample_rate=sample_rate,
+            buffer_size=integer(
+                a.get("bufferSize", a_default.buffer_size), a_where.at("bufferSize"), minimum=1
+            ),
         ),
-        debug=DebugConfig(
-            enabled=boolean(d.get("enabled", True), d_where.at("enabled")),
-            port=integer(d.get("port", 9090), d_where.at("port"), minimum=0, maximum=65535),
+        debug=_debug(spec.get("debug"), d_where),
+    )
+
+
+def _network(value: object, where: Where) -> Network:
+    text = string(value, where)
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as e:
+        try:
+            meant = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            where.fail(f"must be an IP address or network (CIDR), not {text!r}: {e}")
+        where.fail(f"{text!r} has host bits set; did you mean {meant}?")
+
+
+def _debug(value: object, where: Where) -> DebugConfig:
+    spec = mapping(value, where, ("enabled", "port", "allow", "token"))
+    token = spec.get("token")
+    if token is not None:
+        token = string(token, where.at("token"))
+        if not _BEARER_TOKEN.match(token):
+            where.at("token").fail(
+                "must be a bearer token (letters, digits and -._~+/, then optional =)"
+            )
+        if len(token) < MIN_DEBUG_TOKEN:
+            where.at("token").fail(f"must be at least {MIN_DEBUG_TOKEN} characters long")
+    allow = LOOPBACK_NETWORKS
+    if "allow" in spec:
+        a_where = where.at("allow")
+        if spec["allow"] is None:
+            a_where.fail("must be a list of networks (an empty list means any address)")
+        allow = tuple(
+            _network(v, a_where.at(i)) for i, v in enumerate(sequence(spec["allow"], a_where))
+        )
+        if not allow and token is None:
+            a_where.fail(
+                "an empty list lets every address in, which needs a token; to open the "
+                "debug endpoints without one, list 0.0.0.0/0 and ::/0"
+            )
+    return DebugConfig(
+        enabled=boolean(spec.get("enabled", True), where.at("enabled")),
+        port=integer(spec.get("port", 9090), where.at("port"), minimum=0, maximum=65535),
+        allow=allow,
+        token=token,
+    )
+
+
+def _pod_metrics(value: object, where: Where) -> PodMetricsConfig:
+    spec = mapping(
+        value,
+        where,
+        ("enabled", "interval", "timeout", "concurrency", "unhealthyAfter", "staleAfter",
+         "modelsInterval"),
+    )  # fmt: skip
+    d = PodMetricsConfig()
+    interval = duration(spec.get("interval", d.interval), where.at("interval"))
+    if interval <= 0:
+        where.at("interval").fail("must be more than 0s")
+    config = PodMetricsConfig(
+        enabled=boolean(spec.get("enabled", d.enabled), where.at("enabled")),
+        interval=interval,
+        timeout=duration(spec.get("timeout", min(d.timeout, interval)), where.at("timeout")),
+        concurrency=integer(
+            spec.get("concurrency", d.concurrency), where.at("concurrency"), minimum=1
+        ),
+        unhealthy_after=integer(
+            spec.get("unhealthyAfter", d.unhealthy_after), where.at("unhealthyAfter"), minimum=1
+        ),
+        stale_after=duration(
+            spec.get("staleAfter", max(d.stale_after, 3 * interval)), where.at("staleAfter")
+        ),
+        models_interval=duration(
+            spec.get("modelsInterval", max(d.models_interval, interval)),
+            where.at("modelsInterval"),
         ),
     )
+    if config.timeout <= 0:
+        where.at("timeout").fail("must be more than 0s")
+    if config.stale_after < config.interval:
+        where.at("staleAfter").fail("must be at least the interval")
+    return config
 
 
 def _upstream(value: object, where: Where) -> UpstreamConfig:
@@ -275,6 +429,12 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
     )
     return RouterConfig(
         listen=_listen(spec.get("listen", d.listen), where.at("listen")),
+        admin_listen=None
+        if spec.get("adminListen") is None
+        else _listen(spec["adminListen"], where.at("adminListen")),
+        debug_listen=None
+        if spec.get("debugListen") is None
+        else _listen(spec["debugListen"], where.at("debugListen")),
         max_body_bytes=integer(
             spec.get("maxBodyBytes", d.max_body_bytes), where.at("maxBodyBytes"), minimum=1
         ),
@@ -283,9 +443,11 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
             spec.get("reloadInterval", d.reload_interval), where.at("reloadInterval")
         ),
         upstream=_upstream(spec.get("upstream"), where.at("upstream")),
+        pod_metrics=_pod_metrics(spec.get("podMetrics"), where.at("podMetrics")),
         observability=_observability(spec.get("observability"), where.at("observability")),
         resources=resources,
         simulators=sims,
+        scheduler=parse_scheduler(spec.get("scheduler"), where.at("scheduler")),
         source=source,
         files=(source, *files),
     )

@@ -18,6 +18,8 @@ MIB = 1024 * 1024
 # DCGM exporter gauges, when the pod (or a sidecar on the same port) exposes them.
 GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
 GPU_FB_USED = "DCGM_FI_DEV_FB_USED"
+# The engine process's own resident memory (prometheus_client's process collector).
+RESIDENT = "process_resident_memory_bytes"
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class EngineSnapshot:
     waiting_loras: tuple[str, ...] = ()
     gpu_utilization: dict[str, float] = field(default_factory=dict)
     gpu_memory_used: dict[str, float] = field(default_factory=dict)
+    system_memory: float = 0.0
 
 
 def _adapters(value: str) -> tuple[str, ...]:
@@ -51,11 +54,14 @@ def _adapters(value: str) -> tuple[str, ...]:
 
 
 def _gpus(snapshot: EngineSnapshot, sample_name: str, labels: dict[str, str], v: float) -> bool:
+    """Take a GPU or process sample; C{False} when the sample is neither."""
     gpu = labels.get("gpu", "0")
     if sample_name == GPU_UTIL:
         snapshot.gpu_utilization[gpu] = v
     elif sample_name == GPU_FB_USED:
         snapshot.gpu_memory_used[gpu] = v * MIB
+    elif sample_name == RESIDENT:
+        snapshot.system_memory += v
     else:
         return False
     return True
@@ -76,7 +82,7 @@ class VLLMDialect:
             "vllm:time_per_output_token_seconds_count",
             "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
             "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_queries_total",
-            "vllm:lora_requests_info", GPU_UTIL, GPU_FB_USED,
+            "vllm:lora_requests_info", GPU_UTIL, GPU_FB_USED, RESIDENT,
         }
     )  # fmt: skip
 
@@ -125,7 +131,7 @@ class SGLangDialect:
             "sglang:cache_hit_rate",
             "sglang:time_to_first_token_seconds_sum", "sglang:time_to_first_token_seconds_count",
             "sglang:inter_token_latency_seconds_sum", "sglang:inter_token_latency_seconds_count",
-            GPU_UTIL, GPU_FB_USED,
+            GPU_UTIL, GPU_FB_USED, RESIDENT,
         }
     )  # fmt: skip
 

@@ -20,7 +20,15 @@ class PodState:
     @ivar scraped_at: reactor time of the last successful scrape (None: never).
     @ivar consecutive_failures: failed scrapes since the last success.
     @ivar loras: adapters the pod has loaded (from C{/v1/models}) or is running.
+    @ivar finished: the router's requests to the pod that have ended, ever.
+    @ivar finished_at_scrape: C{finished} when the last good scrape was taken: requests
+        that ended since were still running in that scrape, so the scraped running count
+        is that much too high now.
     """
+
+    @property
+    def finished_since_scrape(self) -> int:
+        return self.finished - self.finished_at_scrape
 
     waiting: float = 0.0
     running: float = 0.0
@@ -30,22 +38,30 @@ class PodState:
     prefix_hit_rate: float = 0.0
     gpu_utilization: dict[str, float] = field(default_factory=dict)
     gpu_memory_used: dict[str, float] = field(default_factory=dict)
+    system_memory: float = 0.0
     loras: frozenset[str] = frozenset()
     models: frozenset[str] = frozenset()
     scraped_at: float | None = None
     consecutive_failures: int = 0
     scrapes: int = 0
     last_error: str | None = None
+    finished: int = 0
+    finished_at_scrape: int = 0
     _previous: EngineSnapshot | None = None
 
-    def update(self, snapshot: EngineSnapshot, now: float) -> None:
-        """Take a successful scrape."""
+    def update(self, snapshot: EngineSnapshot, now: float, finished: int | None = None) -> None:
+        """
+        Take a successful scrape.
+
+        @param finished: L{finished} when the scrape was sent (default: now).
+        """
         previous = self._previous
         self.waiting = snapshot.waiting
         self.running = snapshot.running
         self.kv_usage = snapshot.kv_usage or 0.0
         self.gpu_utilization = snapshot.gpu_utilization
         self.gpu_memory_used = snapshot.gpu_memory_used
+        self.system_memory = snapshot.system_memory
         if snapshot.running_loras or snapshot.waiting_loras:
             self.loras = self.loras | {*snapshot.running_loras, *snapshot.waiting_loras}
         if previous is not None:
@@ -66,6 +82,7 @@ class PodState:
             )  # fmt: skip
         self._previous = snapshot
         self.scraped_at = now
+        self.finished_at_scrape = self.finished if finished is None else finished
         self.scrapes += 1
         self.consecutive_failures = 0
         self.last_error = None

@@ -14,13 +14,32 @@ import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from kthena.proxy.context import ProxyContext
+
+if TYPE_CHECKING:
+    from kthena.config.resources import ModelServer
+    from kthena.store import PodEndpoint
+
+
+@dataclass(frozen=True, slots=True)
+class PodsView:
+    """
+    What the pod gauges are set from.
+
+    @ivar servers: each model server, its pods, and those of them that are healthy.
+    @ivar pool_sizes: idle pooled connections per pod key.
+    """
+
+    servers: Sequence[tuple[ModelServer, Sequence[PodEndpoint], Sequence[PodEndpoint]]]
+    pool_sizes: dict[str, int]
+
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PLUGIN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)
@@ -258,7 +277,13 @@ class RouterMetrics:
             ("connector_type", "operation"), clock,
         )  # fmt: skip
         r.register(self.kv_cache_latency)
+        self.unhealthy_fallbacks = Counter(
+            "kthena_router_unhealthy_fallbacks",
+            "Requests scheduled among unhealthy pods because no pod of the server was healthy",
+            ("model_server",), registry=r,
+        )  # fmt: skip
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._pod_series: dict[int, set[tuple[str, ...]]] = {}
 
     # -- cached children
 
@@ -288,6 +313,59 @@ class RouterMetrics:
 
     def upstream_ended(self, ctx: ProxyContext) -> None:
         self._child(self.active_upstream, _destination(ctx)).dec()
+
+    def unhealthy_fallback(self, server: str) -> None:
+        self._child(self.unhealthy_fallbacks, (server,)).inc()
+
+    def decided(self, algorithm: str, model: str, target: str) -> None:
+        self._child(self.lb_decisions, (algorithm, model, target)).inc()
+
+    def pods_observed(self, view: PodsView) -> None:
+        """
+        Set the model-server and load-balancing gauges from the pods' latest state, and
+        remove the series of pods and servers that are gone (after each scrape round).
+        """
+        series: dict[Any, dict[tuple[str, ...], float]] = {
+            self.server_health: {},
+            self.server_queue_depth: {},
+            self.server_gpu_utilization: {},
+            self.server_memory: {},
+            self.lb_target_health: {},
+            self.lb_pool_size: {},
+        }
+        for server, pods, healthy in view.servers:
+            key = server.meta.key
+            series[self.server_health][(key, server.meta.namespace)] = float(bool(healthy))
+            model = server.model or key
+            series[self.server_queue_depth][(key, model)] = sum(p.state.waiting for p in pods)
+            per_gpu: dict[str, list[float]] = {}
+            gpu_bytes = 0.0
+            system_bytes = 0.0
+            for p in pods:
+                for gpu, value in p.state.gpu_utilization.items():
+                    per_gpu.setdefault(gpu, []).append(value)
+                gpu_bytes += sum(p.state.gpu_memory_used.values())
+                system_bytes += p.state.system_memory
+                series[self.lb_target_health][(p.key, model)] = float(p in healthy)
+            for gpu, utilizations in per_gpu.items():
+                series[self.server_gpu_utilization][(key, gpu)] = sum(utilizations) / len(
+                    utilizations
+                )
+            series[self.server_memory][(key, "gpu")] = gpu_bytes
+            series[self.server_memory][(key, "system")] = system_bytes
+        for pod_key, idle in view.pool_sizes.items():
+            series[self.lb_pool_size][(pod_key,)] = float(idle)
+        for family, values in series.items():
+            seen = self._pod_series.setdefault(id(family), set())
+            for labels, value in values.items():
+                family.labels(*labels).set(value)
+            for labels in seen - values.keys():
+                family.remove(*labels)
+            self._pod_series[id(family)] = set(values)
+
+    def plugin_timer(self, model: str, plugin: str, kind: str, seconds: float) -> None:
+        """Time one scheduler plugin call (the scheduler's timer)."""
+        self._child(self.plugin_duration, (model, plugin, kind)).observe(seconds)
 
     def request_done(self, ctx: ProxyContext) -> None:
         """Count a request that ended, whatever the outcome (once per request)."""

@@ -147,36 +147,22 @@ class ProxyCall:
                     response = await self._send(pod, timeout)
                 except CancelledError:
                     raise
-                except _CONNECT_ERRORS as e:
-                    failure = ProxyError(
-                        503, ErrorType.PROXY, f"pod {pod.name} unreachable: {e.__class__.__name__}"
-                    )
-                    pod.failed(failure.message)
-                    continue
-                except TimeoutError:
-                    failure = ProxyError(
-                        504, ErrorType.TIMEOUT, f"pod {pod.name} sent no response within {timeout}s"
-                    )
-                    pod.failed(failure.message)
-                    if policy is None:
-                        break
-                    continue
                 except Exception as e:
-                    failure = ProxyError(
-                        503, ErrorType.PROXY, f"pod {pod.name} failed: {e.__class__.__name__}"
-                    )
-                    pod.failed(failure.message)
-                    if policy is None:
+                    failure = self._attempt_failed(pod, e, timeout)
+                    # Connection failures never reached the pod: always worth another.
+                    if policy is None and not isinstance(e, _CONNECT_ERRORS):
                         break
                     continue
                 if response.code >= 500:
-                    pod.failed(f"answered {response.code}")
+                    self._failed(pod, f"pod {pod.name} answered {response.code}")
                     if policy is not None and attempt + 1 < attempts:
                         response.deliverBody(_Discard())
                         failure = ProxyError(
                             503, ErrorType.UPSTREAM, f"pod {pod.name} answered {response.code}"
                         )
                         continue
+                if response.code < 500 and ctx.decision is not None:
+                    self.core.scheduler.scheduled(ctx.decision, pod)
                 await self._relay(response)
                 return
             finally:
@@ -185,12 +171,39 @@ class ProxyCall:
         assert failure is not None
         self._answer_error(failure)
 
+    def _attempt_failed(
+        self, pod: PodEndpoint, error: Exception, timeout: float | None
+    ) -> ProxyError:
+        if isinstance(error, _CONNECT_ERRORS):
+            failure = ProxyError(
+                503, ErrorType.PROXY, f"pod {pod.name} unreachable: {error.__class__.__name__}"
+            )
+        elif isinstance(error, TimeoutError):
+            failure = ProxyError(
+                504, ErrorType.TIMEOUT, f"pod {pod.name} sent no response within {timeout}s"
+            )
+        else:
+            failure = ProxyError(
+                503, ErrorType.PROXY, f"pod {pod.name} failed: {error.__class__.__name__}"
+            )
+        self._failed(pod, failure.message)
+        return failure
+
+    def _failed(self, pod: PodEndpoint, why: str) -> None:
+        """An attempt on C{pod} failed: kept on the pod and in the request's record."""
+        pod.failed(why)
+        ctx = self.ctx
+        if ctx.failed_attempts is None:
+            ctx.failed_attempts = []
+        ctx.failed_attempts.append((pod.name, why))
+
     def _acquire(self, pod: PodEndpoint) -> None:
         pod.in_flight += 1
         self.core.metrics.upstream_started(self.ctx)
 
     def _release(self, pod: PodEndpoint) -> None:
         pod.in_flight -= 1
+        pod.state.finished += 1
         self.core.metrics.upstream_ended(self.ctx)
 
     def _send(self, pod: PodEndpoint, timeout: float | None) -> Deferred[IResponse]:

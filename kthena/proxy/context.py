@@ -6,9 +6,13 @@ log, rate limits and fairness are fed from when the request ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kthena.proxy.errors import ErrorType
 from kthena.store import PodEndpoint, RouteMatch
+
+if TYPE_CHECKING:
+    from kthena.scheduler.framework import Decision
 
 
 @dataclass(eq=False, slots=True)
@@ -24,9 +28,11 @@ class ProxyContext:
     @ivar path: the request path, without the query.
     @ivar model: the model the client asked for (C{None} until the body is parsed).
     @ivar candidates: the pods the scheduler offered, best first.
+    @ivar decision: the scheduler's decision record (scores per candidate and plugin).
     @ivar attempts: upstream requests sent (more than one after retries).
     @ivar input_estimate: input tokens estimated from the request before sending.
     @ivar prompt_tokens: from the pod's C{usage}, when it reported one.
+    @ivar failed_attempts: (pod name, why) of each attempt that failed, in order.
     """
 
     request_id: str
@@ -38,6 +44,7 @@ class ProxyContext:
     stream: bool = False
     match: RouteMatch | None = None
     candidates: list[PodEndpoint] | None = None
+    decision: Decision | None = None
     pod: PodEndpoint | None = None
     attempts: int = 0
     status: int = 0
@@ -50,6 +57,7 @@ class ProxyContext:
     input_estimate: int | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    failed_attempts: list[tuple[str, str]] | None = None
 
     @property
     def input_tokens(self) -> int:

@@ -22,6 +22,7 @@ from kthena.proxy.call import ProxyCall, forwardable
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.core import RouterCore
 from kthena.proxy.errors import ErrorType, ProxyError, respond_error
+from kthena.scheduler.framework import SchedulingRequest
 from kthena.webutil import json_bytes, respond_json
 
 _DROP_UPSTREAM = frozenset({b"host", b"content-length", b"x-request-id"})
@@ -172,14 +173,19 @@ class ProxyResource(Resource):
         if match is None:
             raise ProxyError(404, ErrorType.ROUTE_NOT_FOUND, f"the model `{model}` does not exist")
         ctx.match = match
-        pods = core.store.server_pods(match.server)
+        pods = core.schedulable(match.server)
         if not pods:
             raise ProxyError(503, ErrorType.NO_PODS, f"no ready pod serves {match.server.meta.key}")
         ctx.input_estimate = core.estimator.estimate(body)
-        candidates = core.scheduler.schedule(match, pods, body)
+        decision = core.scheduler.schedule(SchedulingRequest(model, match, pods, body))
+        ctx.decision = decision
+        candidates = decision.candidates
         if not candidates:
-            raise ProxyError(503, ErrorType.SCHEDULING, "no pod passed the scheduler's filters")
+            raise ProxyError(503, ErrorType.SCHEDULING, f"no pod to take it: {decision.why()}")
         ctx.candidates = candidates
+        core.metrics.decided(
+            getattr(core.scheduler, "algorithm", "custom"), model, candidates[0].key
+        )
         raw, hide_usage = _upstream_body(raw, body, match.upstream_model(model), ctx.stream)
         headers = Headers()
         for name, values in forwardable(request.requestHeaders, _DROP_UPSTREAM):

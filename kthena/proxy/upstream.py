@@ -155,6 +155,15 @@ class Upstream:
         self._origins[(scheme, authority)] = origin
         return origin
 
+    def idle_connections(self, pod: PodEndpoint) -> int:
+        """Idle keep-alive connections pooled for C{pod} (for the debug views)."""
+        count = 0
+        for scheme in ("http", "https"):
+            origin = self._origins.get((scheme, pod.authority))
+            if origin is not None:
+                count += len(self.pool._connections.get(origin[0], ()))
+        return count
+
     def close(self) -> Deferred[None]:
         """Close idle pooled connections (on shutdown)."""
         d: Deferred[None] = self.pool.closeCachedConnections()

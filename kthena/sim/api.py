@@ -447,6 +447,8 @@ class SimAPI(Resource):
         )
 
     def _metrics(self, request: Request) -> bytes:
+        if self.faults.metrics_down:
+            return self._error(request, 503, "kthena-sim injected fault: /metrics is down")
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return metrics.render(self.registry)
 

@@ -23,6 +23,8 @@ class Faults:
     @ivar drop_after_tokens: drop the connection after this many output tokens (streams:
         after that many token events; non-streams: instead of the response); None: never.
     @ivar slowdown: multiplies prefill and decode time (1 is normal speed).
+    @ivar metrics_down: C{/metrics} answers 503 (a router's scrapes fail) while
+        inference goes on.
     """
 
     error_rate: float = 0.0
@@ -30,6 +32,7 @@ class Faults:
     abort_rate: float = 0.0
     drop_after_tokens: int | None = None
     slowdown: float = 1.0
+    metrics_down: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +70,10 @@ def _check(key: str, value: object) -> object:
     if key == "error_status":
         if not isinstance(value, int) or isinstance(value, bool) or not 400 <= value <= 599:
             raise ValueError("error_status must be an HTTP error status (400..599)")
+        return value
+    if key == "metrics_down":
+        if not isinstance(value, bool):
+            raise ValueError("metrics_down must be true or false")
         return value
     if key == "drop_after_tokens":
         if value is None:

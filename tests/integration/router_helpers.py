@@ -55,6 +55,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 LOOPBACK = "127.0.0.1"
 LISTEN = f"tcp:0:interface={LOOPBACK}"
+ADMIN_LISTEN = f"tcp:port=0:interface={LOOPBACK}"
+"""The admin listener (/metrics, /debug) on any free port; spelled unlike L{LISTEN} so that
+the proxy's "listening on" log line stays the only one with that description."""
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -311,7 +314,13 @@ class Cluster:
         **settings: Any,
     ) -> RouterService:
         """A started router (config built with C{parse_config}) on 127.0.0.1:<any>."""
-        raw = {"listen": LISTEN, "drainTimeout": "3s", **settings, "resources": resources}
+        raw = {
+            "listen": LISTEN,
+            "adminListen": ADMIN_LISTEN,
+            "drainTimeout": "3s",
+            **settings,
+            "resources": resources,
+        }
         config = parse_config(raw, "<test config>", Path.cwd(), [])
         service = makeRouterService(
             config, self.reactor, registry or CollectorRegistry(), config_path=None
@@ -586,6 +595,7 @@ def wait_listening(router: RouterProcess, description: str, host: str = LOOPBACK
 def start_router(workdir: Path, config: Mapping[str, Any]) -> RouterProcess:
     """Write C{config} to C{workdir/router.yaml} and run a router on it; the caller stops it."""
     path = workdir / "router.yaml"
+    config = {"adminListen": ADMIN_LISTEN, **config}
     write_config(path, config)
     router = spawn_router(workdir, "--config", str(path))
     try:

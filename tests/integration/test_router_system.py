@@ -25,11 +25,13 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.integration.conftest import SimProcess, start_sim, twistd_command, twistd_env, wait_until
 from tests.integration.router_helpers import (
+    ADMIN_LISTEN,
     LISTEN,
     LOOPBACK,
     REQUEST_ID,
     RouterProcess,
     free_port,
+    http_request,
     median_gap,
     spawn_router,
     start_router,
@@ -57,6 +59,7 @@ def sim_pod(name: str, sim: SimProcess, labels: dict[str, str]) -> Doc:
 def router_config(resources: list[Any], **settings: Any) -> dict[str, Any]:
     return {
         "listen": LISTEN,
+        "adminListen": ADMIN_LISTEN,
         "drainTimeout": "3s",
         "reloadInterval": "0s",
         **settings,
@@ -487,6 +490,18 @@ def test_readme_demo_command(tmp_path: Path) -> None:
             for chunk in stream:
                 pieces.extend(c.delta.content or "" for c in chunk.choices)
         assert "".join(pieces) == " hello demo hello"
+        # The admin listener: the spec's /metrics on 9090, and /debug beside it.
+        scrape = http_request(LOOPBACK, 9090, "GET", "/metrics")
+        assert scrape.status == 200
+        assert any(
+            line.startswith("kthena_router_requests_total{") and 'model="deepseek-r1"' in line
+            for line in scrape.body.decode().splitlines()
+        )
+        state = http_request(LOOPBACK, 9090, "GET", "/debug/router/state").json()
+        assert [(x["name"], x["port"]) for x in state["listeners"]] == [
+            ("proxy", 8080),
+            ("admin", 9090),
+        ]
     finally:
         router.stop()
     assert_clean_exit(router)

@@ -8,7 +8,7 @@ for what the client received.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +32,8 @@ from kthena.proxy.core import RouterCore
 from kthena.proxy.resource import ProxyResource
 from kthena.proxy.site import ProxySite
 from kthena.proxy.upstream import Upstream
-from kthena.store import PodEndpoint, RouteMatch
+from kthena.scheduler.framework import Decision, SchedulingRequest
+from kthena.store import PodEndpoint
 from tests.unit.routerfixtures import Doc, pod, route, server
 
 BASE_MODEL = "m"
@@ -52,12 +53,16 @@ class OrderedScheduler:
     def __init__(self) -> None:
         self.refuse = False
 
-    def schedule(
-        self, match: RouteMatch, pods: Sequence[PodEndpoint], body: dict[str, object]
-    ) -> list[PodEndpoint]:
+    def schedule(self, request: SchedulingRequest) -> Decision:
         if self.refuse:
-            return []
-        return sorted(pods, key=lambda p: p.name)
+            return Decision(candidates=[], failed_filter="test-refusal", request=request)
+        return Decision(candidates=sorted(request.pods, key=lambda p: p.name), request=request)
+
+    def scheduled(self, decision: Decision, pod: PodEndpoint) -> None:
+        pass
+
+    def forget_pods(self, keys: set[str]) -> None:
+        pass
 
 
 @implementer(IPushProducer)

@@ -15,8 +15,9 @@ DEFAULTS: dict[str, Any] = {
     "abort_rate": 0.0,
     "drop_after_tokens": None,
     "slowdown": 1.0,
+    "metrics_down": False,
 }
-KNOWN = "abort_rate, drop_after_tokens, error_rate, error_status, slowdown"
+KNOWN = "abort_rate, drop_after_tokens, error_rate, error_status, metrics_down, slowdown"
 
 
 def test_defaults() -> None:

@@ -674,6 +674,7 @@ def test_faults_get_put_delete() -> None:
         "abort_rate": 0.0,
         "drop_after_tokens": None,
         "slowdown": 1.0,
+        "metrics_down": False,
     }
     reply = h.request("PUT", "/sim/faults", json.dumps({"error_status": 429}).encode())
     assert reply.code == 200
@@ -1156,3 +1157,12 @@ def test_finished_stream_ends_cleanly() -> None:
     h.run()
     assert reply.reason is not None
     assert reply.reason.check(ResponseDone)
+
+
+def test_metrics_down_fault_fails_scrapes_only() -> None:
+    h = SimHarness()
+    assert h.request("PUT", "/sim/faults", b'{"metrics_down": true}').code == 200
+    assert h.get("/metrics").code == 503
+    assert h.request("PUT", "/sim/faults", b'{"metrics_down": 1}').code == 400
+    assert h.request("DELETE", "/sim/faults").code == 200
+    assert h.get("/metrics").code == 200

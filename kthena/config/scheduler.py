@@ -1,0 +1,107 @@
+"""
+The C{scheduler} section of the router config, in Kthena's format:
+
+    scheduler:
+      pluginConfig:
+        - name: least-request
+          args: {maxWaitingRequests: 10}
+      plugins:
+        Filter:
+          enabled: [least-request]
+        Score:
+          enabled:
+            - {name: least-request, weight: 1}
+
+Plugin names and arguments are checked when the config loads (a typo is a config error
+with its field, not a silently ignored plugin). Without the section, Kthena's shipped
+defaults apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kthena.config.validate import Where, integer, mapping, number, sequence, string
+from kthena.scheduler.plugins import PLUGINS
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """
+    @ivar args: each plugin's arguments by name (from C{pluginConfig}).
+    """
+
+    filters: tuple[str, ...] = ("least-request",)
+    scores: tuple[tuple[str, float], ...] = (
+        ("least-request", 1.0),
+        ("gpu-usage", 1.0),
+        ("least-latency", 1.0),
+        ("prefix-cache", 1.0),
+    )
+    args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def _known(name: str, where: Where) -> str:
+    if name not in PLUGINS:
+        where.fail(f"unknown plugin {name!r}; known: {', '.join(sorted(PLUGINS))}")
+    return name
+
+
+def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
+    if value is None:
+        return SchedulerConfig()
+    spec = mapping(value, where, ("pluginConfig", "plugins"))
+    args: dict[str, Mapping[str, Any]] = {}
+    c_where = where.at("pluginConfig")
+    for i, item in enumerate(sequence(spec.get("pluginConfig"), c_where)):
+        i_where = c_where.at(i)
+        entry = mapping(item, i_where, ("name", "args"), required=("name",))
+        name = _known(string(entry["name"], i_where.at("name")), i_where.at("name"))
+        args[name] = mapping(entry.get("args"), i_where.at("args"))
+        try:
+            PLUGINS[name](args[name])
+        except ValueError as e:
+            i_where.at("args").fail(str(e))
+    p_where = where.at("plugins")
+    plugins = mapping(spec.get("plugins"), p_where, ("Filter", "Score"))
+    defaults = SchedulerConfig()
+    filters = defaults.filters
+    if "Filter" in plugins:
+        f_where = p_where.at("Filter")
+        f_spec = mapping(plugins["Filter"], f_where, ("enabled", "disabled"))
+        disabled = {
+            string(n, f_where.at("disabled").at(i))
+            for i, n in enumerate(sequence(f_spec.get("disabled"), f_where.at("disabled")))
+        }
+        filters = tuple(
+            _known(string(n, f_where.at("enabled").at(i)), f_where.at("enabled").at(i))
+            for i, n in enumerate(sequence(f_spec.get("enabled"), f_where.at("enabled")))
+            if n not in disabled
+        )
+        for name in filters:
+            if not hasattr(PLUGINS[name]({}), "filter"):
+                f_where.fail(f"{name} is not a filter plugin")
+    scores = defaults.scores
+    if "Score" in plugins:
+        s_where = p_where.at("Score")
+        s_spec = mapping(plugins["Score"], s_where, ("enabled", "disabled"))
+        disabled = {
+            string(n, s_where.at("disabled").at(i))
+            for i, n in enumerate(sequence(s_spec.get("disabled"), s_where.at("disabled")))
+        }
+        chosen: list[tuple[str, float]] = []
+        for i, item in enumerate(sequence(s_spec.get("enabled"), s_where.at("enabled"))):
+            e_where = s_where.at("enabled").at(i)
+            entry = mapping(item, e_where, ("name", "weight"), required=("name",))
+            name = _known(string(entry["name"], e_where.at("name")), e_where.at("name"))
+            if not hasattr(PLUGINS[name]({}), "score"):
+                e_where.at("name").fail(f"{name} is not a score plugin")
+            weight = entry.get("weight", 1)
+            if isinstance(weight, int) and not isinstance(weight, bool):
+                weight = integer(weight, e_where.at("weight"), minimum=0)
+            if name not in disabled:
+                chosen.append((name, number(weight, e_where.at("weight"), minimum=0)))
+        scores = tuple(chosen)
+    return SchedulerConfig(filters=filters, scores=scores, args=args)

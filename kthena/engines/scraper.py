@@ -1,0 +1,176 @@
+"""
+The scrape loop: every pod's C{/metrics} each interval (and its C{/v1/models} now and
+then, for the LoRA adapters it has loaded) into the pod's L{PodState}.
+
+Scrapes run with bounded concurrency and a per-request timeout over a keep-alive pool of
+their own (one idle connection per pod), never on the proxy's pool. A pod that appears
+in a new config generation is scraped at once rather than at the next round. A round
+that outlasts the interval delays the next one instead of piling up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+
+from kthena.engines.dialects import DIALECTS
+from kthena.interfaces import IServerReactor
+from kthena.store import Datastore, PodEndpoint
+
+log = Logger()
+
+_ACCEPT = Headers({b"accept": [b"text/plain;version=0.0.4"]})
+
+
+class PodScraper(Service):
+    """
+    @ivar rounds: completed scrape rounds (the router is ready after the first).
+    @ivar round_hooks: called after every round (metrics, readiness).
+    """
+
+    def __init__(
+        self,
+        reactor: IServerReactor,
+        store: Datastore,
+        interval: float = 1.0,
+        timeout: float = 0.8,
+        concurrency: int = 32,
+        models_every: int = 5,
+    ) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.interval = interval
+        self.timeout = timeout
+        self.models_every = models_every
+        self.rounds = 0
+        self.round_hooks: list[Callable[[], None]] = []
+        self._semaphore = DeferredSemaphore(concurrency)
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 1
+        self._pool.retryAutomatically = False
+        self._agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.scrape_round)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: log.failure("the scrape loop stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        d: Deferred[None] = self._pool.closeCachedConnections()
+        return d
+
+    def scrape_round(self) -> Deferred[None]:
+        """Scrape every pod once; fires when all are done (each failure is recorded)."""
+        with_models = self.rounds % self.models_every == 0
+        d = self.scrape(list(self.store.pods.values()), with_models)
+
+        def done(_: object) -> None:
+            self.rounds += 1
+            for hook in self.round_hooks:
+                hook()
+
+        d.addCallback(done)
+        return d
+
+    def scrape(self, pods: Iterable[PodEndpoint], with_models: bool = True) -> Deferred[None]:
+        """Scrape C{pods} now (new pods are, when they appear)."""
+        work = [self._semaphore.run(self._one, pod, with_models) for pod in pods]
+        d: Deferred[None] = gatherResults(work, consumeErrors=True).addCallback(lambda _: None)
+        return d
+
+    async def _one(self, pod: PodEndpoint, with_models: bool) -> None:
+        dialect = DIALECTS.get(pod.engine)
+        if dialect is None:
+            pod.state.failed(f"no dialect for engine {pod.engine}")
+            return
+        finished = pod.state.finished
+        try:
+            text = await self._get(pod, b"/metrics")
+            snapshot = dialect.parse(text.decode("utf-8", "replace"))
+            if with_models:
+                pod.state.models, pod.state.loras = _models(await self._get(pod, b"/v1/models"))
+        except Exception as e:
+            why = f"{e.__class__.__name__}: {e}"
+            if pod.state.consecutive_failures == 0:
+                log.warn("scraping pod {pod} failed: {why}", pod=pod.key, why=why)
+            pod.state.failed(why)
+            return
+        if pod.state.consecutive_failures:
+            log.info("pod {pod} answers its scrapes again", pod=pod.key)
+        pod.state.update(snapshot, self.reactor.seconds(), finished)
+
+    async def _get(self, pod: PodEndpoint, path: bytes) -> bytes:
+        url = f"http://{pod.authority}".encode("ascii") + path
+        d = self._agent.request(b"GET", url, _ACCEPT)
+        d.addTimeout(self.timeout, self.reactor)
+        response = await d
+        collector = _Body()
+        response.deliverBody(collector)
+        collector.done.addTimeout(self.timeout, self.reactor)
+        body: bytes = await collector.done
+        if response.code != 200:
+            raise ValueError(f"{path.decode()} answered {response.code}")
+        return body
+
+
+MAX_BODY = 8 * 1024 * 1024
+"""A pod's C{/metrics} or C{/v1/models} larger than this is refused."""
+
+
+class _Body(Protocol):
+    """Collects a response body, up to L{MAX_BODY} bytes."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > MAX_BODY:
+            self._stop()
+            if not self.done.called:
+                self.done.errback(ValueError(f"body over {MAX_BODY} bytes"))
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        if self.done.called:
+            return
+        if isinstance(reason.value, ResponseDone):
+            self.done.callback(b"".join(self._parts))
+        else:
+            self.done.errback(reason)
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def _models(body: bytes) -> tuple[frozenset[str], frozenset[str]]:
+    """Every model id a pod lists, and those that are adapters (with a C{parent})."""
+    listing = json.loads(body)
+    data = listing.get("data", []) if isinstance(listing, dict) else []
+    models = frozenset(
+        m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+    )
+    loras = frozenset(
+        m["id"] for m in data if isinstance(m, dict) and m.get("parent") and m.get("id") in models
+    )
+    return models, loras

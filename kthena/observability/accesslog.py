@@ -1,0 +1,529 @@
+"""
+The access log: one record per request, in the specification's JSON (the default) or
+text shape, written when the response has ended (streams included), for every request
+the router saw, proxied or refused.
+
+The reactor thread only decides (sampling) and formats; the line goes into a bounded
+buffer, and a writer thread of its own takes whatever is buffered and hands it to the
+sink (L{IAccessLogSink}: stdout, stderr, a file). A slow or blocked sink never slows the
+proxy: when the buffer is full the line is dropped and counted in
+C{kthena_router_access_log_dropped_total}.
+
+Timings (milliseconds), from the phases of L{ProxyContext}:
+
+  - C{duration_request_processing}: from the request complete at the router to the first
+    upstream attempt sent (parsing, routing, scheduling); for requests the router answers
+    itself, the whole of it.
+  - C{duration_upstream_processing}: from the first attempt sent to the end of the last
+    attempt's body; it covers failed attempts, retry intervals and, for streams, the
+    whole stream relayed event by event.
+  - C{duration_response_processing}: from then to the end of the response (the last
+    write, an error event or an error answer after the attempts failed).
+  - C{duration_total}: the sum of the three, each rounded to whole milliseconds, so that
+    they always add up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kthena.config.router import AccessLogConfig
+from kthena.config.validate import ConfigError
+from kthena.interfaces import IAccessLogSink
+from kthena.proxy.context import ProxyContext
+from kthena.proxy.errors import ErrorType
+
+log = Logger()
+
+DROPPED_METRIC = "kthena_router_access_log_dropped_total"
+STOP_TIMEOUT = 10.0
+"""How long stopping waits for the writer to flush before giving up on what is left."""
+LINGER = 0.05
+"""
+Once a line is waiting, how long the writer lets more gather before it writes (unless the
+buffer is half full, or the log is stopping or reopening): the reactor and the writer
+share one GIL, and waking the writer for every line would cost the proxy more than the
+line itself.
+"""
+
+
+# -- formatting (reactor thread)
+
+
+_second: tuple[float, str] = (math.nan, "")
+"""The last whole second formatted (strftime costs more than the rest of a record)."""
+
+
+def timestamp(seconds: float) -> str:
+    """RFC 3339 UTC with microseconds: C{2024-01-15T10:30:45.123456Z}."""
+    global _second  # noqa: PLW0603 (a one-entry cache; a race only recomputes it)
+    fraction, whole = math.modf(seconds)
+    micros = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    cached, prefix = _second
+    if whole != cached:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, prefix)
+    return f"{prefix}.{micros:06d}Z"
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000 + 0.5) if seconds > 0 else 0
+
+
+def durations(ctx: ProxyContext) -> tuple[int, int, int, int]:
+    """
+    @return: total, request, upstream and response processing, in whole milliseconds;
+        the total is the sum of the three others.
+    """
+    started = ctx.started
+    end = ctx.finished
+    if end is None:  # not ended through the usual paths: take the latest time known
+        end = max(t for t in (started, ctx.upstream_started, ctx.upstream_ended) if t is not None)
+    upstream_started = ctx.upstream_started
+    if upstream_started is None:
+        request, upstream, response = _ms(end - started), 0, 0
+    else:
+        upstream_ended = ctx.upstream_ended if ctx.upstream_ended is not None else end
+        request = _ms(upstream_started - started)
+        upstream = _ms(upstream_ended - upstream_started)
+        response = _ms(end - upstream_ended)
+    return request + upstream + response, request, upstream, response
+
+
+def _error(ctx: ProxyContext) -> tuple[str, str] | None:
+    if ctx.error_type is ErrorType.SUCCESS:
+        return None
+    return ctx.error_type.value, ctx.error_message or ""
+
+
+def json_record(ctx: ProxyContext) -> dict[str, Any]:
+    """The JSON record, field for field as the specification lists them."""
+    total, request, upstream, response = durations(ctx)
+    match = ctx.match
+    record: dict[str, Any] = {
+        "timestamp": timestamp(ctx.started),
+        "method": ctx.method,
+        "path": ctx.path,
+        "protocol": ctx.protocol,
+        "status_code": ctx.status,
+        "model_name": ctx.model,
+        "model_route": match.route.meta.key if match is not None else None,
+        "model_server": match.server.meta.key if match is not None else None,
+        "selected_pod": ctx.pod.name if ctx.pod is not None else None,
+        "request_id": ctx.request_id,
+        "input_tokens": ctx.input_tokens,
+        "output_tokens": ctx.output_tokens,
+        "duration_total": total,
+        "duration_request_processing": request,
+        "duration_upstream_processing": upstream,
+        "duration_response_processing": response,
+    }
+    error = _error(ctx)
+    if error is not None:
+        record["error"] = {"type": error[0], "message": error[1]}
+    return record
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False)
+"""One encoder for every record (C{json.dumps} with options builds one per call)."""
+
+
+def format_json(ctx: ProxyContext) -> str:
+    """
+    One JSON object on one line. C{": "} and C{", "} separators, so that the
+    specification's C{grep '"type": "timeout"'} finds what it looks for.
+    """
+    return _JSON.encode(json_record(ctx))
+
+
+def _quoted(value: str) -> str:
+    """A double-quoted string with C{"}, C{\\} and control characters escaped."""
+    return _JSON.encode(value)
+
+
+_NEEDS_QUOTES = frozenset(' "\\=')
+
+
+def _bare_or_quoted(value: str) -> str:
+    """As is when it reads unambiguously in C{key=value}; quoted otherwise."""
+    if value and value.isprintable() and _NEEDS_QUOTES.isdisjoint(value):
+        return value
+    return _quoted(value)
+
+
+def _in_quotes(value: str) -> str:
+    """A piece of the quoted request line, escaped like a quoted value."""
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return value
+    return _quoted(value)[1:-1]
+
+
+def format_text(ctx: ProxyContext) -> str:
+    """
+    C{[ts] "METHOD /path PROTO" status [error=type:"message"] key=value ... tokens=in/out
+    timings=Tms(request+upstream+response)}: keys only when known, tokens only when any
+    were counted, values quoted when they hold spaces, quotes or control characters.
+    """
+    total, request, upstream, response = durations(ctx)
+    parts = [
+        f"[{timestamp(ctx.started)}] "
+        f'"{_in_quotes(ctx.method)} {_in_quotes(ctx.path)} {_in_quotes(ctx.protocol)}" '
+        f"{ctx.status}"
+    ]
+    error = _error(ctx)
+    if error is not None:
+        parts.append(f"error={_bare_or_quoted(error[0])}:{_quoted(error[1])}")
+    match = ctx.match
+    known = (
+        ("model_name", ctx.model),
+        ("model_route", match.route.meta.key if match is not None else None),
+        ("model_server", match.server.meta.key if match is not None else None),
+        ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
+        ("request_id", ctx.request_id),
+    )
+    parts.extend(f"{key}={_bare_or_quoted(value)}" for key, value in known if value)
+    inputs, outputs = ctx.input_tokens, ctx.output_tokens
+    if inputs or outputs:
+        parts.append(f"tokens={inputs}/{outputs}")
+    parts.append(f"timings={total}ms({request}+{upstream}+{response})")
+    return " ".join(parts)
+
+
+FORMATTERS: dict[str, Callable[[ProxyContext], str]] = {"json": format_json, "text": format_text}
+
+
+# -- sinks (writer thread)
+
+
+def _write_all(fd: int, lines: Sequence[str]) -> None:
+    data = memoryview("".join(line + "\n" for line in lines).encode("utf-8"))
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+@implementer(IAccessLogSink)
+class StreamSink:
+    """
+    Standard output or error, written to the file descriptor itself: under twistd,
+    C{sys.stdout} is redirected into the Twisted log, which would wrap every line.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, lines: Sequence[str]) -> None:
+        _write_all(self.fd, lines)
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@implementer(IAccessLogSink)
+class FileSink:
+    """
+    A file, appended to (created when missing). L{reopen} opens the path again, so that
+    after logrotate renamed the file the next lines go to a new one; when opening fails
+    the old file is kept.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def write(self, lines: Sequence[str]) -> None:
+        if self._fd < 0:
+            self._fd = self._open()
+        _write_all(self._fd, lines)
+
+    def reopen(self) -> None:
+        fd = self._open()
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def sink_for(output: str, source: str = "<config>") -> IAccessLogSink:
+    """
+    The sink the C{output} config key names: C{stdout}, C{stderr} or a file path.
+
+    @param source: the config file, for the error message.
+    @raise ConfigError: when the file cannot be opened.
+    """
+    if output == "stdout":
+        return StreamSink(1)
+    if output == "stderr":
+        return StreamSink(2)
+    try:
+        return FileSink(output)
+    except OSError as e:
+        raise ConfigError(
+            f"{source}: observability.accessLog.output: cannot open {output!r}: {e.strerror}"
+        ) from e
+
+
+# -- the access log
+
+
+class AccessLog(Service):
+    """
+    Formats each request's record on the reactor thread and writes it from a thread of
+    its own. L{record} is the hook for L{kthena.proxy.core.RouterCore.request_hooks}.
+
+    Lines recorded before the service starts wait in the buffer; stopping flushes what is
+    buffered (waiting at most C{stop_timeout} seconds for a blocked sink) and closes the
+    sink; lines recorded after that are not written.
+
+    @ivar written: lines the sink accepted (updated by the writer thread).
+    """
+
+    def __init__(
+        self,
+        config: AccessLogConfig,
+        sink: IAccessLogSink,
+        registry: CollectorRegistry,
+        reactor: IReactorTime,
+        rng: random.Random | None = None,
+        stop_timeout: float = STOP_TIMEOUT,
+        linger: float = LINGER,
+    ) -> None:
+        """
+        @param reactor: keeps time for the stop timeout; the writer thread reports
+            through its L{IReactorFromThreads} (every real reactor provides it; with a
+            test clock that does not, reports run on the writer thread).
+        @param rng: decides which successful requests are sampled (seed it in tests).
+        @param linger: see L{LINGER}.
+        """
+        self.config = config
+        self.sink = sink
+        self.reactor = reactor
+        threads = IReactorFromThreads(reactor, None)
+        self._call_from_thread: Callable[..., None] = (
+            threads.callFromThread if threads is not None else _call_here
+        )
+        self.stop_timeout = stop_timeout
+        self.linger = linger
+        self._format = FORMATTERS[config.format]
+        self._sample_rate = config.sample_rate
+        self._random = (rng or random.Random()).random
+        self._capacity = config.buffer_size
+        self._half = max(1, config.buffer_size // 2)
+        self._buffer: deque[str] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._stopping = False
+        self._reopen = False
+        self._thread: threading.Thread | None = None
+        self._flushed: Deferred[None] | None = None
+        self.written = 0
+        self._writing = 0
+        dropped = Counter(
+            DROPPED_METRIC,
+            "Access-log lines lost: the buffer was full (the writer could not keep up) "
+            "or the output failed",
+            ("reason",),
+            registry=registry,
+        )
+        self._dropped_full = dropped.labels("buffer_full")
+        self._dropped_failed = dropped.labels("write_failed")
+
+    # -- the reactor side
+
+    def record(self, ctx: ProxyContext) -> None:
+        """Log one ended request (sampled when it succeeded); never waits for the sink."""
+        if (
+            self._sample_rate < 1.0
+            and ctx.error_type is ErrorType.SUCCESS
+            and ctx.status < 400
+            and self._random() >= self._sample_rate
+        ):
+            return
+        line = self._format(ctx)
+        with self._cond:
+            if self._stopping:
+                return
+            waiting = len(self._buffer)
+            full = waiting >= self._capacity
+            if not full:
+                self._buffer.append(line)
+                if waiting == 0 or waiting + 1 == self._half:
+                    self._cond.notify()
+        if full:
+            self._dropped_full.inc()
+
+    def reopen(self) -> None:
+        """
+        Have the writer reopen the output before it writes again (log rotation). Call it
+        on the reactor thread, not from a signal handler: a handler interrupting
+        L{record} would wait for the lock L{record} holds.
+        """
+        with self._cond:
+            self._reopen = True
+            self._cond.notify()
+
+    @property
+    def pending(self) -> int:
+        """Lines waiting for the writer."""
+        with self._cond:
+            return len(self._buffer)
+
+    def startService(self) -> None:
+        super().startService()
+        with self._cond:
+            self._stopping = False
+        self._flushed = Deferred()
+        self._thread = threading.Thread(target=self._run, name="kthena-access-log", daemon=True)
+        self._thread.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        flushed = self._flushed
+        if flushed is None:  # never started
+            self.sink.close()
+            return None
+        flushed.addTimeout(self.stop_timeout, self.reactor)
+        flushed.addErrback(self._flush_timed_out)
+        return flushed
+
+    def _flush_timed_out(self, failure: Failure) -> None:
+        log.warn(
+            "access log: the output is still blocked after {timeout}s; "
+            "{count} buffered lines are not written",
+            timeout=self.stop_timeout,
+            count=self.pending + self._writing,
+        )
+
+    # -- the writer thread
+
+    def _run(self) -> None:
+        failed = 0
+        try:
+            while True:
+                with self._cond:
+                    while not (self._buffer or self._reopen or self._stopping):
+                        self._cond.wait()
+                    if self.linger > 0 and not (self._reopen or self._stopping):
+                        self._cond.wait(self.linger)  # stop, reopen, half full: sooner
+                    batch, self._buffer = self._buffer, deque()
+                    reopen, self._reopen = self._reopen, False
+                    last = self._stopping
+                if reopen:
+                    try:
+                        self.sink.reopen()
+                    except Exception:
+                        self._report(Failure(), "access log: reopening the output failed")
+                if batch:
+                    failed = self._write(batch, failed)
+                if last:  # record() takes nothing once stopping: the buffer is empty
+                    break
+        finally:
+            try:
+                self.sink.close()
+            except Exception:
+                self._report(Failure(), "access log: closing the output failed")
+            self._call_from_thread(self._writer_done)
+
+    def _write(self, batch: deque[str], failed: int) -> int:
+        """Write one batch; returns the lines lost in the current run of failures."""
+        self._writing = len(batch)
+        try:
+            self.sink.write(batch)
+        except Exception:
+            self._dropped_failed.inc(len(batch))
+            if not failed:
+                self._report(Failure(), "access log: writing failed; lines are being lost")
+            return failed + len(batch)
+        finally:
+            self._writing = 0
+        self.written += len(batch)
+        if failed:
+            self._call_from_thread(
+                log.info, "access log: writing works again; {count} lines were lost", count=failed
+            )
+        return 0
+
+    def _report(self, failure: Failure, message: str) -> None:
+        self._call_from_thread(log.failure, message, failure)
+
+    def _writer_done(self) -> None:
+        flushed = self._flushed
+        if flushed is not None and not flushed.called:  # not given up on already
+            flushed.callback(None)
+
+
+def _call_here(f: Callable[..., object], *args: object, **kwargs: object) -> None:
+    f(*args, **kwargs)
+
+
+def access_log_for(
+    config: AccessLogConfig,
+    registry: CollectorRegistry,
+    reactor: IReactorTime,
+    source: str = "<config>",
+) -> AccessLog | None:
+    """
+    The access log a router's config asks for, or C{None} when it is disabled.
+
+    @raise ConfigError: when the output file cannot be opened.
+    """
+    if not config.enabled:
+        return None
+    return AccessLog(config, sink_for(config.output, source), registry, reactor)
+
+
+class ReopenOnSignal(Service):
+    """
+    Reopens the access log's output on a signal (C{SIGUSR1}: logrotate's
+    C{postrotate kill -USR1}), hopping to the reactor thread first; restores the previous
+    handler when stopped.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, access_log: AccessLog, signum: int) -> None:
+        self.reactor = reactor
+        self.access_log = access_log
+        self.signum = signum
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(self.signum, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()
+        signal.signal(self.signum, self._previous or signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.reactor.callFromThread(self.access_log.reopen)

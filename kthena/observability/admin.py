@@ -1,0 +1,356 @@
+"""
+The admin listener: C{GET /metrics} (Prometheus) and C{/debug/*} (the debug app).
+
+Listeners, from C{observability} in the router config:
+
+  - the admin listener, at C{adminListen} or C{tcp:<metrics.port>} (9090): serves
+    C{metrics.path} when metrics are enabled, and C{/debug} when debug is enabled on the
+    same port; it exists when it serves either;
+  - the debug listener, at C{debugListen} or C{tcp:<debug.port>}: only when debug is
+    enabled on a port other than C{metrics.port}; serves C{/debug} only.
+
+C{/metrics} answers anyone (Prometheus scrapes remotely); C{/debug} is guarded (see
+L{kthena.observability.debug}). Both are read-only: other methods get 405.
+
+Exposition runs off the reactor thread: rendering a registry of a few thousand series
+takes tens of milliseconds of CPU (about 10 us a line), which on the reactor thread would
+stall every proxied request for as long. Renders go to the reactor's thread pool one at
+a time; a few more scrapes may wait, past that a scrape is answered 503 at once. The
+render still holds the GIL while it works, so renders are paced: after one that took C
+seconds of CPU the next starts no sooner than C x (1 / MAX_RENDER_SHARE - 1) later, which
+keeps scrapes to at most a quarter of the CPU however fast they come (a scrape every 15 s
+is never delayed). The format follows the
+scraper's C{Accept} header (Prometheus text 0.0.4 or OpenMetrics), gzip when accepted,
+and C{name[]=} selects families, as prometheus_client's own handlers do. So collectors on
+the router's registry are called from a worker thread: a custom collector must not walk
+reactor-owned state without taking a copy under a lock.
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from kthena.config.router import RouterConfig
+from kthena.interfaces import IServerReactor
+from kthena.listening import ListeningService
+from kthena.observability.debug import (
+    READ_METHODS,
+    DebugAccess,
+    DebugView,
+    ListenerInfo,
+    json_body,
+    make_debug_resource,
+    method_not_allowed,
+)
+from kthena.proxy.core import RouterCore
+from kthena.webutil import QuietSite
+
+log = Logger()
+
+MAX_WAITING_SCRAPES = 4
+"""Scrapes rendering or waiting to render; one more is answered 503 at once."""
+
+MAX_RENDER_SHARE = 0.25
+"""The most of the CPU that back-to-back scrapes may take (see the module docstring)."""
+
+MIN_PACING_DELAY = 0.005
+"""Pauses shorter than this are not worth a timer: the render starts at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exposition:
+    """A rendered registry: the body, its content type, whether it is gzipped, its cost."""
+
+    body: bytes
+    content_type: str
+    gzipped: bool
+    cpu_seconds: float = 0.0
+
+
+Runner = Callable[[Callable[[], Exposition]], "Deferred[Exposition]"]
+"""Runs a render somewhere and gives its result back on the reactor thread."""
+
+
+def expose(
+    registry: CollectorRegistry,
+    accept: str,
+    accept_encoding: str,
+    names: Sequence[str] = (),
+) -> Exposition:
+    """Render C{registry} as the scraper asked (runs in a worker thread)."""
+    started = time.thread_time()
+    encoder, content_type = choose_encoder(accept)
+    source: Any = registry.restricted_registry(names) if names else registry
+    body = encoder(source)
+    zipped = gzip_accepted(accept_encoding)
+    if zipped:
+        body = gzip.compress(body, compresslevel=6)
+    return Exposition(body, content_type, zipped, time.thread_time() - started)
+
+
+def thread_runner(reactor: object) -> Runner:
+    """
+    Renders on C{reactor}'s thread pool; a reactor without threads (a test clock)
+    renders in place.
+    """
+    if not IReactorThreads.providedBy(reactor):
+        return maybeDeferred
+    threaded: Any = reactor
+
+    def run(render: Callable[[], Exposition]) -> Deferred[Exposition]:
+        d: Deferred[Exposition] = deferToThreadPool(threaded, threaded.getThreadPool(), render)
+        return d
+
+    return run
+
+
+class MetricsResource(Resource):
+    """
+    C{metrics.path}: the registry, rendered off the reactor thread, one render at a time,
+    paced to C{max_share} of the CPU.
+
+    @ivar waiting: scrapes rendering or waiting for their turn.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        runner: Runner,
+        clock: IReactorTime,
+        max_waiting: int = MAX_WAITING_SCRAPES,
+        max_share: float = MAX_RENDER_SHARE,
+    ) -> None:
+        super().__init__()
+        self.registry = registry
+        self.runner = runner
+        self.clock = clock
+        self.max_waiting = max_waiting
+        self.max_share = max_share
+        self.waiting = 0
+        self.renders = 0
+        self._not_before = 0.0
+        self._one_at_a_time = DeferredLock()
+
+    def _paced(self, render: Callable[[], Exposition]) -> Deferred[Exposition]:
+        delay = self._not_before - self.clock.seconds()
+        if delay < MIN_PACING_DELAY:
+            return self._run(render)
+        d = deferLater(self.clock, delay, lambda: None)
+        return d.addCallback(lambda _: self._run(render))
+
+    def _run(self, render: Callable[[], Exposition]) -> Deferred[Exposition]:
+        return self.runner(render).addCallback(self._rendered)
+
+    def _rendered(self, exposition: Exposition) -> Exposition:
+        self.renders += 1
+        if 0 < self.max_share < 1:
+            pause = exposition.cpu_seconds * (1 / self.max_share - 1)
+            self._not_before = self.clock.seconds() + pause
+        return exposition
+
+    def render(self, request: IRequest) -> bytes | int:
+        if request.method not in READ_METHODS:
+            return method_not_allowed(request)
+        if self.waiting >= self.max_waiting:
+            request.setHeader(b"retry-after", b"1")
+            return json_body(request, 503, {"error": "too many scrapes at once; try again"})
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        accept_encoding = (request.getHeader(b"accept-encoding") or b"").decode("latin-1")
+        args: dict[bytes, list[bytes]] = getattr(request, "args", None) or {}
+        names = [n.decode("utf-8", "replace") for n in args.get(b"name[]", [])]
+        gone: list[Failure] = []
+        cast(Request, request).notifyFinish().addErrback(gone.append)
+        self.waiting += 1
+
+        def render() -> Exposition:
+            if gone:  # the scraper left while this waited its turn: nothing to render
+                return Exposition(b"", "", False)
+            return expose(self.registry, accept, accept_encoding, names)
+
+        def send(result: Exposition) -> None:
+            if gone:
+                return
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", result.content_type.encode("latin-1"))
+            if result.gzipped:
+                request.setHeader(b"content-encoding", b"gzip")
+            request.setHeader(b"vary", b"Accept, Accept-Encoding")
+            request.setHeader(b"content-length", b"%d" % len(result.body))
+            request.write(result.body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            log.failure("rendering metrics failed", failure)
+            if gone:
+                return
+            request.write(json_body(request, 500, {"error": "rendering metrics failed"}))
+            request.finish()
+
+        def done(result: object) -> None:
+            self.waiting -= 1
+
+        d = self._one_at_a_time.run(self._paced, render)
+        d.addCallbacks(send, failed)
+        d.addBoth(done)
+        return NOT_DONE_YET
+
+
+class JsonNotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        return json_body(request, 404, {"error": f"nothing at {request.path.decode('latin-1')}"})
+
+
+class AdminRoot(Resource):
+    """The admin site's root: the metrics path, C{/debug}, and a small index at C{/}."""
+
+    def __init__(
+        self,
+        metrics: IResource | None = None,
+        metrics_path: str = "/metrics",
+        debug: IResource | None = None,
+    ) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.metrics_path = metrics_path.encode()
+        self.debug = debug
+
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        if self.metrics is not None and request.path == self.metrics_path:
+            return self.metrics
+        if self.debug is not None and path == b"debug":
+            return self.debug
+        if path == b"" and request.path == b"/":
+            return self
+        return JsonNotFound()
+
+    def render(self, request: IRequest) -> bytes:
+        if request.method not in READ_METHODS:
+            return method_not_allowed(request)
+        serves = []
+        if self.metrics is not None:
+            serves.append(self.metrics_path.decode())
+        if self.debug is not None:
+            serves.append("/debug/")
+        return json_body(request, 200, {"endpoints": serves})
+
+
+@dataclass(frozen=True, slots=True)
+class AdminListenerPlan:
+    name: str
+    endpoint: str
+    metrics: bool
+    debug: bool
+
+    @property
+    def serves(self) -> tuple[str, ...]:
+        return (("metrics",) if self.metrics else ()) + (("debug",) if self.debug else ())
+
+
+def plan_listeners(config: RouterConfig) -> list[AdminListenerPlan]:
+    """Which admin listeners the config asks for (see the module docstring)."""
+    metrics = config.observability.metrics
+    debug = config.observability.debug
+    shared = debug.enabled and debug.port == metrics.port
+    plans = []
+    if metrics.enabled or shared:
+        endpoint = config.admin_listen or f"tcp:{metrics.port}"
+        plans.append(AdminListenerPlan("admin", endpoint, metrics.enabled, shared))
+    if debug.enabled and not shared:
+        endpoint = config.debug_listen or f"tcp:{debug.port}"
+        plans.append(AdminListenerPlan("debug", endpoint, False, True))
+    return plans
+
+
+def listener_info(name: str, service: ListeningService, serves: Sequence[str]) -> ListenerInfo:
+    port = service.port
+    host = getattr(port.getHost(), "host", None) if port is not None else None
+    number = getattr(port.getHost(), "port", None) if port is not None else None
+    return ListenerInfo(name, service.description, tuple(serves), host, number)
+
+
+class AdminService(MultiService):
+    """
+    The router's admin listener(s), per L{plan_listeners}; none when both metrics and
+    debug are disabled.
+
+    @ivar listeners: each planned listener with its service.
+    @ivar debug_view: what C{/debug} answers from (C{None} when debug is disabled).
+    """
+
+    def __init__(
+        self,
+        reactor: IServerReactor,
+        core: RouterCore,
+        config: RouterConfig,
+        other_listeners: Callable[[], Sequence[ListenerInfo]] = tuple,
+        runner: Runner | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.core = core
+        self.other_listeners = other_listeners
+        obs = config.observability
+        self.metrics_path = obs.metrics.path
+        self.metrics_resource = MetricsResource(
+            core.registry, runner if runner is not None else thread_runner(reactor), reactor
+        )
+        self.debug_view: DebugView | None = None
+        self.debug_resource: IResource | None = None
+        if obs.debug.enabled:
+            # Listeners and access rules are fixed at start (a reload changes neither).
+            access = DebugAccess(obs.debug)
+            self.debug_view = DebugView(core, self.all_listeners, access)
+            self.debug_resource = make_debug_resource(self.debug_view, access)
+        self.listeners: list[tuple[AdminListenerPlan, ListeningService]] = []
+        for plan in plan_listeners(config):
+            root = self.root(plan, obs.metrics.path)
+            service = ListeningService(reactor, plan.endpoint, QuietSite(root, reactor))
+            service.setServiceParent(self)
+            self.listeners.append((plan, service))
+
+    def root(self, plan: AdminListenerPlan, metrics_path: str) -> AdminRoot:
+        """The resource tree one listener serves (also what tests render in memory)."""
+        return AdminRoot(
+            self.metrics_resource if plan.metrics else None,
+            metrics_path,
+            self.debug_resource if plan.debug else None,
+        )
+
+    def all_listeners(self) -> list[ListenerInfo]:
+        infos = list(self.other_listeners())
+        for plan, service in self.listeners:
+            paths = []
+            if plan.metrics:
+                paths.append(self.metrics_path)
+            if plan.debug:
+                paths.append("/debug/")
+            infos.append(listener_info(plan.name, service, paths))
+        return infos
+
+    def service(self, name: str) -> ListeningService | None:
+        """The listener named C{admin} or C{debug}, when there is one."""
+        for plan, service in self.listeners:
+            if plan.name == name:
+                return service
+        return None

@@ -1,0 +1,190 @@
+"""
+The scheduling framework, as Kthena's: filter plugins in order (a filter leaving no pod
+fails the scheduling), then score plugins whose 0-100 scores are weighted and summed,
+then candidates ranked best first (ties broken at random). Post-schedule hooks run when
+a candidate served the request. Every plugin call is timed into
+C{kthena_router_scheduler_plugin_duration_seconds}, and every decision keeps each
+candidate's score per plugin, for C{/debug/routing/decisions}.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from zope.interface import implementer
+
+from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
+from kthena.store import PodEndpoint, RouteMatch
+
+Timer = Callable[[str, str, str, float], None]
+"""Records one plugin call: (model, plugin, "filter" | "score", seconds)."""
+
+
+@dataclass(eq=False, slots=True)
+class SchedulingRequest:
+    """
+    What the plugins see of a request.
+
+    @ivar model: the model the client asked for (an adapter name for LoRA requests).
+    @ivar scratch: per-request state plugins share with their post-schedule hook.
+    """
+
+    model: str
+    match: RouteMatch
+    pods: Sequence[PodEndpoint]
+    body: dict[str, Any]
+    scratch: dict[str, Any] = field(default_factory=dict)
+    _prompt: str | None = None
+
+    @property
+    def lora(self) -> str | None:
+        return self.model if self.match.is_lora else None
+
+    @property
+    def prompt(self) -> str:
+        """The prompt as the engine sees it (chat rendered as ChatML), built once."""
+        if self._prompt is None:
+            self._prompt = render_prompt(self.body)
+        return self._prompt
+
+
+def render_prompt(body: dict[str, Any]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(
+                    p.get("text", "") for p in content if isinstance(p, dict)
+                )  # text parts only
+            parts.append(f"<|im_start|>{message.get('role', '')}\n{content or ''}<|im_end|>\n")
+        return "".join(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return "".join(prompt)
+    return ""
+
+
+@dataclass(slots=True)
+class Decision:
+    """
+    Why the candidates are in this order.
+
+    @ivar scored: the pods that passed the filters, in the order scores refer to.
+    @ivar by_plugin: per score plugin: each scored pod's raw 0-100 score, in order.
+    @ivar weighted: each scored pod's weighted sum, in order.
+    @ivar filtered: per filter plugin: the pods it removed.
+    @ivar failed_filter: the filter that left no pod, if any.
+    """
+
+    candidates: list[PodEndpoint]
+    scored: list[PodEndpoint] = field(default_factory=list)
+    by_plugin: dict[str, Sequence[float]] = field(default_factory=dict)
+    weighted: list[float] = field(default_factory=list)
+    filtered: dict[str, list[str]] = field(default_factory=dict)
+    failed_filter: str | None = None
+    request: SchedulingRequest | None = None
+
+    @property
+    def totals(self) -> dict[str, float]:
+        """Each scored pod's weighted sum, by pod key."""
+        return {p.key: t for p, t in zip(self.scored, self.weighted, strict=True)}
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """Per scored pod (by key): per score plugin, the raw score."""
+        return {
+            p.key: {plugin: scores[i] for plugin, scores in self.by_plugin.items()}
+            for i, p in enumerate(self.scored)
+        }
+
+    def why(self) -> str:
+        if self.failed_filter is not None:
+            return f"filter {self.failed_filter} left no pod"
+        if not self.candidates:
+            return "no pod"
+        best = self.candidates[0]
+        parts = [f"{best.name}: total {self.totals.get(best.key, 0.0):.1f}"]
+        for plugin, score in self.scores.get(best.key, {}).items():
+            parts.append(f"{plugin}={score:.1f}")
+        removed = [f"{p} removed {', '.join(pods)}" for p, pods in self.filtered.items() if pods]
+        return "; ".join([" ".join(parts), *removed])
+
+
+@implementer(IScheduler)
+class Scheduler:
+    """Runs the configured plugins; one instance per config generation."""
+
+    def __init__(
+        self,
+        filters: Sequence[IFilterPlugin],
+        scores: Sequence[tuple[IScorePlugin, float]],
+        hooks: Sequence[IPostScheduleHook] = (),
+        timer: Timer | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.filters = list(filters)
+        self.scores = list(scores)
+        self.hooks = list(hooks)
+        self.timer = timer
+        self._random = rng or random.Random()
+        self.algorithm = "+".join(s.name for s, _ in self.scores) or "filters-only"
+        """The C{algorithm} label of C{kthena_lb_decisions_total}: the score plugins."""
+
+    def schedule(self, request: SchedulingRequest) -> Decision:
+        pods = list(request.pods)
+        decision = Decision(candidates=[], request=request)
+        clock = time.perf_counter
+        for plugin in self.filters:
+            started = clock()
+            kept = plugin.filter(request, pods)
+            self._time(request, plugin.name, "filter", clock() - started)
+            if len(kept) != len(pods):
+                kept_keys = {p.key for p in kept}
+                decision.filtered[plugin.name] = [p.name for p in pods if p.key not in kept_keys]
+            pods = list(kept)
+            if not pods:
+                decision.failed_filter = plugin.name
+                return decision
+        totals = [0.0] * len(pods)
+        for scorer, weight in self.scores:
+            started = clock()
+            scores = scorer.score(request, pods)
+            self._time(request, scorer.name, "score", clock() - started)
+            decision.by_plugin[scorer.name] = scores
+            totals = [t + s * weight for t, s in zip(totals, scores, strict=True)]
+        # A random second key: equal totals end up in random order.
+        draw = self._random.random
+        draws = [draw() for _ in pods]
+        ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)
+        decision.candidates = [pods[i] for _, _, i in ranked]
+        decision.scored = pods
+        decision.weighted = totals
+        return decision
+
+    def scheduled(self, decision: Decision, pod: PodEndpoint) -> None:
+        """C{pod} served the request: let the hooks learn from it."""
+        if decision.request is None:
+            return
+        for hook in self.hooks:
+            hook.scheduled(decision.request, pod)
+
+    def forget_pods(self, keys: set[str]) -> None:
+        """Pods left the config: plugins keeping per-pod state drop it."""
+        for plugin in {*self.filters, *(s for s, _ in self.scores), *self.hooks}:
+            forget = getattr(plugin, "forget_pods", None)
+            if forget is not None:
+                forget(keys)
+
+    def _time(self, request: SchedulingRequest, plugin: str, kind: str, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer(request.model, plugin, kind, seconds)

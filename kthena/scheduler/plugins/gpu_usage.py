@@ -1,0 +1,25 @@
+"""C{gpu-usage}: favours pods with free KV cache, (1 - kv_cache_usage) x 100."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from zope.interface import implementer
+
+from kthena.interfaces import IScorePlugin
+from kthena.scheduler.plugins.args import check_args
+from kthena.store import PodEndpoint
+
+
+@implementer(IScorePlugin)
+class GPUUsage:
+    name = "gpu-usage"
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> GPUUsage:
+        check_args(cls.name, args, {})
+        return cls()
+
+    def score(self, request: Any, pods: Sequence[PodEndpoint]) -> list[float]:
+        return [max(0.0, 1.0 - p.state.kv_usage) * 100 for p in pods]

@@ -1,0 +1,50 @@
+"""
+C{least-request}: a filter dropping pods whose engine queue is full, and a score favouring
+pods with less work. Kthena counts the engine's running plus 100 x waiting requests, as
+last scraped; we correct the running count with what this router knows now: requests it
+has in flight to the pod (not scraped yet) and requests that finished since the scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from zope.interface import implementer
+
+from kthena.interfaces import IFilterPlugin, IScorePlugin
+from kthena.scheduler.plugins.args import check_args
+from kthena.store import PodEndpoint
+
+WAITING_WEIGHT = 100
+
+
+@implementer(IFilterPlugin, IScorePlugin)
+class LeastRequest:
+    name = "least-request"
+
+    def __init__(self, max_waiting_requests: int = 10) -> None:
+        self.max_waiting_requests = max_waiting_requests
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> LeastRequest:
+        checked = check_args(cls.name, args, {"maxWaitingRequests": int})
+        limit = checked.get("maxWaitingRequests", 10)
+        if limit < 1:
+            raise ValueError(f"{cls.name}: maxWaitingRequests must be at least 1")
+        return cls(limit)
+
+    def filter(self, request: Any, pods: Sequence[PodEndpoint]) -> list[PodEndpoint]:
+        return [p for p in pods if p.state.waiting < self.max_waiting_requests]
+
+    def score(self, request: Any, pods: Sequence[PodEndpoint]) -> list[float]:
+        load = [
+            max(p.state.running - p.state.finished + p.state.finished_at_scrape, p.in_flight, 0)
+            + WAITING_WEIGHT * p.state.waiting
+            for p in pods
+        ]
+        most = max(load, default=0.0)
+        if most <= 0:
+            return [100.0] * len(load)
+        scale = 100 / most
+        return [(most - value) * scale for value in load]

@@ -1,0 +1,261 @@
+"""
+Scheduler plugins on live simulated pods, as Kthena's own e2e tests check them: each
+plugin steers traffic where it should, its calls are timed into
+C{kthena_router_scheduler_plugin_duration_seconds} and its decisions are recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+
+from kthena.proxy.context import ProxyContext
+from kthena.service import RouterService
+from kthena.sim.service import SimService
+from tests.integration.router_helpers import Cluster, chat_body, inline
+from tests.unit.routerfixtures import Doc, route, server, simple_route
+
+CHAT = "/v1/chat/completions"
+FAST_SCRAPES = {
+    "interval": "100ms",
+    "timeout": "80ms",
+    "staleAfter": "2s",
+    "modelsInterval": "100ms",
+}
+
+
+def scheduler(filters: list[str], scores: list[str]) -> dict[str, Any]:
+    return {
+        "plugins": {
+            "Filter": {"enabled": filters},
+            "Score": {"enabled": [{"name": s, "weight": 1} for s in scores]},
+        }
+    }
+
+
+def one_model(
+    cluster: Cluster, sims: list[SimService], names: list[str] | None = None, **spec: Any
+) -> list[Doc]:
+    names = names or [f"pod-{i}" for i in range(len(sims))]
+    return [
+        simple_route("r", "m", "srv"),
+        server("srv", {"app": "srv"}, model="org/m", **spec),
+        *(cluster.pod(name, sim, {"app": "srv"}) for name, sim in zip(names, sims, strict=True)),
+    ]
+
+
+def plugin_calls(router: RouterService, plugin: str, kind: str) -> float:
+    text = generate_latest(router.registry).decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "kthena_router_scheduler_plugin_duration_seconds":
+            return sum(
+                s.value
+                for s in family.samples
+                if s.name.endswith("_count")
+                and s.labels == {"model": "m", "plugin": plugin, "type": kind}
+            )
+    return 0.0
+
+
+async def ready(cluster: Cluster, router: RouterService) -> None:
+    await cluster.wait_for(lambda: router.core.ready, 5, "the first scrape round")
+    await cluster.wait_for(
+        lambda: all(p.state.scraped_at is not None for p in router.core.store.pods.values()),
+        5,
+        "every pod scraped: "
+        + str([(p.name, p.state.last_error) for p in router.core.store.pods.values()]),
+    )
+
+
+def chosen(records: list[ProxyContext]) -> Counter[str]:
+    return Counter(r.pod.name for r in records if r.pod is not None)
+
+
+@inline
+async def test_prefix_cache_keeps_a_prompt_on_one_pod(cluster: Cluster) -> None:
+    sims = [cluster.sim("org/m") for _ in range(3)]
+    router = cluster.router(
+        one_model(cluster, sims),
+        scheduler=scheduler(["least-request"], ["prefix-cache", "least-request"]),
+        podMetrics=FAST_SCRAPES,
+    )
+    await ready(cluster, router)
+    records = cluster.hook(router)
+    system = "You are a careful assistant. " * 40  # a long shared prefix
+    for i in range(200):
+        body = {
+            "model": "m",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "q"}],
+            "max_tokens": 1,
+        }
+        assert (await cluster.post(router, CHAT, body)).status == 200, i
+    _, count = chosen(records).most_common(1)[0]
+    assert count >= 0.9 * 200, chosen(records)
+    last = records[-1]
+    assert last.decision is not None and last.pod is not None
+    assert last.decision.scores[last.pod.key]["prefix-cache"] == 100.0
+    assert plugin_calls(router, "prefix-cache", "score") == 200
+    assert plugin_calls(router, "least-request", "filter") == 200
+
+
+@inline
+async def test_least_request_avoids_busy_pods(cluster: Cluster) -> None:
+    sims = [cluster.sim("org/m", itl=0.05, output_tokens=200) for _ in range(3)]
+    router = cluster.router(
+        one_model(cluster, sims),
+        scheduler=scheduler([], ["least-request"]),
+        podMetrics=FAST_SCRAPES,
+    )
+    await ready(cluster, router)
+    busy = [
+        Deferred.fromCoroutine(
+            cluster.stream(router, CHAT, chat_body("m", stream=True, max_tokens=200))
+        )
+        for _ in range(4)
+    ]
+    await cluster.wait_for(lambda: len(router.core.calls) == 4, 5, "four streams running")
+    loaded = {
+        p.name for p in router.core.store.pods.values() if p.in_flight > 0
+    }  # the streams spread over the pods; the idlest takes the next ones
+    records = cluster.hook(router)
+    for _ in range(20):
+        assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
+    idle = [p.name for p in router.core.store.pods.values() if p.name not in loaded]
+    counts = chosen(records)
+    if idle:
+        assert sum(counts[name] for name in idle) >= 18, counts
+    assert plugin_calls(router, "least-request", "score") >= 24
+    for call in list(router.core.calls):
+        call.cancel()
+    for d in busy:
+        d.addErrback(lambda _: None)
+
+
+@inline
+async def test_gpu_usage_prefers_the_pod_with_free_kv_cache(cluster: Cluster) -> None:
+    full = cluster.sim("org/m", itl=0.05, output_tokens=400)
+    free = cluster.sim("org/m")
+    router = cluster.router(
+        one_model(cluster, [full, free], ["full", "free"]),
+        scheduler=scheduler([], ["gpu-usage"]),
+        podMetrics=FAST_SCRAPES,
+    )
+    await ready(cluster, router)
+    # Fill the first pod's KV cache directly, bypassing the router.
+    streams = [
+        Deferred.fromCoroutine(
+            cluster.stream(full, CHAT, chat_body("org/m", stream=True, max_tokens=400))
+        )
+        for _ in range(8)
+    ]
+    await cluster.wait_for(lambda: full.engine.num_running == 8, 5, "the busy pod to fill")
+    await cluster.wait_for(
+        lambda: router.core.store.pods["default/full"].state.kv_usage > 0, 5, "a scrape"
+    )
+    records = cluster.hook(router)
+    for _ in range(20):
+        assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
+    assert chosen(records)["free"] >= 18, chosen(records)
+    for d in streams:
+        d.cancel()
+        d.addErrback(lambda _: None)
+
+
+@inline
+async def test_least_latency_prefers_the_fast_pool(cluster: Cluster) -> None:
+    fast = cluster.sim("org/m", prefill_per_token=0.0005)
+    slow = cluster.sim("org/m", prefill_per_token=0.005)  # 10x the TTFT
+    router = cluster.router(
+        one_model(cluster, [fast, slow], ["fast", "slow"]),
+        scheduler=scheduler([], ["least-latency"]),
+        podMetrics=FAST_SCRAPES,
+    )
+    await ready(cluster, router)
+    # Warm both pods directly so each has a TTFT to compare.
+    for sim in (fast, slow):
+        for _ in range(3):
+            await cluster.post(sim, CHAT, chat_body("org/m", max_tokens=2))
+    pods = router.core.store.pods
+    await cluster.wait_for(
+        lambda: pods["default/slow"].state.ttft > 5 * pods["default/fast"].state.ttft > 0,
+        5,
+        "TTFTs scraped",
+    )
+    records = cluster.hook(router)
+    for _ in range(30):
+        assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=2))).status == 200
+    assert chosen(records)["fast"] >= 27, chosen(records)
+    assert plugin_calls(router, "least-latency", "score") >= 30
+
+
+@inline
+async def test_lora_requests_only_reach_pods_with_the_adapter(cluster: Cluster) -> None:
+    plain = [cluster.sim("org/m") for _ in range(2)]
+    adapted = cluster.sim("org/m", loras=["sql"])
+    router = cluster.router(
+        [
+            route("r", {"modelName": "m", "loraAdapters": ["sql"],
+                        "rules": [{"targetModels": [{"modelServerName": "srv"}]}]}),
+            server("srv", {"app": "srv"}, model="org/m"),
+            *(cluster.pod(f"plain-{i}", s, {"app": "srv"}) for i, s in enumerate(plain)),
+            cluster.pod("adapted", adapted, {"app": "srv"}),
+        ],
+        scheduler=scheduler(["lora-affinity"], ["random"]),
+        podMetrics=FAST_SCRAPES,
+    )  # fmt: skip
+    await ready(cluster, router)
+    await cluster.wait_for(
+        lambda: "sql" in router.core.store.pods["default/adapted"].state.loras, 5, "adapters read"
+    )
+    records = cluster.hook(router)
+    for _ in range(30):
+        assert (await cluster.post(router, CHAT, chat_body("sql", max_tokens=1))).status == 200
+    assert chosen(records) == {"adapted": 30}
+    assert all(r.attempts == 1 for r in records)
+    decision = records[-1].decision
+    assert decision is not None and set(decision.filtered["lora-affinity"]) == {
+        "plain-0",
+        "plain-1",
+    }
+
+
+@inline
+async def test_random_spreads_uniformly(cluster: Cluster) -> None:
+    sims = [cluster.sim("org/m", itl=0.0, output_tokens=1) for _ in range(3)]
+    router = cluster.router(
+        one_model(cluster, sims), scheduler=scheduler([], ["random"]), podMetrics=FAST_SCRAPES
+    )
+    await ready(cluster, router)
+    records = cluster.hook(router)
+    await cluster.many(600, 8, lambda i: cluster.post(router, CHAT, chat_body("m", max_tokens=1)))
+    counts = chosen(records)
+    assert all(abs(n / 600 - 1 / 3) <= 0.1 / 3 for n in counts.values()), counts
+    assert plugin_calls(router, "random", "score") == 600
+
+
+@inline
+async def test_a_pod_failing_its_scrapes_is_taken_out_and_comes_back(cluster: Cluster) -> None:
+    sims = [cluster.sim("org/m") for _ in range(2)]
+    router = cluster.router(
+        one_model(cluster, sims, ["good", "flaky"]),
+        scheduler=scheduler([], ["random"]),
+        podMetrics={**FAST_SCRAPES, "unhealthyAfter": 2},
+    )
+    await ready(cluster, router)
+    flaky = router.core.store.pods["default/flaky"]
+    await cluster.request(sims[1], "PUT", "/sim/faults", {"metrics_down": True})
+    await cluster.wait_for(lambda: flaky.state.consecutive_failures >= 2, 5, "two failed scrapes")
+    records = cluster.hook(router)
+    for _ in range(30):
+        assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
+    assert chosen(records) == {"good": 30}
+    await cluster.request(sims[1], "DELETE", "/sim/faults")
+    await cluster.wait_for(lambda: flaky.state.consecutive_failures == 0, 5, "a good scrape")
+    records.clear()
+    for _ in range(60):
+        assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
+    assert chosen(records)["flaky"] > 10, chosen(records)

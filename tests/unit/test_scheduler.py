@@ -1,0 +1,307 @@
+"""The scheduling framework, each plugin's arithmetic, and the scheduler config section."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from kthena.config.router import parse_config
+from kthena.config.scheduler import SchedulerConfig
+from kthena.config.validate import ConfigError
+from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
+from kthena.scheduler.build import build_scheduler
+from kthena.scheduler.framework import Scheduler, SchedulingRequest, render_prompt
+from kthena.scheduler.plugins import PLUGINS
+from kthena.scheduler.plugins.gpu_usage import GPUUsage
+from kthena.scheduler.plugins.least_latency import LeastLatency
+from kthena.scheduler.plugins.least_request import LeastRequest
+from kthena.scheduler.plugins.lora_affinity import LoraAffinity
+from kthena.scheduler.plugins.prefix_cache import PrefixCache, prefix_hashes
+from kthena.scheduler.plugins.random_score import RandomScore
+from kthena.store import Datastore, PodEndpoint, RouteMatch
+from tests.unit.routerfixtures import pod, route, server, simple_route
+
+
+def cluster(count: int = 3) -> tuple[Datastore, RouteMatch, list[PodEndpoint]]:
+    config = parse_config(
+        {
+            "resources": [
+                simple_route("r", "m", "srv"),
+                route(
+                    "l",
+                    {
+                        "loraAdapters": ["sql"],
+                        "rules": [{"targetModels": [{"modelServerName": "srv"}]}],
+                    },
+                ),
+                server("srv", {"app": "a"}),
+                *(pod(f"p{i}", f"10.0.0.{i + 1}", {"app": "a"}) for i in range(count)),
+            ]
+        },
+        "t",
+        Path("."),
+        [],
+    )
+    store = Datastore(random.Random(1))
+    store.replace(config.resources)
+    match = store.match("m", lambda name: "", "/v1/completions")
+    assert match is not None
+    pods = sorted(store.server_pods(match.server), key=lambda p: p.name)
+    return store, match, pods
+
+
+def request(
+    match: RouteMatch, pods: list[PodEndpoint], body: dict[str, Any] | None = None
+) -> SchedulingRequest:
+    return SchedulingRequest("m", match, pods, body or {"model": "m", "prompt": "hi"})
+
+
+def test_plugins_provide_their_interfaces() -> None:
+    for name, factory in PLUGINS.items():
+        plugin = factory({})
+        assert plugin.name == name  # type: ignore[attr-defined]
+        provided = [
+            i for i in (IFilterPlugin, IScorePlugin, IPostScheduleHook) if i.providedBy(plugin)
+        ]
+        assert provided, name
+        for interface in provided:
+            assert verifyObject(interface, plugin)
+    assert verifyObject(IScheduler, build_scheduler(SchedulerConfig()))
+
+
+def test_least_request_filter_and_score() -> None:
+    _, match, (a, b, c) = cluster()
+    a.state.waiting, b.state.waiting, c.state.waiting = 0, 9, 10
+    a.state.running, b.state.running = 4, 0
+    plugin = LeastRequest(max_waiting_requests=10)
+    assert plugin.filter(request(match, [a, b, c]), [a, b, c]) == [a, b]
+    scores = plugin.score(request(match, [a, b]), [a, b])
+    # base: a = 4 + 0, b = 0 + 100*9 = 900 -> a: (900-4)/900*100, b: 0
+    assert scores == [pytest.approx(896 / 900 * 100), 0]
+    # The router's own in-flight count shows load before a scrape does.
+    b.state.waiting = 0
+    b.in_flight = 8
+    scores = plugin.score(request(match, [a, b]), [a, b])
+    assert scores[0] > scores[1]
+    # Requests the router saw finish since the scrape no longer count as running.
+    b.in_flight = 0
+    b.state.running = 6
+    b.state.finished = 6
+    assert plugin.score(request(match, [a, b]), [a, b]) == [0.0, 100.0]
+    a.state.running = a.in_flight = 0
+    assert plugin.score(request(match, [a, b]), [a, b]) == [100.0, 100.0]
+
+
+def test_gpu_usage() -> None:
+    _, match, (a, b, _c) = cluster()
+    a.state.kv_usage, b.state.kv_usage = 0.25, 0.9
+    scores = GPUUsage().score(request(match, [a, b]), [a, b])
+    assert scores == [75.0, pytest.approx(10.0)]
+
+
+def test_least_latency_normalises_and_blends() -> None:
+    _, match, (a, b, c) = cluster()
+    a.state.ttft, a.state.tpot = 0.1, 0.02
+    b.state.ttft, b.state.tpot = 1.1, 0.01
+    # c never observed: shares the top score
+    scores = LeastLatency(0.5).score(request(match, [a, b, c]), [a, b, c])
+    assert scores == [pytest.approx(100 * 0.5 + 0 * 0.5), pytest.approx(0 * 0.5 + 100 * 0.5), 100.0]
+    ttft_only = LeastLatency(1.0).score(request(match, [a, b]), [a, b])
+    assert ttft_only == [100.0, 0.0]
+
+
+def test_lora_affinity() -> None:
+    store, _, (a, b, c) = cluster()
+    lora = store.match("sql", lambda name: "", "/")
+    assert lora is not None and lora.is_lora
+    a.state.loras = frozenset({"sql"})
+    sql_request = SchedulingRequest("sql", lora, [a, b, c], {"model": "sql"})
+    assert LoraAffinity().filter(sql_request, [a, b, c]) == [a]
+    base = store.match("m", lambda name: "", "/")
+    assert base is not None
+    assert LoraAffinity().filter(request(base, [a, b, c]), [a, b, c]) == [a, b, c]
+
+
+def test_prefix_hashes_chain() -> None:
+    one = prefix_hashes("m", "a" * 200, 64, 128)
+    two = prefix_hashes("m", "a" * 150 + "b" * 50, 64, 128)
+    assert len(one) == 4 and one[:2] == two[:2] and one[2:] != two[2:]
+    assert prefix_hashes("other", "a" * 200, 64, 128)[0] != one[0]  # the model seeds it
+    assert len(prefix_hashes("m", "a" * 10_000, 64, 3)) == 3
+
+
+def test_prefix_cache_scores_the_longest_match_and_learns() -> None:
+    _, match, (a, b, c) = cluster()
+    plugin = PrefixCache(block_size=8, max_blocks=100, max_hashes=1000, top_k=5)
+    long_prompt = {"model": "m", "prompt": "x" * 80}
+    first = request(match, [a, b, c], long_prompt)
+    assert plugin.score(first, [a, b, c]) == [0.0, 0.0, 0.0]
+    plugin.scheduled(first, b)
+    again = request(match, [a, b, c], long_prompt)
+    assert plugin.score(again, [a, b, c]) == [0.0, 100.0, 0.0]
+    half = request(match, [a, b, c], {"model": "m", "prompt": "x" * 40 + "y" * 40})
+    assert plugin.score(half, [a, b, c])[1] == pytest.approx(50.0)
+    plugin.forget_pods({b.key})
+    assert plugin.score(again, [a, b, c]) == [0.0, 0.0, 0.0]
+    assert len(plugin) == 0
+
+
+def test_prefix_cache_memory_is_bounded() -> None:
+    _, match, (a, _b, _c) = cluster()
+    plugin = PrefixCache(block_size=4, max_blocks=10, max_hashes=50, top_k=2)
+    for i in range(100):
+        plugin.scheduled(request(match, [a], {"model": "m", "prompt": f"{i:040d}"}), a)
+    assert len(plugin) == 50
+
+
+def test_framework_filters_weights_ties_and_records() -> None:
+    _, match, (a, b, c) = cluster()
+    a.state.waiting = 50  # filtered out by least-request
+    b.state.kv_usage = 0.0
+    c.state.kv_usage = 0.5
+    timings: list[tuple[str, str, str]] = []
+    scheduler = Scheduler(
+        [LeastRequest()],
+        [(GPUUsage(), 2.0), (LeastRequest(), 1.0)],
+        timer=lambda model, plugin, kind, seconds: timings.append((model, plugin, kind)),
+        rng=random.Random(3),
+    )
+    decision = scheduler.schedule(request(match, [a, b, c]))
+    assert decision.candidates == [b, c]
+    assert decision.filtered == {"least-request": ["p0"]}
+    assert decision.scores[b.key] == {"gpu-usage": 100.0, "least-request": 100.0}
+    assert decision.totals[c.key] == pytest.approx(50.0 * 2 + 100.0)
+    assert timings == [
+        ("m", "least-request", "filter"),
+        ("m", "gpu-usage", "score"),
+        ("m", "least-request", "score"),
+    ]
+    assert "p1" in decision.why() and "least-request removed p0" in decision.why()
+    # Equal totals: either order turns up.
+    c.state.kv_usage = 0.0
+    tie = Counter(
+        Scheduler([], [(GPUUsage(), 1.0)], rng=random.Random(i))
+        .schedule(request(match, [b, c]))
+        .candidates[0]
+        .name
+        for i in range(200)
+    )
+    assert set(tie) == {"p1", "p2"} and min(tie.values()) > 60
+
+
+def test_a_filter_leaving_nothing_fails_scheduling() -> None:
+    _, match, pods = cluster()
+    for p in pods:
+        p.state.waiting = 100
+    decision = Scheduler([LeastRequest()], [(GPUUsage(), 1.0)]).schedule(request(match, pods))
+    assert decision.candidates == []
+    assert decision.failed_filter == "least-request"
+    assert decision.why() == "filter least-request left no pod"
+
+
+def test_random_is_uniform() -> None:
+    _, match, pods = cluster()
+    scheduler = Scheduler([], [(RandomScore(random.Random(5)), 1.0)], rng=random.Random(6))
+    picks = Counter(
+        scheduler.schedule(request(match, pods)).candidates[0].name for _ in range(3000)
+    )
+    # each pod's share within +-10% of uniform
+    assert all(abs(n / 3000 - 1 / 3) < 0.1 / 3 for n in picks.values())
+    assert set(picks) == {"p0", "p1", "p2"}
+
+
+def test_post_schedule_hooks_learn_through_the_scheduler() -> None:
+    _, match, pods = cluster()
+    scheduler = build_scheduler(SchedulerConfig())
+    body = {"model": "m", "prompt": "z" * 640}
+    first = scheduler.schedule(request(match, pods, body))
+    served = first.candidates[0]
+    scheduler.scheduled(first, served)
+    second = scheduler.schedule(request(match, pods, body))
+    assert second.candidates[0] is served
+    assert second.scores[served.key]["prefix-cache"] == 100.0
+
+
+def test_render_prompt_is_chatml() -> None:
+    body = {"messages": [{"role": "user", "content": "hello world"}]}
+    assert render_prompt(body) == "<|im_start|>user\nhello world<|im_end|>\n"
+    assert render_prompt({"prompt": "p"}) == "p"
+
+
+def parse(section: Any) -> SchedulerConfig:
+    return parse_config({"scheduler": section}, "router.yaml", Path("."), []).scheduler
+
+
+def test_kthena_format() -> None:
+    config = parse(
+        {
+            "pluginConfig": [
+                {"name": "least-request", "args": {"maxWaitingRequests": 5}},
+                {"name": "least-latency", "args": {"TTFTTPOTWeightFactor": 0.7}},
+                {"name": "prefix-cache", "args": {"blockSizeToHash": 32}},
+            ],
+            "plugins": {
+                "Filter": {
+                    "enabled": ["least-request", "lora-affinity"],
+                    "disabled": ["lora-affinity"],
+                },
+                "Score": {
+                    "enabled": [{"name": "least-latency", "weight": 2}, {"name": "prefix-cache"}]
+                },
+            },
+        }
+    )
+    assert config.filters == ("least-request",)
+    assert config.scores == (("least-latency", 2.0), ("prefix-cache", 1.0))
+    scheduler = build_scheduler(config)
+    assert scheduler.filters[0].max_waiting_requests == 5  # type: ignore[attr-defined]
+    assert scheduler.scores[0][0].factor == 0.7  # type: ignore[attr-defined]
+    assert scheduler.scores[1][0].block_size == 32  # type: ignore[attr-defined]
+    assert parse(None) == SchedulerConfig()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            {"pluginConfig": [{"name": "nope"}]},
+            "scheduler.pluginConfig[0].name: unknown plugin 'nope'",
+        ),
+        (
+            {"pluginConfig": [{"name": "least-request", "args": {"maxWaiting": 1}}]},
+            "scheduler.pluginConfig[0].args: least-request: unknown argument 'maxWaiting'",
+        ),
+        (
+            {"pluginConfig": [{"name": "least-latency", "args": {"TTFTTPOTWeightFactor": 2}}]},
+            "TTFTTPOTWeightFactor must be from 0 to 1",
+        ),
+        ({"plugins": {"Filter": {"enabled": ["gpu-usage"]}}}, "gpu-usage is not a filter plugin"),
+        (
+            {"plugins": {"Score": {"enabled": [{"name": "lora-affinity"}]}}},
+            "scheduler.plugins.Score.enabled[0].name: lora-affinity is not a score plugin",
+        ),
+        (
+            {"plugins": {"Score": {"enabled": [{"name": "random", "weight": -1}]}}},
+            "scheduler.plugins.Score.enabled[0].weight: must be at least 0",
+        ),
+        ({"plugin": {}}, "scheduler.plugin: unknown field"),
+    ],
+)
+def test_scheduler_config_errors(section: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(section)
+    assert message in str(e.value)
+
+
+def test_least_latency_ignores_noise_level_differences() -> None:
+    _, match, (a, b, _c) = cluster()
+    a.state.ttft, a.state.tpot = 0.100, 0.0200
+    b.state.ttft, b.state.tpot = 0.105, 0.0195  # within 10%: alike
+    assert LeastLatency(0.5).score(request(match, [a, b]), [a, b]) == [100.0, 100.0]
+    b.state.ttft = 1.0  # 10x: not alike
+    assert LeastLatency(0.5).score(request(match, [a, b]), [a, b]) == [100.0, 50.0]
