@@ -379,7 +379,9 @@ class RouterMetrics:
             )
         if ctx.match is None:
             return
-        inputs = ctx.input_tokens
+        # The pod's own count when it gave one; the estimate only when the pod took the
+        # prompt (it began to answer): a request that never reached one processed nothing.
+        inputs = ctx.input_tokens if ctx.prompt_tokens is not None or ctx.first_byte else 0
         if inputs:
             self._child(self.tokens, (model, path, "input")).inc(inputs)
         outputs = ctx.output_tokens
