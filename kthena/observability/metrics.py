@@ -10,16 +10,25 @@ path) and series of routes, servers and models that leave the config are removed
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from kthena.proxy.context import ProxyContext
 
@@ -65,35 +74,165 @@ def path_label(path: str) -> str:
     return path if path in KNOWN_PATHS else "other"
 
 
-class UntypedCounter(Collector):
+class FastFamily(Collector):
     """
-    A monotonic count exposed I{untyped}, so that its name stays exactly as given:
-    prometheus_client appends C{_total} to every Counter, and the specification names
-    C{kthena_pd_group_routing_decisions} without it.
+    A counter, gauge or untyped family for the reactor's hot path: a dict of label values
+    to a number, no lock and no child objects (prometheus_client's take a lock and check
+    observability on every change, a few microseconds a request once a dozen are made).
+
+    Only the reactor thread changes values; the exposition (in a worker thread) copies the
+    dict in one step, which the GIL makes atomic. The untyped kind keeps a name exactly as
+    given: prometheus_client appends C{_total} to every Counter, and the specification
+    names C{kthena_pd_group_routing_decisions} without it.
     """
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+    def __init__(self, kind: str, name: str, documentation: str, labelnames: Sequence[str]):
+        assert kind in ("counter", "gauge", "unknown")
+        self.kind = kind
         self.name = name
         self.documentation = documentation
-        self.labelnames = tuple(labelnames)
+        self._labelnames = tuple(labelnames)
         self._values: dict[tuple[str, ...], float] = {}
-        self._lock = threading.Lock()
 
-    def inc(self, *labelvalues: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self._values[labelvalues] = self._values.get(labelvalues, 0.0) + amount
+    def add(self, labelvalues: tuple[str, ...], amount: float = 1.0) -> None:
+        values = self._values
+        values[labelvalues] = values.get(labelvalues, 0.0) + amount
+
+    def set(self, labelvalues: tuple[str, ...], value: float) -> None:
+        self._values[labelvalues] = value
+
+    def value(self, labelvalues: tuple[str, ...]) -> float:
+        return self._values.get(labelvalues, 0.0)
+
+    def labels(self, *labelvalues: str, **labelkwargs: str) -> _Bound:
+        """prometheus_client's child API, for code outside the hot path."""
+        return _Bound(self, _label_tuple(self.name, self._labelnames, labelvalues, labelkwargs))
 
     def remove(self, *labelvalues: str) -> None:
-        with self._lock:
-            self._values.pop(labelvalues, None)
+        self._values.pop(labelvalues, None)
+
+    def prune(self, gone: Callable[[dict[str, str]], bool], keep_nonzero: bool = False) -> None:
+        """Remove every series whose labels C{gone} accepts (but not those still counting)."""
+        for labelvalues, value in list(self._values.items()):
+            labels = dict(zip(self._labelnames, labelvalues, strict=True))
+            if gone(labels) and not (keep_nonzero and value):
+                del self._values[labelvalues]
+
+    def _empty(self) -> Metric:
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.documentation, labels=self._labelnames)
+        if self.kind == "gauge":
+            return GaugeMetricFamily(self.name, self.documentation, labels=self._labelnames)
+        return Metric(self.name, self.documentation, "unknown")
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (lets the registry select it by name)."""
+        yield self._empty()
 
     def collect(self) -> Iterator[Metric]:
-        metric = Metric(self.name, self.documentation, "unknown")
-        with self._lock:
-            items = list(self._values.items())
-        for values, value in items:
-            metric.add_sample(self.name, dict(zip(self.labelnames, values, strict=True)), value)
-        yield metric
+        family = self._empty()
+        for labelvalues, value in list(self._values.items()):
+            if self.kind == "unknown":
+                labels = dict(zip(self._labelnames, labelvalues, strict=True))
+                family.add_sample(self.name, labels, value)
+            else:
+                family.add_metric(list(labelvalues), value)  # type: ignore[attr-defined]
+        yield family
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    family: FastFamily
+    values: tuple[str, ...]
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.family.add(self.values, amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.family.add(self.values, -amount)
+
+    def set(self, value: float) -> None:
+        self.family.set(self.values, value)
+
+
+def _label_tuple(
+    name: str, names: tuple[str, ...], values: tuple[str, ...], kwargs: dict[str, str]
+) -> tuple[str, ...]:
+    if kwargs:
+        if values or set(kwargs) != set(names):
+            raise ValueError(f"{name} takes labels {names}")
+        return tuple(kwargs[n] for n in names)
+    if len(values) != len(names):
+        raise ValueError(f"{name} takes labels {names}")
+    return values
+
+
+class FastHistogram(Collector):
+    """
+    A histogram for the reactor's hot path (several observations per request): no lock
+    and no child objects, just a bucket index and two list increments per observation.
+
+    Only the reactor thread observes; the exposition (in a worker thread) copies each
+    series' list in one step, which the GIL makes atomic, and derives C{_count} from the
+    buckets, so a scrape never shows a count its buckets do not add up to.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(sorted(float(b) for b in buckets))
+        self._series: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labelvalues: tuple[str, ...], value: float) -> None:
+        series = self._series.get(labelvalues)
+        if series is None:
+            # One slot per bound, one for +Inf, and the sum last.
+            series = self._series[labelvalues] = [0.0] * (len(self._bounds) + 2)
+        series[bisect.bisect_left(self._bounds, value)] += 1
+        series[-1] += value
+
+    def labels(self, *labelvalues: str, **labelkwargs: str) -> _BoundHistogram:
+        """prometheus_client's child API, for code outside the hot path."""
+        return _BoundHistogram(
+            self, _label_tuple(self.name, self._labelnames, labelvalues, labelkwargs)
+        )
+
+    def remove(self, *labelvalues: str) -> None:
+        self._series.pop(labelvalues, None)
+
+    def prune(self, gone: Callable[[dict[str, str]], bool]) -> None:
+        """Remove every series whose labels C{gone} accepts."""
+        for labelvalues in list(self._series):
+            if gone(dict(zip(self._labelnames, labelvalues, strict=True))):
+                del self._series[labelvalues]
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (lets the registry select it by name)."""
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
+        bounds = [*(floatToGoString(b) for b in self._bounds), "+Inf"]
+        for values, series in list(self._series.items()):
+            snapshot = list(series)
+            cumulative = list(itertools.accumulate(snapshot[:-1]))
+            family.add_metric(
+                list(values), buckets=list(zip(bounds, cumulative, strict=True)),
+                sum_value=snapshot[-1],
+            )  # fmt: skip
+        yield family
+
+
+@dataclass(frozen=True, slots=True)
+class _BoundHistogram:
+    histogram: FastHistogram
+    values: tuple[str, ...]
+
+    def observe(self, value: float) -> None:
+        self.histogram.observe(self.values, value)
 
 
 class WindowSummary(Collector):
@@ -133,6 +272,10 @@ class WindowSummary(Collector):
             totals[0] += value
             totals[1] += 1
 
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (lets the registry select it by name)."""
+        yield SummaryMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
     def collect(self) -> Iterator[Metric]:
         family = SummaryMetricFamily(self.name, self.documentation, labels=self.labelnames)
         horizon = self.clock.seconds() - self.window
@@ -167,43 +310,47 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry, clock: Any) -> None:
         self.registry = registry
         r = registry
-        self.requests = Counter(
-            "kthena_router_requests", "Total number of HTTP requests processed by the router",
-            ("model", "path", "status_code", "error_type"), registry=r,
+        self.requests = self._fast(
+            "counter", "kthena_router_requests",
+            "Total number of HTTP requests processed by the router",
+            ("model", "path", "status_code", "error_type"),
         )  # fmt: skip
-        self.request_duration = Histogram(
+        self.request_duration = FastHistogram(
             "kthena_router_request_duration_seconds",
             "End-to-end request processing latency distribution",
-            ("model", "path", "status_code"), buckets=REQUEST_BUCKETS, registry=r,
+            ("model", "path", "status_code"), REQUEST_BUCKETS,
         )  # fmt: skip
-        self.prefill_duration = Histogram(
+        r.register(self.request_duration)
+        self.prefill_duration = FastHistogram(
             "kthena_router_request_prefill_duration_seconds",
             "Prefill phase processing latency for PD-disaggregated requests",
-            ("model", "path", "status_code"), buckets=REQUEST_BUCKETS, registry=r,
+            ("model", "path", "status_code"), REQUEST_BUCKETS,
         )  # fmt: skip
-        self.decode_duration = Histogram(
+        r.register(self.prefill_duration)
+        self.decode_duration = FastHistogram(
             "kthena_router_request_decode_duration_seconds",
             "Decode phase processing latency for PD-disaggregated requests",
-            ("model", "path", "status_code"), buckets=REQUEST_BUCKETS, registry=r,
+            ("model", "path", "status_code"), REQUEST_BUCKETS,
         )  # fmt: skip
-        self.active_downstream = Gauge(
-            "kthena_router_active_downstream_requests",
-            "Current active downstream requests (from clients to router)", ("model",), registry=r,
+        r.register(self.decode_duration)
+        self.active_downstream = self._fast(
+            "gauge", "kthena_router_active_downstream_requests",
+            "Current active downstream requests (from clients to router)", ("model",),
         )  # fmt: skip
-        self.active_upstream = Gauge(
-            "kthena_router_active_upstream_requests",
+        self.active_upstream = self._fast(
+            "gauge", "kthena_router_active_upstream_requests",
             "Current active upstream requests (from router to backend pods)",
-            ("model_route", "model_server"), registry=r,
+            ("model_route", "model_server"),
         )  # fmt: skip
-        self.tokens = Counter(
-            "kthena_router_tokens", "Total tokens processed/generated",
-            ("model", "path", "token_type"), registry=r,
+        self.tokens = self._fast(
+            "counter", "kthena_router_tokens", "Total tokens processed/generated",
+            ("model", "path", "token_type"),
         )  # fmt: skip
-        self.plugin_duration = Histogram(
+        self.plugin_duration = FastHistogram(
             "kthena_router_scheduler_plugin_duration_seconds",
-            "Processing time per scheduler plugin", ("model", "plugin", "type"),
-            buckets=PLUGIN_BUCKETS, registry=r,
+            "Processing time per scheduler plugin", ("model", "plugin", "type"), PLUGIN_BUCKETS,
         )  # fmt: skip
+        r.register(self.plugin_duration)
         self.rate_limit_exceeded = Counter(
             "kthena_router_rate_limit_exceeded",
             "Number of requests rejected due to rate limiting", ("model", "limit_type", "path"),
@@ -237,9 +384,9 @@ class RouterMetrics:
             "kthena_model_server_memory_usage_bytes",
             "Memory used by the model server's pods", ("model_server", "type"), registry=r,
         )  # fmt: skip
-        self.lb_decisions = Counter(
-            "kthena_lb_decisions", "Load-balancing decisions", ("algorithm", "model", "target"),
-            registry=r,
+        self.lb_decisions = self._fast(
+            "counter", "kthena_lb_decisions", "Load-balancing decisions",
+            ("algorithm", "model", "target"),
         )  # fmt: skip
         self.lb_target_health = Gauge(
             "kthena_lb_target_health", "1 when the target pod may take traffic, else 0",
@@ -253,12 +400,11 @@ class RouterMetrics:
             "kthena_pd_group_requests", "Requests sent to PD group members",
             ("group_key", "role", "model"), registry=r,
         )  # fmt: skip
-        self.pd_routing_decisions = UntypedCounter(
-            "kthena_pd_group_routing_decisions",
+        self.pd_routing_decisions = self._fast(
+            "unknown", "kthena_pd_group_routing_decisions",
             "PD routing decisions, a monotonic count (untyped to keep the spec's name)",
             ("group_key", "source_role", "target_role"),
-        )
-        r.register(self.pd_routing_decisions)
+        )  # fmt: skip
         self.pd_kv_cache_hit_rate = Gauge(
             "kthena_pd_group_kv_cache_hit_rate", "KV-cache hit rate of a PD group (0-1)",
             ("group_key", "model"), registry=r,
@@ -277,22 +423,17 @@ class RouterMetrics:
             ("connector_type", "operation"), clock,
         )  # fmt: skip
         r.register(self.kv_cache_latency)
-        self.unhealthy_fallbacks = Counter(
-            "kthena_router_unhealthy_fallbacks",
+        self.unhealthy_fallbacks = self._fast(
+            "counter", "kthena_router_unhealthy_fallbacks",
             "Requests scheduled among unhealthy pods because no pod of the server was healthy",
-            ("model_server",), registry=r,
+            ("model_server",),
         )  # fmt: skip
-        self._children: dict[tuple[Any, ...], Any] = {}
         self._pod_series: dict[int, set[tuple[str, ...]]] = {}
 
-    # -- cached children
-
-    def _child(self, family: Any, values: tuple[str, ...]) -> Any:
-        key = (id(family), *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*values)
-        return child
+    def _fast(self, kind: str, name: str, doc: str, labels: tuple[str, ...]) -> FastFamily:
+        family = FastFamily(kind, name, doc, labels)
+        self.registry.register(family)
+        return family
 
     # -- the request lifecycle
 
@@ -302,23 +443,23 @@ class RouterMetrics:
         return ctx.model if ctx.match is not None and ctx.model else UNKNOWN
 
     def request_started(self, ctx: ProxyContext) -> None:
-        self._child(self.active_downstream, (self.model_label(ctx),)).inc()
+        self.active_downstream.add((self.model_label(ctx),))
 
     def request_ended(self, ctx: ProxyContext) -> None:
         """A proxied request (one L{request_started} saw) left the router."""
-        self._child(self.active_downstream, (self.model_label(ctx),)).dec()
+        self.active_downstream.add((self.model_label(ctx),), -1)
 
     def upstream_started(self, ctx: ProxyContext) -> None:
-        self._child(self.active_upstream, _destination(ctx)).inc()
+        self.active_upstream.add(_destination(ctx))
 
     def upstream_ended(self, ctx: ProxyContext) -> None:
-        self._child(self.active_upstream, _destination(ctx)).dec()
+        self.active_upstream.add(_destination(ctx), -1)
 
     def unhealthy_fallback(self, server: str) -> None:
-        self._child(self.unhealthy_fallbacks, (server,)).inc()
+        self.unhealthy_fallbacks.add((server,))
 
     def decided(self, algorithm: str, model: str, target: str) -> None:
-        self._child(self.lb_decisions, (algorithm, model, target)).inc()
+        self.lb_decisions.add((algorithm, model, target))
 
     def pods_observed(self, view: PodsView) -> None:
         """
@@ -365,17 +506,17 @@ class RouterMetrics:
 
     def plugin_timer(self, model: str, plugin: str, kind: str, seconds: float) -> None:
         """Time one scheduler plugin call (the scheduler's timer)."""
-        self._child(self.plugin_duration, (model, plugin, kind)).observe(seconds)
+        self.plugin_duration.observe((model, plugin, kind), seconds)
 
     def request_done(self, ctx: ProxyContext) -> None:
         """Count a request that ended, whatever the outcome (once per request)."""
         model = self.model_label(ctx)
         path = path_label(ctx.path)
         status = str(ctx.status)
-        self._child(self.requests, (model, path, status, ctx.error_type.value)).inc()
+        self.requests.add((model, path, status, ctx.error_type.value))
         if ctx.finished is not None:
-            self._child(self.request_duration, (model, path, status)).observe(
-                max(0.0, ctx.finished - ctx.started)
+            self.request_duration.observe(
+                (model, path, status), max(0.0, ctx.finished - ctx.started)
             )
         if ctx.match is None:
             return
@@ -383,42 +524,37 @@ class RouterMetrics:
         # prompt (it began to answer): a request that never reached one processed nothing.
         inputs = ctx.input_tokens if ctx.prompt_tokens is not None or ctx.first_byte else 0
         if inputs:
-            self._child(self.tokens, (model, path, "input")).inc(inputs)
+            self.tokens.add((model, path, "input"), inputs)
         outputs = ctx.output_tokens
         if outputs:
-            self._child(self.tokens, (model, path, "output")).inc(outputs)
+            self.tokens.add((model, path, "output"), outputs)
 
     # -- keeping series bounded
 
     def forget(self, models: Iterable[str], destinations: Iterable[tuple[str, str]]) -> None:
         """
         Remove the series of models and (route, server) pairs that left the config, so
-        label sets do not grow with every rename.
+        label sets do not grow with every rename. A gauge still counting requests in
+        flight stays until a later reload.
         """
         gone_models = set(models)
         gone_destinations = set(destinations)
-        for key in list(self._children):
-            family_id, *values = key
-            family = next((f for f in self._families() if id(f) == family_id), None)
-            if family is None:
-                continue
-            names = family._labelnames
-            labels = dict(zip(names, values, strict=True))
-            gone = labels.get("model") in gone_models or (
-                "model_route" in labels
-                and (labels["model_route"], labels["model_server"]) in gone_destinations
-            )
-            child = self._children[key]
-            if gone and not (isinstance(family, Gauge) and child._value.get()):
-                # A gauge still counting requests in flight stays until a later reload.
-                family.remove(*values)
-                del self._children[key]
 
-    def _families(self) -> tuple[Any, ...]:
-        return (
-            self.requests, self.request_duration, self.prefill_duration, self.decode_duration,
-            self.active_downstream, self.active_upstream, self.tokens,
-        )  # fmt: skip
+        def model_gone(labels: dict[str, str]) -> bool:
+            return labels["model"] in gone_models
+
+        for family in (self.requests, self.tokens):
+            family.prune(model_gone)
+        for histogram in (
+            self.request_duration, self.prefill_duration, self.decode_duration,
+            self.plugin_duration,
+        ):  # fmt: skip
+            histogram.prune(model_gone)
+        self.active_downstream.prune(model_gone, keep_nonzero=True)
+        self.active_upstream.prune(
+            lambda labels: (labels["model_route"], labels["model_server"]) in gone_destinations,
+            keep_nonzero=True,
+        )
 
 
 def _destination(ctx: ProxyContext) -> tuple[str, str]:

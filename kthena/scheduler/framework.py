@@ -143,30 +143,38 @@ class Scheduler:
     def schedule(self, request: SchedulingRequest) -> Decision:
         pods = list(request.pods)
         decision = Decision(candidates=[], request=request)
+        timer = self.timer
+        model = request.model
         clock = time.perf_counter
+        now = clock()
         for plugin in self.filters:
-            started = clock()
             kept = plugin.filter(request, pods)
-            self._time(request, plugin.name, "filter", clock() - started)
+            if timer is not None:
+                then, now = now, clock()
+                timer(model, plugin.name, "filter", now - then)
             if len(kept) != len(pods):
                 kept_keys = {p.key for p in kept}
                 decision.filtered[plugin.name] = [p.name for p in pods if p.key not in kept_keys]
-            pods = list(kept)
+                pods = list(kept)
             if not pods:
                 decision.failed_filter = plugin.name
                 return decision
         totals = [0.0] * len(pods)
         for scorer, weight in self.scores:
-            started = clock()
             scores = scorer.score(request, pods)
-            self._time(request, scorer.name, "score", clock() - started)
+            if timer is not None:
+                then, now = now, clock()
+                timer(model, scorer.name, "score", now - then)
             decision.by_plugin[scorer.name] = scores
             totals = [t + s * weight for t, s in zip(totals, scores, strict=True)]
-        # A random second key: equal totals end up in random order.
-        draw = self._random.random
-        draws = [draw() for _ in pods]
-        ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)
-        decision.candidates = [pods[i] for _, _, i in ranked]
+        if len(pods) > 1:
+            # A random second key: equal totals end up in random order.
+            draw = self._random.random
+            draws = [draw() for _ in pods]
+            ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)
+            decision.candidates = [pods[i] for _, _, i in ranked]
+        else:
+            decision.candidates = pods
         decision.scored = pods
         decision.weighted = totals
         return decision
@@ -184,7 +192,3 @@ class Scheduler:
             forget = getattr(plugin, "forget_pods", None)
             if forget is not None:
                 forget(keys)
-
-    def _time(self, request: SchedulingRequest, plugin: str, kind: str, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer(request.model, plugin, kind, seconds)

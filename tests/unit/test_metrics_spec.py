@@ -90,14 +90,12 @@ def exposition(metrics: RouterMetrics) -> dict[str, Metric]:
         collector = _collector(metrics, family)
         if family.type == "summary":
             collector.observe(0.01, *values.values())
-        elif family.type == "unknown":
-            collector.inc(*values.values())
         else:
             child = collector.labels(**values)  # fails when the label names differ
             if family.type == "histogram":
                 child.observe(0.01)
             else:
-                child.inc()
+                child.inc()  # counters, gauges and the untyped count
     text = generate_latest(metrics.registry).decode()
     return {f.name: f for f in text_string_to_metric_families(text)}
 
@@ -139,7 +137,7 @@ def test_spec_family_exposed_exactly(family: SpecFamily) -> None:
 
 def test_untyped_decisions_keep_the_spec_name_in_openmetrics_too() -> None:
     metrics = RouterMetrics(CollectorRegistry(), Clock())
-    metrics.pd_routing_decisions.inc("g", "decode", "prefill", amount=2)
+    metrics.pd_routing_decisions.labels("g", "decode", "prefill").inc(2)
     text = generate_openmetrics(metrics.registry).decode()
     assert (
         'kthena_pd_group_routing_decisions{group_key="g",source_role="decode",'
