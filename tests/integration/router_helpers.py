@@ -283,6 +283,7 @@ class Cluster:
         output_tokens: int = 4,
         prefill_per_token: float = 0.0,
         loras: Iterable[str] = (),
+        gpus: int = 0,
     ) -> SimService:
         """A started simulator on 127.0.0.1, on a port of its own (C{tcp:0})."""
         config = SimConfig(
@@ -292,6 +293,7 @@ class Cluster:
             engine_config=EngineConfig(itl=itl, prefill_per_token=prefill_per_token),
             output_tokens=output_tokens,
             loras={name: f"/adapters/{name}" for name in loras},
+            gpus=gpus,
             seed=0,
         )
         service = SimService(config, self.reactor)

@@ -6,17 +6,20 @@ C{kthena_router_scheduler_plugin_duration_seconds} and its decisions are recorde
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 
+from kthena.config.router import parse_config
 from kthena.proxy.context import ProxyContext
 from kthena.service import RouterService
 from kthena.sim.service import SimService
-from tests.integration.router_helpers import Cluster, chat_body, inline
+from tests.integration.router_helpers import LOOPBACK, Cluster, chat_body, inline
 from tests.unit.routerfixtures import Doc, route, server, simple_route
 
 CHAT = "/v1/chat/completions"
@@ -104,34 +107,38 @@ async def test_prefix_cache_keeps_a_prompt_on_one_pod(cluster: Cluster) -> None:
 
 @inline
 async def test_least_request_avoids_busy_pods(cluster: Cluster) -> None:
-    sims = [cluster.sim("org/m", itl=0.05, output_tokens=200) for _ in range(3)]
+    sims = [cluster.sim("org/m", itl=0.05, output_tokens=400) for _ in range(3)]
     router = cluster.router(
-        one_model(cluster, sims),
+        one_model(cluster, sims, ["busy-a", "busy-b", "idle"]),
         scheduler=scheduler([], ["least-request"]),
         podMetrics=FAST_SCRAPES,
     )
     await ready(cluster, router)
-    busy = [
+    # Keep two pods busy with sustained streams sent to them directly: only their own
+    # metrics (scraped) can tell the router about this load.
+    streams = [
         Deferred.fromCoroutine(
-            cluster.stream(router, CHAT, chat_body("m", stream=True, max_tokens=200))
+            cluster.stream(sim, CHAT, chat_body("org/m", stream=True, max_tokens=400))
         )
-        for _ in range(4)
+        for sim in (sims[0], sims[0], sims[1], sims[1])
     ]
-    await cluster.wait_for(lambda: len(router.core.calls) == 4, 5, "four streams running")
-    loaded = {
-        p.name for p in router.core.store.pods.values() if p.in_flight > 0
-    }  # the streams spread over the pods; the idlest takes the next ones
+    pods = router.core.store.pods
+    await cluster.wait_for(
+        lambda: (
+            pods["default/busy-a"].state.running >= 2 and pods["default/busy-b"].state.running >= 2
+        ),
+        5,
+        "the busy pods' load scraped",
+    )
     records = cluster.hook(router)
     for _ in range(20):
         assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
-    idle = [p.name for p in router.core.store.pods.values() if p.name not in loaded]
-    counts = chosen(records)
-    if idle:
-        assert sum(counts[name] for name in idle) >= 18, counts
-    assert plugin_calls(router, "least-request", "score") >= 24
-    for call in list(router.core.calls):
-        call.cancel()
-    for d in busy:
+    assert chosen(records)["idle"] >= 18, chosen(records)
+    assert plugin_calls(router, "least-request", "score") >= 20
+    last = records[-1].decision
+    assert last is not None and last.totals["default/idle"] == 100.0
+    for d in streams:
+        d.cancel()
         d.addErrback(lambda _: None)
 
 
@@ -263,3 +270,98 @@ async def test_a_pod_failing_its_scrapes_is_taken_out_and_comes_back(cluster: Cl
     for _ in range(60):
         assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
     assert chosen(records)["flaky"] > 10, chosen(records)
+
+
+@inline
+async def test_no_healthy_pod_left_schedules_among_all_and_counts_it(cluster: Cluster) -> None:
+    sims = [cluster.sim("org/m") for _ in range(2)]
+    router = cluster.router(
+        one_model(cluster, sims),
+        scheduler=scheduler([], ["random"]),
+        podMetrics={**FAST_SCRAPES, "unhealthyAfter": 1},
+    )
+    await ready(cluster, router)
+    for sim in sims:
+        await cluster.request(sim, "PUT", "/sim/faults", {"metrics_down": True})
+    await cluster.wait_for(
+        lambda: all(p.state.consecutive_failures for p in router.core.store.pods.values()),
+        5,
+        "both pods failing their scrapes",
+    )
+    for _ in range(5):  # better a slow answer than none
+        assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
+    text = generate_latest(router.registry).decode()
+    assert 'kthena_router_unhealthy_fallbacks_total{model_server="default/srv"} 5.0' in text
+
+
+@inline
+async def test_model_server_and_lb_gauges_follow_the_pods(cluster: Cluster) -> None:
+    sims = [cluster.sim("org/m", gpus=2, itl=0.05, output_tokens=100) for _ in range(2)]
+    router = cluster.router(
+        one_model(cluster, sims), scheduler=scheduler([], ["random"]), podMetrics=FAST_SCRAPES
+    )
+    await ready(cluster, router)
+    assert (await cluster.post(router, CHAT, chat_body("m", max_tokens=1))).status == 200
+
+    def gauges() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(router.registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith(("kthena_model_server_", "kthena_lb_"))
+        }
+
+    await cluster.wait_for(lambda: bool(gauges()), 5, "a scrape round")
+    now = gauges()
+    server = (("model_server", "default/srv"),)
+    assert now[("kthena_model_server_health_status", (*server, ("namespace", "default")))] == 1
+    assert ("kthena_model_server_gpu_utilization", (("gpu_id", "0"), *server)) in now
+    assert now[("kthena_model_server_memory_usage_bytes", (*server, ("type", "gpu")))] > 0
+    assert now[("kthena_lb_target_health", (("model", "org/m"), ("target", "default/pod-0")))] == 1
+    assert any(name == "kthena_lb_decisions_total" for name, _ in now)
+    # Queue depth: fill one pod past its slots, directly.
+    sims[0].engine.config.max_num_seqs = 1
+    streams = [
+        Deferred.fromCoroutine(
+            cluster.stream(sims[0], CHAT, chat_body("org/m", stream=True, max_tokens=100))
+        )
+        for _ in range(3)
+    ]
+    depth = ("kthena_model_server_queue_depth", (("model", "org/m"), *server))
+    await cluster.wait_for(lambda: gauges().get(depth, 0) >= 2, 5, "the queue depth scraped")
+    # A pod that leaves the config takes its series with it.
+    keep = [d for d in one_model(cluster, sims) if d["metadata"]["name"] != "pod-1"]
+    router.apply(parse_config({"resources": keep}, "<reloaded>", Path.cwd(), []))
+    target = ("kthena_lb_target_health", (("model", "org/m"), ("target", "default/pod-1")))
+    await cluster.wait_for(lambda: target not in gauges(), 5, "pod-1's series removed")
+    for d in streams:
+        d.cancel()
+        d.addErrback(lambda _: None)
+
+
+@inline
+async def test_ready_after_the_first_round_and_new_pods_scraped_at_once(cluster: Cluster) -> None:
+    sims = [cluster.sim("org/m") for _ in range(2)]
+    silent = socket.socket()  # accepts connections (the backlog) and never answers
+    silent.bind((LOOPBACK, 0))
+    silent.listen(8)
+    try:
+        router = cluster.router(
+            [
+                *one_model(cluster, sims[:1]),
+                cluster.pod("silent", silent.getsockname()[1], {"app": "srv"}),
+            ],
+            scheduler=scheduler([], ["random"]),
+            podMetrics={"interval": "10s", "timeout": "1s"},
+        )
+        # The first round waits for the silent pod's scrape to time out.
+        assert (await cluster.request(router, "GET", "/readyz")).status == 503
+        await cluster.wait_for(lambda: router.core.ready, 5, "the first round")
+        assert (await cluster.request(router, "GET", "/readyz")).status == 200
+    finally:
+        silent.close()
+    router.apply(parse_config({"resources": one_model(cluster, sims)}, "<r>", Path.cwd(), []))
+    new = router.core.store.pods["default/pod-1"]
+    # The next round is 10 s away: the new pod is scraped now.
+    await cluster.wait_for(lambda: new.state.scraped_at is not None, 3, "the new pod scraped")
