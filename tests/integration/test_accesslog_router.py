@@ -39,6 +39,7 @@ from tests.integration.router_helpers import (
     start_router,
 )
 from tests.unit.routerfixtures import Doc, pod, server, simple_route
+from tests.unit.test_accesslog import SPEC_FIELDS
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -48,22 +49,7 @@ DURATIONS = (
     "duration_upstream_processing",
     "duration_response_processing",
 )
-FIELDS = [
-    "timestamp",
-    "method",
-    "path",
-    "protocol",
-    "status_code",
-    "model_name",
-    "model_route",
-    "model_server",
-    "selected_pod",
-    "request_id",
-    "input_tokens",
-    "output_tokens",
-    "duration_total",
-    *DURATIONS,
-]
+FIELDS = SPEC_FIELDS
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.server import Site
 
 from kthena.config.router import parse_config
@@ -33,7 +31,6 @@ from tests.unit.proxyfixtures import (
     FakeUpstream,
     OrderedScheduler,
     WireResponse,
-    parse_response,
 )
 from tests.unit.routerfixtures import Doc, pod, route, server
 
@@ -145,34 +142,6 @@ class PooledFakeUpstream(FakeUpstream):
         return self.idle.get(pod.key, 0)
 
 
-class Connection:
-    """One client connection to an admin site, in memory."""
-
-    def __init__(self, site: Site, peer: IPv4Address | IPv6Address) -> None:
-        self.transport = StringTransport(peerAddress=peer)
-        protocol = site.buildProtocol(None)
-        assert protocol is not None
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-
-    def request(self, method: str, path: str, headers: Iterable[tuple[str, str]] = ()) -> None:
-        lines = [f"{method} {path} HTTP/1.1", "Host: admin"]
-        lines += [f"{k}: {v}" for k, v in headers]
-        self.protocol.dataReceived("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n")
-
-    @property
-    def response(self) -> WireResponse | None:
-        return parse_response(self.transport.value())
-
-    def got(self) -> WireResponse:
-        response = self.response
-        assert response is not None, self.transport.value()
-        return response
-
-    def disconnect(self) -> None:
-        self.protocol.connectionLost(Failure(ConnectionDone()))
-
-
 class AdminHarness:
     """A router (not started) with its admin sites served in memory."""
 
@@ -209,9 +178,9 @@ class AdminHarness:
 
     def connect(
         self, listener: str = "admin", peer: IPv4Address | IPv6Address = LOOPBACK_PEER
-    ) -> Connection:
+    ) -> Client:
         """A client connection to one admin listener, kept open."""
-        return Connection(self.sites[listener], peer)
+        return Client(self.sites[listener], peer)
 
     def get(
         self,
@@ -223,7 +192,7 @@ class AdminHarness:
         listener: str = "admin",
     ) -> WireResponse:
         connection = self.connect(listener, peer)
-        connection.request(method, path, headers)
+        connection.request(method, path, headers=headers)
         return connection.got()
 
     def json(self, path: str, status: int = 200, **kw: Any) -> Any:

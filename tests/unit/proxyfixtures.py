@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IPushProducer
@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, parse_config
@@ -287,11 +287,14 @@ def parse_response(raw: bytes) -> WireResponse | None:
     return WireResponse(status, headers, rest, False)
 
 
-class Client:
-    """One client connection to the proxy site, in memory."""
+CLIENT_PEER = IPv4Address("TCP", CLIENT_IP, 40000)
 
-    def __init__(self, site: ProxySite) -> None:
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", CLIENT_IP, 40000))
+
+class Client:
+    """One client connection to a site (the proxy's, or the admin one), in memory."""
+
+    def __init__(self, site: Site, peer: IPv4Address | IPv6Address = CLIENT_PEER) -> None:
+        self.transport = StringTransport(peerAddress=peer)
         protocol = site.buildProtocol(None)
         assert protocol is not None
         self.protocol = protocol

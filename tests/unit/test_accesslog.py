@@ -60,6 +60,26 @@ CHAT = "/v1/chat/completions"
 WAIT = 10.0
 """Seconds a test waits for the writer thread before failing (never reached when green)."""
 
+SPEC_FIELDS = [
+    "timestamp",
+    "method",
+    "path",
+    "protocol",
+    "status_code",
+    "model_name",
+    "model_route",
+    "model_server",
+    "selected_pod",
+    "request_id",
+    "input_tokens",
+    "output_tokens",
+    "duration_total",
+    "duration_request_processing",
+    "duration_upstream_processing",
+    "duration_response_processing",
+]
+"""The spec's JSON access-log fields, in its order (the error object comes last, when any)."""
+
 
 # -- building contexts
 
@@ -135,24 +155,7 @@ def test_json_record_of_a_proxied_request_field_for_field() -> None:
     line = format_json(proxied())
     assert "\n" not in line
     record = json.loads(line)
-    assert list(record) == [
-        "timestamp",
-        "method",
-        "path",
-        "protocol",
-        "status_code",
-        "model_name",
-        "model_route",
-        "model_server",
-        "selected_pod",
-        "request_id",
-        "input_tokens",
-        "output_tokens",
-        "duration_total",
-        "duration_request_processing",
-        "duration_upstream_processing",
-        "duration_response_processing",
-    ]
+    assert list(record) == SPEC_FIELDS
     assert record == {
         "timestamp": "2024-01-15T10:30:45.123456Z",
         "method": "POST",
