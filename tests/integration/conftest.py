@@ -158,6 +158,21 @@ def _healthy(sim: SimProcess) -> bool:
         return False
 
 
+def spawn_twistd(workdir: Path, plugin: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start C{twistd -n --pidfile= PLUGIN ARGS} in C{workdir}, its output in a log file."""
+    log_path = workdir / f"{plugin}-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            twistd_command(plugin, *args),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            env=twistd_env(),
+        )
+    return process, log_path
+
+
 def start_sim(log_dir: Path, *args: str, host: str = "127.0.0.1") -> SimProcess:
     """
     Start C{twistd kthena-sim} listening on C{tcp:0} on C{host} (unless C{args} has a
@@ -165,16 +180,7 @@ def start_sim(log_dir: Path, *args: str, host: str = "127.0.0.1") -> SimProcess:
     """
     if "--listen" not in args:
         args = (*args, "--listen", f"tcp:0:interface={host}")
-    log_path = log_dir / f"sim-{time.monotonic_ns()}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            twistd_command("kthena-sim", *args),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=log_dir,
-            env=twistd_env(),
-        )
+    process, log_path = spawn_twistd(log_dir, "kthena-sim", *args)
     engine = args[args.index("--engine") + 1] if "--engine" in args else "vllm"
     sim = SimProcess(process, log_path, host, 0, engine)
     try:

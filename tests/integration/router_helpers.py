@@ -48,7 +48,7 @@ from kthena.proxy.upstream import BytesBody
 from kthena.service import RouterService, makeRouterService
 from kthena.sim.engine import EngineConfig
 from kthena.sim.service import SimConfig, SimService
-from tests.integration.conftest import stop_process, twistd_command, twistd_env
+from tests.integration.conftest import spawn_twistd, stop_process
 from tests.unit.routerfixtures import Doc, pod
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -554,16 +554,7 @@ def write_config(path: Path, config: Mapping[str, Any]) -> None:
 
 def spawn_router(workdir: Path, *args: str) -> RouterProcess:
     """Start C{twistd -n --pidfile= kthena-router ARGS}; its output goes to a log file."""
-    log_path = workdir / f"router-{time.monotonic_ns()}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            twistd_command("kthena-router", *args),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=workdir,
-            env=twistd_env(),
-        )
+    process, log_path = spawn_twistd(workdir, "kthena-router", *args)
     config = Path(args[args.index("--config") + 1]) if "--config" in args else None
     return RouterProcess(process, log_path, config)
 
