@@ -305,3 +305,33 @@ def test_least_latency_ignores_noise_level_differences() -> None:
     assert LeastLatency(0.5).score(request(match, [a, b]), [a, b]) == [100.0, 100.0]
     b.state.ttft = 1.0  # 10x: not alike
     assert LeastLatency(0.5).score(request(match, [a, b]), [a, b]) == [100.0, 50.0]
+
+
+def test_the_scheduler_follows_a_reload() -> None:
+    from typing import cast
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from kthena.interfaces import IServerReactor
+    from kthena.proxy.core import RouterCore
+
+    docs = [simple_route("r", "m", "srv"), server("srv", {"app": "a"})]
+    first = parse_config({"resources": docs}, "t", Path("."), [])
+    core = RouterCore(cast(IServerReactor, MemoryReactorClock()), first)
+    assert core.scheduler.algorithm == "least-request+gpu-usage+least-latency+prefix-cache"  # type: ignore[attr-defined]
+    same = core.scheduler
+    core.apply(parse_config({"resources": docs}, "t", Path("."), []))
+    assert core.scheduler is same  # unchanged section: the prefix index is kept
+    core.apply(
+        parse_config(
+            {
+                "resources": docs,
+                "scheduler": {"plugins": {"Score": {"enabled": [{"name": "random"}]}}},
+            },
+            "t",
+            Path("."),
+            [],
+        )
+    )
+    assert core.scheduler is not same
+    assert core.scheduler.algorithm == "random"  # type: ignore[attr-defined]
