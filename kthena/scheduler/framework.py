@@ -112,6 +112,8 @@ class Decision:
             return f"filter {self.failed_filter} left no pod"
         if not self.candidates:
             return "no pod"
+        if len(self.scored) == 1:
+            return f"{self.scored[0].name}: the only pod left, nothing to rank"
         best = self.candidates[0]
         parts = [f"{best.name}: total {self.totals.get(best.key, 0.0):.1f}"]
         for plugin, score in self.scores.get(best.key, {}).items():
@@ -159,6 +161,12 @@ class Scheduler:
             if not pods:
                 decision.failed_filter = plugin.name
                 return decision
+        decision.scored = pods
+        if len(pods) == 1:
+            # One pod left: nothing to rank, so no score plugin is asked.
+            decision.candidates = pods
+            decision.weighted = [0.0]
+            return decision
         totals = [0.0] * len(pods)
         for scorer, weight in self.scores:
             scores = scorer.score(request, pods)
@@ -167,15 +175,11 @@ class Scheduler:
                 timer(model, scorer.name, "score", now - then)
             decision.by_plugin[scorer.name] = scores
             totals = [t + s * weight for t, s in zip(totals, scores, strict=True)]
-        if len(pods) > 1:
-            # A random second key: equal totals end up in random order.
-            draw = self._random.random
-            draws = [draw() for _ in pods]
-            ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)
-            decision.candidates = [pods[i] for _, _, i in ranked]
-        else:
-            decision.candidates = pods
-        decision.scored = pods
+        # A random second key: equal totals end up in random order.
+        draw = self._random.random
+        draws = [draw() for _ in pods]
+        ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)
+        decision.candidates = [pods[i] for _, _, i in ranked]
         decision.weighted = totals
         return decision
 

@@ -335,3 +335,18 @@ def test_the_scheduler_follows_a_reload() -> None:
     )
     assert core.scheduler is not same
     assert core.scheduler.algorithm == "random"  # type: ignore[attr-defined]
+
+
+def test_one_pod_left_is_not_ranked() -> None:
+    _, match, (a, b, _c) = cluster()
+    b.state.waiting = 50  # the filter leaves a alone
+    calls: list[tuple[str, str]] = []
+    scheduler = Scheduler(
+        [LeastRequest()],
+        [(GPUUsage(), 1.0)],
+        timer=lambda model, plugin, kind, seconds: calls.append((plugin, kind)),
+    )
+    decision = scheduler.schedule(request(match, [a, b]))
+    assert decision.candidates == [a]
+    assert calls == [("least-request", "filter")]
+    assert decision.why() == "p0: the only pod left, nothing to rank"
