@@ -26,10 +26,6 @@ class PodState:
         is that much too high now.
     """
 
-    @property
-    def finished_since_scrape(self) -> int:
-        return self.finished - self.finished_at_scrape
-
     waiting: float = 0.0
     running: float = 0.0
     kv_usage: float = 0.0
