@@ -9,6 +9,7 @@ candidate's score per plugin, for C{/debug/routing/decisions}.
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -174,7 +175,10 @@ class Scheduler:
                 then, now = now, clock()
                 timer(model, scorer.name, "score", now - then)
             decision.by_plugin[scorer.name] = scores
-            totals = [t + s * weight for t, s in zip(totals, scores, strict=True)]
+            if weight == 1:
+                totals = list(map(operator.add, totals, scores))
+            else:
+                totals = [t + s * weight for t, s in zip(totals, scores, strict=True)]
         # A random second key: equal totals end up in random order.
         draw = self._random.random
         draws = [draw() for _ in pods]

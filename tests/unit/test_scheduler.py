@@ -112,7 +112,7 @@ def test_least_latency_normalises_and_blends() -> None:
     scores = LeastLatency(0.5).score(request(match, [a, b, c]), [a, b, c])
     assert scores == [pytest.approx(100 * 0.5 + 0 * 0.5), pytest.approx(0 * 0.5 + 100 * 0.5), 100.0]
     ttft_only = LeastLatency(1.0).score(request(match, [a, b]), [a, b])
-    assert ttft_only == [100.0, 0.0]
+    assert ttft_only == [pytest.approx(100.0), pytest.approx(0.0)]
 
 
 def test_lora_affinity() -> None:
@@ -304,7 +304,7 @@ def test_least_latency_ignores_noise_level_differences() -> None:
     b.state.ttft, b.state.tpot = 0.105, 0.0195  # within 10%: alike
     assert LeastLatency(0.5).score(request(match, [a, b]), [a, b]) == [100.0, 100.0]
     b.state.ttft = 1.0  # 10x: not alike
-    assert LeastLatency(0.5).score(request(match, [a, b]), [a, b]) == [100.0, 50.0]
+    assert LeastLatency(0.5).score(request(match, [a, b]), [a, b]) == pytest.approx([100.0, 50.0])
 
 
 def test_the_scheduler_follows_a_reload() -> None:

@@ -38,18 +38,18 @@ class LeastLatency:
         warm = [(ttft, tpot) for ttft, tpot in latencies if ttft > 0 and tpot > 0]
         if not warm:
             return [100.0] * len(pods)
-        low_ttft, high_ttft = min(t for t, _ in warm), max(t for t, _ in warm)
-        low_tpot, high_tpot = min(t for _, t in warm), max(t for _, t in warm)
-        factor = self.factor
-
-        def blend(ttft: float, tpot: float) -> float:
-            if ttft <= 0 or tpot <= 0:
-                return 100.0
-            ttft_score = _normalised(ttft, low_ttft, high_ttft)
-            tpot_score = _normalised(tpot, low_tpot, high_tpot)
-            return ttft_score * factor + tpot_score * (1 - factor)
-
-        return [blend(ttft, tpot) for ttft, tpot in latencies]
+        # Each part is base - value x slope: 100 x share at the lowest latency, 0 at the
+        # highest, a flat 100 x share when the latencies are alike.
+        ttft_base, ttft_slope = _line(
+            min(t for t, _ in warm), max(t for t, _ in warm), 100 * self.factor
+        )
+        tpot_base, tpot_slope = _line(min(t for _, t in warm), max(t for _, t in warm),
+                                      100 * (1 - self.factor))  # fmt: skip
+        base = ttft_base + tpot_base
+        return [
+            base - ttft * ttft_slope - tpot * tpot_slope if ttft > 0 and tpot > 0 else 100.0
+            for ttft, tpot in latencies
+        ]
 
 
 NOISE = 0.1
@@ -57,8 +57,9 @@ NOISE = 0.1
 a pod from 0 to 100 (Kthena's plain min-max does, when all pods are alike)."""
 
 
-def _normalised(value: float, low: float, high: float) -> float:
-    """100 at the lowest latency, 0 at the highest; 100 when they are all about equal."""
+def _line(low: float, high: float, share: float) -> tuple[float, float]:
+    """Base and slope mapping C{low} to C{share} and C{high} to 0 (flat when alike)."""
     if high - low <= NOISE * high:
-        return 100.0
-    return 100.0 * (high - value) / (high - low)
+        return share, 0.0
+    slope = share / (high - low)
+    return high * slope, slope
