@@ -85,6 +85,8 @@ class _Index:
     by_lora: dict[str, list[ModelRoute]] = field(default_factory=dict)
     servers: dict[str, ModelServer] = field(default_factory=dict)
     server_pods: dict[str, list[PodEndpoint]] = field(default_factory=dict)
+    rule_servers: dict[int, list[ModelServer]] = field(default_factory=dict)
+    """Each rule's target servers (by the rule's id), in target order."""
 
 
 class Datastore:
@@ -120,6 +122,12 @@ class Datastore:
                 endpoint.servers = (*endpoint.servers, server.meta.key)
                 members.append(endpoint)
             index.server_pods[server.meta.key] = members
+        for route in resources.routes:
+            for rule in route.rules:
+                index.rule_servers[id(rule)] = [
+                    index.servers[f"{route.meta.namespace}/{t.model_server_name}"]
+                    for t in rule.targets
+                ]
         self.pods = pods
         self._index = index
         self.resources = resources
@@ -162,12 +170,11 @@ class Datastore:
             rule = _select_rule(route.rules, model, header, path)
             if rule is None:
                 continue
-            targets = rule.targets
-            if len(targets) == 1:
-                target = targets[0]
+            servers = index.rule_servers[id(rule)]
+            if len(servers) == 1:
+                server = servers[0]
             else:
-                target = self._random.choices(targets, weights=rule.weights)[0]
-            server = index.servers[f"{route.meta.namespace}/{target.model_server_name}"]
+                server = self._random.choices(servers, weights=rule.weights)[0]
             return RouteMatch(route, rule, server, is_lora)
         return None
 

@@ -66,11 +66,12 @@ class Metadata:
     created: str | None
     deleting: bool
     order: int
+    key: str = field(init=False)
+    """C{namespace/name}, as Kthena names objects in logs and metrics (made once: it is
+    read on every request)."""
 
-    @property
-    def key(self) -> str:
-        """C{namespace/name}, as Kthena names objects in logs and metrics."""
-        return f"{self.namespace}/{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
 
 
 @dataclass(frozen=True, slots=True)

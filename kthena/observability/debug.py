@@ -635,7 +635,7 @@ class DebugView:
 
     def _why(self, ctx: ProxyContext) -> str:
         parts: list[str] = []
-        candidates = ctx.candidates or []
+        candidates = ctx.candidates
         decision: Any = getattr(ctx, "decision", None)
         if len(candidates) == 1:
             parts.append("the only ready pod")
@@ -664,7 +664,7 @@ class DebugView:
             "route": match.route.meta.key if match is not None else None,
             "rule": match.rule.name if match is not None else None,
             "model_server": match.server.meta.key if match is not None else None,
-            "candidates": [p.name for p in ctx.candidates or []],
+            "candidates": [p.name for p in ctx.candidates],
             "chosen": ctx.pod.name if ctx.pod is not None else None,
             "attempts": ctx.attempts,
             "failed_attempts": [
@@ -692,13 +692,9 @@ class DebugView:
 
     def _healthy(self, endpoint: PodEndpoint | None) -> bool | None:
         """Healthy by its scrapes (C{None}: pods are not scraped, or it does not serve)."""
-        core = self.core
-        if endpoint is None or not core.pod_health:
+        if endpoint is None or not self.core.pod_health:
             return None
-        health = core.config.pod_metrics
-        return endpoint.state.healthy(
-            core.reactor.seconds(), health.unhealthy_after, health.stale_after
-        )
+        return bool(self.core.healthy([endpoint]))
 
     def _pod_live(self, pod: Pod) -> dict[str, object]:
         endpoint = self._endpoint(pod)

@@ -54,11 +54,17 @@ _CONNECT_ERRORS = (
 )
 
 
+_STREAM_SKIP = HOP_BY_HOP | {b"content-length"}
+"""Response headers not relayed for a stream (its body may change: the usage chunk)."""
+
+
 def forwardable(
-    headers: Headers, extra: frozenset[bytes] = frozenset()
+    headers: Headers, skip: frozenset[bytes] = HOP_BY_HOP
 ) -> list[tuple[bytes, Sequence[bytes]]]:
-    """Headers minus hop-by-hop ones (and those the Connection header names)."""
-    skip = HOP_BY_HOP | extra
+    """
+    Headers minus those in C{skip} (the hop-by-hop ones, and more) and those the
+    Connection header names.
+    """
     connection = headers.getRawHeaders(b"connection")
     if connection:
         skip = skip | {t.strip().lower() for v in connection for t in v.split(b",")}
@@ -236,10 +242,10 @@ class ProxyCall:
             ctx.error_message = f"pod answered {response.code}"
         content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
         sse = content_type.startswith(b"text/event-stream")
-        drop = frozenset({b"content-length"}) if sse else frozenset()
+        skip = _STREAM_SKIP if sse else HOP_BY_HOP
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
-        for name, values in forwardable(response.headers, drop):
+        for name, values in forwardable(response.headers, skip):
             out.setRawHeaders(name, values)
         out.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
         relay = Relay(

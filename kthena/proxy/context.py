@@ -27,7 +27,6 @@ class ProxyContext:
 
     @ivar path: the request path, without the query.
     @ivar model: the model the client asked for (C{None} until the body is parsed).
-    @ivar candidates: the pods the scheduler offered, best first.
     @ivar decision: the scheduler's decision record (scores per candidate and plugin).
     @ivar attempts: upstream requests sent (more than one after retries).
     @ivar input_estimate: input tokens estimated from the request before sending.
@@ -43,7 +42,6 @@ class ProxyContext:
     model: str | None = None
     stream: bool = False
     match: RouteMatch | None = None
-    candidates: list[PodEndpoint] | None = None
     decision: Decision | None = None
     pod: PodEndpoint | None = None
     attempts: int = 0
@@ -58,6 +56,11 @@ class ProxyContext:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     failed_attempts: list[tuple[str, str]] | None = None
+
+    @property
+    def candidates(self) -> list[PodEndpoint]:
+        """The pods the scheduler offered, best first (none before scheduling)."""
+        return self.decision.candidates if self.decision is not None else []
 
     @property
     def input_tokens(self) -> int:

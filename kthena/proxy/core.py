@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -110,13 +110,9 @@ class RouterCore:
         that is logged once and counted on every request.
         """
         pods = self.store.server_pods(server)
-        health = self.config.pod_metrics
         if not pods or not self.pod_health:
             return pods
-        now = self.reactor.seconds()
-        healthy = [
-            p for p in pods if p.state.healthy(now, health.unhealthy_after, health.stale_after)
-        ]
+        healthy = self.healthy(pods)
         key = server.meta.key
         if healthy:
             self._degraded.discard(key)
@@ -131,17 +127,18 @@ class RouterCore:
         self.metrics.unhealthy_fallback(key)
         return pods
 
-    def pods_observed(self) -> None:
-        """After a scrape round: refresh the model-server and load-balancing gauges."""
+    def healthy(self, pods: Sequence[PodEndpoint]) -> list[PodEndpoint]:
+        """Those of C{pods} that are healthy by their scrapes (C{podMetrics} settings)."""
         health = self.config.pod_metrics
         now = self.reactor.seconds()
+        return [p for p in pods if p.state.healthy(now, health.unhealthy_after, health.stale_after)]
+
+    def pods_observed(self) -> None:
+        """After a scrape round: refresh the model-server and load-balancing gauges."""
         servers = []
         for server in self.config.resources.servers:
             pods = self.store.server_pods(server)
-            healthy = [
-                p for p in pods if p.state.healthy(now, health.unhealthy_after, health.stale_after)
-            ]
-            servers.append((server, pods, healthy))
+            servers.append((server, pods, self.healthy(pods)))
         pools = {key: self.upstream.idle_connections(p) for key, p in self.store.pods.items()}
         self.metrics.pods_observed(PodsView(servers, pools))
 

@@ -18,14 +18,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from kthena.proxy.call import ProxyCall, forwardable
+from kthena.proxy.call import HOP_BY_HOP, ProxyCall, forwardable
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.core import RouterCore
 from kthena.proxy.errors import ErrorType, ProxyError, respond_error
 from kthena.scheduler.framework import SchedulingRequest
 from kthena.webutil import json_bytes, respond_json
 
-_DROP_UPSTREAM = frozenset({b"host", b"content-length", b"x-request-id"})
+_DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id"}
 
 
 def _epoch(timestamp: str | None, default: int) -> int:
@@ -182,7 +182,6 @@ class ProxyResource(Resource):
         candidates = decision.candidates
         if not candidates:
             raise ProxyError(503, ErrorType.SCHEDULING, f"no pod to take it: {decision.why()}")
-        ctx.candidates = candidates
         core.metrics.decided(
             getattr(core.scheduler, "algorithm", "custom"), model, candidates[0].key
         )
