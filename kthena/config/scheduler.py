@@ -49,6 +49,12 @@ def _known(name: str, where: Where) -> str:
     return name
 
 
+def _disabled(spec: Mapping[str, Any], where: Where) -> set[str]:
+    """The names a C{Filter} or C{Score} section lists under C{disabled}."""
+    d_where = where.at("disabled")
+    return {string(n, d_where.at(i)) for i, n in enumerate(sequence(spec.get("disabled"), d_where))}
+
+
 def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
     if value is None:
         return SchedulerConfig()
@@ -71,10 +77,7 @@ def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
     if "Filter" in plugins:
         f_where = p_where.at("Filter")
         f_spec = mapping(plugins["Filter"], f_where, ("enabled", "disabled"))
-        disabled = {
-            string(n, f_where.at("disabled").at(i))
-            for i, n in enumerate(sequence(f_spec.get("disabled"), f_where.at("disabled")))
-        }
+        disabled = _disabled(f_spec, f_where)
         filters = tuple(
             _known(string(n, f_where.at("enabled").at(i)), f_where.at("enabled").at(i))
             for i, n in enumerate(sequence(f_spec.get("enabled"), f_where.at("enabled")))
@@ -87,10 +90,7 @@ def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
     if "Score" in plugins:
         s_where = p_where.at("Score")
         s_spec = mapping(plugins["Score"], s_where, ("enabled", "disabled"))
-        disabled = {
-            string(n, s_where.at("disabled").at(i))
-            for i, n in enumerate(sequence(s_spec.get("disabled"), s_where.at("disabled")))
-        }
+        disabled = _disabled(s_spec, s_where)
         chosen: list[tuple[str, float]] = []
         for i, item in enumerate(sequence(s_spec.get("enabled"), s_where.at("enabled"))):
             e_where = s_where.at("enabled").at(i)
