@@ -382,7 +382,30 @@ def _yaml_documents(path: str) -> Iterator[tuple[int, object]]:
             if doc is not None:
                 yield number_, doc
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from e
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """
+    What the YAML parser found and where, by line and column. Not its own message: that
+    quotes the offending lines as written, and a line may hold a credential (an
+    C{authorization} header match, a Redis password) cut anywhere.
+    """
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return error.__class__.__name__
+    parts = []
+    if error.problem_mark is not None:
+        mark = error.problem_mark
+        parts.append(f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}")
+    else:
+        parts.append(str(error.problem))
+    if error.context is not None:
+        context = error.context
+        if error.context_mark is not None:
+            mark = error.context_mark
+            context += f" at line {mark.line + 1}, column {mark.column + 1}"
+        parts.append(f"({context})")
+    return " ".join(parts)
 
 
 def _resource_entries(

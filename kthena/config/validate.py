@@ -13,6 +13,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
+from kthena.redact import is_secret_name, redact_quoted, redact_text
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {
     "ns": 1e-9,
@@ -26,7 +28,13 @@ _UNIT_SECONDS = {
 
 
 class ConfigError(Exception):
-    """A configuration that cannot be used; C{str()} is the message for the operator."""
+    """
+    A configuration that cannot be used; C{str()} is the message for the operator, with
+    any secret it quotes redacted (it goes to logs and to the terminal).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +66,15 @@ class Where:
             parts.append(self.field)
         return ": ".join(parts)
 
+    @property
+    def secret(self) -> bool:
+        """The field names a credential (an C{authorization} header match, a password)."""
+        return any(is_secret_name(part) for part in re.split(r"[.\[\]]", self.field) if part)
+
     def fail(self, message: str) -> NoReturn:
-        raise ConfigError(f"{self.describe()}: {message}")
+        raise ConfigError(
+            f"{self.describe()}: {redact_quoted(message) if self.secret else message}"
+        )
 
 
 def _type_name(value: object) -> str:

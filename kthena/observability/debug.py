@@ -28,14 +28,12 @@ import hmac
 import ipaddress
 import json
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
@@ -53,12 +51,12 @@ from kthena.config.resources import (
 from kthena.config.router import DebugConfig, Network
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.core import DECISIONS_KEPT, RouterCore
+from kthena.redact import REDACTED, is_secret_name, redact, redact_url
 from kthena.store import PodEndpoint
 
 log = Logger()
 
 JSON_CONTENT_TYPE = b"application/json"
-REDACTED = "<redacted>"
 READ_METHODS = (b"GET", b"HEAD")
 
 ENDPOINTS = (
@@ -88,82 +86,8 @@ NOT_YET = (
 """Endpoints the specification lists that arrive with later issues: 501 until then."""
 
 
-# -- secrets
-
-_SECRET_SUFFIXES = (
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "apikey",
-    "authorization",
-    "cookie",
-    "credentials",
-    "privatekey",
-)
-_SECRET_QUERY = re.compile(r"pass|secret|token|key|auth|credential", re.IGNORECASE)
-
-
-def is_secret_name(name: object) -> bool:
-    """Whether a key or header name names a credential (compared without case, - or _)."""
-    key = re.sub(r"[-_\s]", "", str(name)).lower()
-    return key in ("auth", "pass", "pwd") or key.endswith(_SECRET_SUFFIXES)
-
-
-def redact_url(text: str) -> str:
-    """
-    C{text} with the password of a URL's userinfo (and secret-looking query values)
-    replaced; a lone userinfo (C{redis://secret@host}, Redis's password-only form) is
-    replaced whole. Schemeless C{user:password@host} is handled too. Anything else is
-    returned unchanged.
-    """
-    if "@" not in text and "?" not in text:
-        return text
-    if "://" not in text:
-        userinfo, at, host = text.rpartition("@")
-        if not at or "/" in userinfo or " " in userinfo:
-            return text
-        user, colon, _ = userinfo.partition(":")
-        return f"{user}:{REDACTED}@{host}" if colon else text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return REDACTED
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
-            query = urlencode(
-                [(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="<>"
-            )
-    if netloc == parts.netloc and query == parts.query:
-        return text
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact(value: Any, secret: bool = False) -> Any:
-    """
-    A JSON-ready copy of C{value} (a resource's raw mapping) with secrets replaced.
-
-    @param secret: C{value} sits under a key naming a credential: every leaf goes.
-    """
-    if isinstance(value, Mapping):
-        return {str(k): redact(v, secret or is_secret_name(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v, secret) for v in value]
-    if secret and value is not None:
-        return REDACTED
-    return _leaf(value)
-
-
 def _leaf(value: object) -> object:
-    if isinstance(value, str):
-        return redact_url(value)
+    """A leaf of a resource's raw mapping, ready for JSON."""
     if isinstance(value, datetime | date):
         return _timestamp(value)
     if isinstance(value, float) and not math.isfinite(value):
@@ -414,7 +338,7 @@ class DebugView:
         return {
             "name": route.meta.name,
             "namespace": route.meta.namespace,
-            "spec": redact(route.spec),
+            "spec": redact(route.spec, leaf=_leaf),
         }
 
     def server_view(self, server: ModelServer) -> dict[str, object]:
@@ -424,7 +348,7 @@ class DebugView:
         return {
             "name": server.meta.name,
             "namespace": server.meta.namespace,
-            "spec": redact(server.spec),
+            "spec": redact(server.spec, leaf=_leaf),
             "pods": names,
             "associatedPods": names,
             "prefillPods": [key for key, role in roles if role == "prefill"],
