@@ -187,12 +187,11 @@ class RouterService(MultiService):
             models_every=max(1, round(settings.models_interval / settings.interval)),
         )
         self.scraper.setServiceParent(self)
-        self.core.pod_health = True
-        self.core.ready = False
+        self.core.scrape_pods()
         self.scraper.round_hooks.append(self._scraped)
 
     def _scraped(self) -> None:
-        self.core.ready = True
+        self.core.scraped = True
         self.core.pods_observed()
 
     def apply(self, config: RouterConfig) -> None:

@@ -20,6 +20,28 @@ from kthena.engines.state import PodState
 HeaderLookup = Callable[[str], str]
 
 
+@dataclass(slots=True)
+class OutlierState:
+    """
+    What the router's own attempts on a pod say of it (passive outlier detection, see
+    L{kthena.proxy.outlier}).
+
+    @ivar consecutive_failures: attempts in a row that failed (5xx, unreachable, cut).
+    @ivar ejected_until: while set, the pod takes no traffic until this reactor time.
+    @ivar ejections: times the pod was ejected, ever.
+    @ivar multiplier: how many base ejection times the next ejection lasts, less one;
+        it decays while the pod behaves.
+    @ivar back_at: when the last ejection ended.
+    """
+
+    consecutive_failures: int = 0
+    ejected_until: float | None = None
+    ejections: int = 0
+    multiplier: int = 0
+    back_at: float | None = None
+    reason: str | None = None
+
+
 @dataclass(eq=False, slots=True)
 class PodEndpoint:
     """
@@ -31,6 +53,7 @@ class PodEndpoint:
         were answered with a 5xx.
     @ivar engine: the inference engine of the ModelServer that selected it (its dialect).
     @ivar state: what the pod's own metrics said at the last scrape.
+    @ivar outlier: what the router's own attempts on it said.
     """
 
     key: str
@@ -43,6 +66,7 @@ class PodEndpoint:
     last_error: str | None = None
     engine: str = "vLLM"
     state: PodState = field(default_factory=PodState)
+    outlier: OutlierState = field(default_factory=OutlierState)
 
     @property
     def name(self) -> str:
@@ -181,6 +205,14 @@ class Datastore:
     def server_pods(self, server: ModelServer) -> list[PodEndpoint]:
         """Pods of C{server} that may take traffic (Running, Ready, not deleting)."""
         return self._index.server_pods.get(server.meta.key, [])
+
+    def route_servers(self, route: ModelRoute) -> list[ModelServer]:
+        """The model servers C{route}'s rules may send to, each once."""
+        servers: dict[str, ModelServer] = {}
+        for rule in route.rules:
+            for server in self._index.rule_servers[id(rule)]:
+                servers.setdefault(server.meta.key, server)
+        return list(servers.values())
 
     def route_table(self) -> list[tuple[str, str, list[ModelRoute]]]:
         """

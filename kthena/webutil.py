@@ -47,8 +47,15 @@ class QuietSite(Site):
 
 
 def json_bytes(value: object) -> bytes:
-    """Compact JSON, as the engines and the router send it."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """
+    Compact JSON, as the engines and the router send it: UTF-8, or ASCII with escapes when
+    the value holds a lone surrogate (valid JSON, C{"\\ud800"}, that UTF-8 cannot encode).
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def respond_json(request: IRequest, status: int, value: object) -> bytes:

@@ -10,6 +10,7 @@ name the file, the document and the field.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -178,6 +179,19 @@ class ModelServer:
             return False
         pod_labels = pod.meta.labels
         return all(pod_labels.get(k) == v for k, v in self.match_labels.items())
+
+    def pd_role(self, pod: Pod) -> str | None:
+        """C{decode}, C{prefill} or C{None} (not a PD server), as Kthena decides: decode
+        labels win."""
+        group = self.pd_group
+        if group is None:
+            return None
+        labels = pod.meta.labels
+        if all(labels.get(k) == v for k, v in group.decode_labels.items()):
+            return "decode"
+        if all(labels.get(k) == v for k, v in group.prefill_labels.items()):
+            return "prefill"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,9 +435,15 @@ def parse_pod(doc: Mapping[str, Any], where: Where, order: int) -> Pod:
         if not port_text.isdigit():
             a_where.fail(f"must be a port number, not {port_text!r}")
         port = integer(int(port_text), a_where, minimum=1, maximum=65535)
+    if ip is not None:
+        ip = string(ip, st_where.at("podIP"))
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            st_where.at("podIP").fail(f"must be an IP address, not {ip!r}")
     return Pod(
         meta=meta,
-        ip=None if ip is None else string(ip, st_where.at("podIP")),
+        ip=ip,
         phase=string(status.get("phase", "Pending"), st_where.at("phase")),
         ready=ready,
         port=port,

@@ -22,12 +22,21 @@ import yaml
 
 from kthena.config.resources import Resource, ResourceSet, build_resource_set, parse_document
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
+from kthena.config.traffic import (
+    DEFAULT_INFERENCE_PATHS,
+    DownstreamConfig,
+    UpstreamConfig,
+    parse_downstream,
+    parse_inference_paths,
+    parse_upstream,
+)
 from kthena.config.validate import (
     ConfigError,
     Where,
     boolean,
     choice,
     duration,
+    endpoint,
     integer,
     mapping,
     number,
@@ -117,22 +126,6 @@ class PodMetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    """
-    How the router talks to pods.
-
-    @ivar pool_idle_timeout: idle pooled connections are closed after this long; it must
-        stay below the pods' keep-alive (uvicorn, under vLLM, closes after 5 s) or a
-        request may be sent on a connection the pod is closing.
-    """
-
-    connect_timeout: float = 5.0
-    idle_timeout: float = 300.0
-    max_connections_per_pod: int = 128
-    pool_idle_timeout: float = 4.0
-
-
-@dataclass(frozen=True, slots=True)
 class SimulatorSpec:
     """A kthena-sim model server run inside the router process (demo mode)."""
 
@@ -161,7 +154,10 @@ class RouterConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     drain_timeout: float = 30.0
     reload_interval: float = 2.0
+    inference_paths: frozenset[str] = frozenset(DEFAULT_INFERENCE_PATHS)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    readiness: str = "allModels"
     pod_metrics: PodMetricsConfig = field(default_factory=PodMetricsConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     resources: ResourceSet = field(default_factory=ResourceSet)
@@ -178,7 +174,10 @@ _TOP = (
     "maxBodyBytes",
     "drainTimeout",
     "reloadInterval",
+    "inferencePaths",
+    "downstream",
     "upstream",
+    "readiness",
     "podMetrics",
     "observability",
     "resources",
@@ -187,10 +186,15 @@ _TOP = (
 )
 
 
+READINESS_RULES = ("allModels", "anyModel")
+"""C{readiness}: C{/readyz} answers ready when every model routes to a healthy pod, or
+when any does."""
+
+
 def _listen(value: object, where: Where) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"tcp:{integer(value, where, minimum=0, maximum=65535)}"
-    return string(value, where)
+    return endpoint(value, where)
 
 
 def _observability(value: object, where: Where) -> ObservabilityConfig:
@@ -308,29 +312,6 @@ def _pod_metrics(value: object, where: Where) -> PodMetricsConfig:
     if config.stale_after < config.interval:
         where.at("staleAfter").fail("must be at least the interval")
     return config
-
-
-def _upstream(value: object, where: Where) -> UpstreamConfig:
-    spec = mapping(
-        value,
-        where,
-        ("connectTimeout", "idleTimeout", "maxConnectionsPerPod", "poolIdleTimeout"),
-    )
-    d = UpstreamConfig()
-    return UpstreamConfig(
-        connect_timeout=duration(
-            spec.get("connectTimeout", d.connect_timeout), where.at("connectTimeout")
-        ),
-        idle_timeout=duration(spec.get("idleTimeout", d.idle_timeout), where.at("idleTimeout")),
-        max_connections_per_pod=integer(
-            spec.get("maxConnectionsPerPod", d.max_connections_per_pod),
-            where.at("maxConnectionsPerPod"),
-            minimum=1,
-        ),
-        pool_idle_timeout=duration(
-            spec.get("poolIdleTimeout", d.pool_idle_timeout), where.at("poolIdleTimeout")
-        ),
-    )
 
 
 def _simulator(value: object, where: Where) -> SimulatorSpec:
@@ -465,7 +446,14 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         reload_interval=duration(
             spec.get("reloadInterval", d.reload_interval), where.at("reloadInterval")
         ),
-        upstream=_upstream(spec.get("upstream"), where.at("upstream")),
+        inference_paths=parse_inference_paths(
+            spec.get("inferencePaths"), where.at("inferencePaths")
+        ),
+        downstream=parse_downstream(spec.get("downstream"), where.at("downstream")),
+        upstream=parse_upstream(spec.get("upstream"), where.at("upstream")),
+        readiness=choice(
+            spec.get("readiness", d.readiness), where.at("readiness"), READINESS_RULES
+        ),
         pod_metrics=_pod_metrics(spec.get("podMetrics"), where.at("podMetrics")),
         observability=_observability(spec.get("observability"), where.at("observability")),
         resources=resources,

@@ -8,10 +8,13 @@ field, so that an operator can fix a config without guessing.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
+
+from twisted.internet.endpoints import serverFromString
 
 from kthena.redact import is_secret_name, redact_quoted, redact_text
 
@@ -197,3 +200,28 @@ def regex(value: object, where: Where) -> re.Pattern[str]:
         return re.compile(text)
     except re.error as e:
         where.fail(f"is not a valid regular expression ({e}): {text!r}")
+
+
+def endpoint(value: object, where: Where) -> str:
+    """
+    A Twisted server endpoint string (C{tcp:8080}, C{tcp:8080:interface=127.0.0.1},
+    C{unix:/run/kthena.sock}, C{systemd:domain=INET:index=0}), checked by parsing it, so
+    that a typo is a config error rather than a failure to listen.
+    """
+    text = string(value, where)
+    if text.startswith("systemd:"):
+        return text  # names a socket systemd passes in: only checkable under systemd
+    try:
+        parsed = serverFromString(None, text)  # parsing only: no reactor is touched
+    except Exception as e:
+        where.fail(f"is not a valid endpoint like tcp:8080 ({e}): {text!r}")
+    port = getattr(parsed, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        where.fail(f"port {port} is not a TCP port (0-65535): {text!r}")
+    interface = getattr(parsed, "_interface", "")
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            where.fail(f"interface must be an IP address, not {interface!r}: {text!r}")
+    return text

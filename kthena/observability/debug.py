@@ -194,19 +194,6 @@ class ListenerInfo:
         }
 
 
-def _pd_role(server: ModelServer, pod: Pod) -> str | None:
-    """C{decode}, C{prefill} or C{None}, as Kthena decides: decode labels win."""
-    group = server.pd_group
-    if group is None:
-        return None
-    labels = pod.meta.labels
-    if all(labels.get(k) == v for k, v in group.decode_labels.items()):
-        return "decode"
-    if all(labels.get(k) == v for k, v in group.prefill_labels.items()):
-        return "prefill"
-    return None
-
-
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(i for i in items if i))
 
@@ -226,17 +213,6 @@ def _match_view(match: ModelMatch | None) -> dict[str, object] | None:
     if match.body_model is not None:
         view["body"] = {"model": match.body_model}
     return view
-
-
-def _health(serving: int, total: int, roles: Counter[str | None], pd: bool) -> str:
-    """
-    C{healthy}: every selected pod may take traffic; C{degraded}: some can; C{unhealthy}:
-    none can (for a PD server: not at least one prefill and one decode pod).
-    """
-    usable = roles["prefill"] > 0 and roles["decode"] > 0 if pd else serving > 0
-    if not usable:
-        return "unhealthy"
-    return "healthy" if serving == total else "degraded"
 
 
 def _int_arg(request: IRequest, name: bytes, default: int) -> int:
@@ -278,6 +254,21 @@ def _scraped(endpoint: PodEndpoint | None) -> dict[str, object]:
         "gpu_utilization": dict(state.gpu_utilization),
         "models": sorted(state.models),
         "loras": sorted(state.loras),
+    }
+
+
+def _outlier(endpoint: PodEndpoint | None, now: float) -> dict[str, object] | None:
+    """Passive outlier detection's view of a pod (C{None}: it does not serve)."""
+    if endpoint is None:
+        return None
+    state = endpoint.outlier
+    until = state.ejected_until
+    return {
+        "ejected": until is not None and until > now,
+        "ejected_until": None if until is None else _epoch_text(until),
+        "ejections": state.ejections,
+        "consecutive_failures": state.consecutive_failures,
+        "last_failure": state.reason,
     }
 
 
@@ -344,7 +335,7 @@ class DebugView:
     def server_view(self, server: ModelServer) -> dict[str, object]:
         members = self.core.store.server_pods(server)
         names = [p.key for p in members]
-        roles = [(p.key, _pd_role(server, p.pod)) for p in members]
+        roles = [(p.key, server.pd_role(p.pod)) for p in members]
         return {
             "name": server.meta.name,
             "namespace": server.meta.namespace,
@@ -467,7 +458,7 @@ class DebugView:
         return {
             "started_at": _epoch_text(core.started),
             "uptime_seconds": round(max(0.0, now - core.started), 3),
-            "ready": core.ready,
+            "ready": core.readiness()[0],
             "draining": core.draining,
             "config": {
                 "generation": store.generation,
@@ -614,11 +605,9 @@ class DebugView:
             views.append(self.decision_view(ctx))
         return {"kept": DECISIONS_KEPT, "decisions": views}
 
-    def _healthy(self, endpoint: PodEndpoint | None) -> bool | None:
-        """Healthy by its scrapes (C{None}: pods are not scraped, or it does not serve)."""
-        if endpoint is None or not self.core.pod_health:
-            return None
-        return bool(self.core.healthy([endpoint]))
+    def _healthy(self, endpoint: PodEndpoint | None) -> bool:
+        """May take traffic (L{kthena.proxy.health}: serves, scrapes, not ejected)."""
+        return endpoint is not None and self.core.health.pod(endpoint)
 
     def _pod_live(self, pod: Pod) -> dict[str, object]:
         endpoint = self._endpoint(pod)
@@ -634,6 +623,7 @@ class DebugView:
             "in_flight": endpoint.in_flight if endpoint is not None else 0,
             "failures": endpoint.failures if endpoint is not None else 0,
             "last_error": endpoint.last_error if endpoint is not None else None,
+            "outlier": _outlier(endpoint, self.core.reactor.seconds()),
             "servers": list(endpoint.servers) if endpoint is not None else [],
         }
 
@@ -653,13 +643,10 @@ class DebugView:
 
     def _server_pods(self, server: ModelServer) -> list[tuple[Pod, str | None]]:
         """Every pod the server selects by labels, serving or not, with its PD role."""
-        return [(p, _pd_role(server, p)) for p in self._resources.pods if server.selects(p)]
+        return [(p, server.pd_role(p)) for p in self._resources.pods if server.selects(p)]
 
     def _server_summary(self, server: ModelServer) -> dict[str, object]:
-        selected = self._server_pods(server)
-        serving = {p.key for p in self.core.store.server_pods(server)}
-        ready_roles = Counter(role for pod, role in selected if pod.meta.key in serving)
-        ready = sum(1 for pod, _ in selected if pod.meta.key in serving)
+        health = self.core.health.server(server)
         group = server.pd_group
         return {
             "name": server.meta.name,
@@ -667,9 +654,10 @@ class DebugView:
             "model": server.model,
             "engine": server.engine,
             "pd_group_key": group.group_key if group is not None else None,
-            "total_pods": len(selected),
-            "ready_pods": ready,
-            "health": _health(ready, len(selected), ready_roles, group is not None),
+            "total_pods": health.selected,
+            "serving_pods": len(health.pods),
+            "ready_pods": len(health.healthy),
+            "health": health.status,
         }
 
     def model_servers(self) -> dict[str, object]:

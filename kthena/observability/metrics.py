@@ -34,6 +34,7 @@ from kthena.proxy.context import ProxyContext
 
 if TYPE_CHECKING:
     from kthena.config.resources import ModelServer
+    from kthena.proxy.health import ServerHealth
     from kthena.store import PodEndpoint
 
 
@@ -42,11 +43,11 @@ class PodsView:
     """
     What the pod gauges are set from.
 
-    @ivar servers: each model server, its pods, and those of them that are healthy.
+    @ivar servers: each model server and its health (its pods, the healthy ones).
     @ivar pool_sizes: idle pooled connections per pod key.
     """
 
-    servers: Sequence[tuple[ModelServer, Sequence[PodEndpoint], Sequence[PodEndpoint]]]
+    servers: Sequence[tuple[ModelServer, ServerHealth]]
     pool_sizes: dict[str, int]
 
 
@@ -55,23 +56,9 @@ PLUGIN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)
 FAIRNESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 UNKNOWN = "unknown"
 
-KNOWN_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/models",
-        "/v1/rerank",
-        "/v1/score",
-        "/v1/audio/transcriptions",
-    }
-)
-"""API paths named as themselves in metrics; any other path is labelled C{other}."""
-
-
-def path_label(path: str) -> str:
-    return path if path in KNOWN_PATHS else "other"
+ROUTER_PATHS = frozenset({"/v1/models", "/healthz", "/readyz"})
+MODEL_PATH = "/v1/models/{model}"
+"""The C{path} label of C{GET /v1/models/<id>} (one label, not one per model)."""
 
 
 class FastFamily(Collector):
@@ -428,7 +415,24 @@ class RouterMetrics:
             "Requests scheduled among unhealthy pods because no pod of the server was healthy",
             ("model_server",),
         )  # fmt: skip
+        self.outlier_ejections = self._fast(
+            "counter", "kthena_router_outlier_ejections",
+            "Pods ejected by passive outlier detection (failed attempts in a row)", ("target",),
+        )  # fmt: skip
         self._pod_series: dict[int, set[tuple[str, ...]]] = {}
+        self._paths = ROUTER_PATHS
+
+    def known_paths(self, inference_paths: Iterable[str]) -> None:
+        """The paths labelled as themselves (a config generation's); others are C{other}."""
+        self._paths = ROUTER_PATHS | frozenset(inference_paths)
+
+    def path_label(self, path: str) -> str:
+        if path in self._paths:
+            return path
+        return MODEL_PATH if path.startswith("/v1/models/") else "other"
+
+    def ejected(self, pod: PodEndpoint) -> None:
+        self.outlier_ejections.add((pod.key,))
 
     def _fast(self, kind: str, name: str, doc: str, labels: tuple[str, ...]) -> FastFamily:
         family = FastFamily(kind, name, doc, labels)
@@ -474,9 +478,11 @@ class RouterMetrics:
             self.lb_target_health: {},
             self.lb_pool_size: {},
         }
-        for server, pods, healthy in view.servers:
+        for server, health in view.servers:
             key = server.meta.key
-            series[self.server_health][(key, server.meta.namespace)] = float(bool(healthy))
+            pods, healthy = health.pods, health.healthy
+            usable = health.status != "unhealthy"
+            series[self.server_health][(key, server.meta.namespace)] = float(usable)
             model = server.model or key
             series[self.server_queue_depth][(key, model)] = sum(p.state.waiting for p in pods)
             per_gpu: dict[str, list[float]] = {}
@@ -494,6 +500,7 @@ class RouterMetrics:
                 )
             series[self.server_memory][(key, "gpu")] = gpu_bytes
             series[self.server_memory][(key, "system")] = system_bytes
+        self.outlier_ejections.prune(lambda labels: labels["target"] not in view.pool_sizes)
         for pod_key, idle in view.pool_sizes.items():
             series[self.lb_pool_size][(pod_key,)] = float(idle)
         for family, values in series.items():
@@ -511,7 +518,7 @@ class RouterMetrics:
     def request_done(self, ctx: ProxyContext) -> None:
         """Count a request that ended, whatever the outcome (once per request)."""
         model = self.model_label(ctx)
-        path = path_label(ctx.path)
+        path = self.path_label(ctx.path)
         status = str(ctx.status)
         self.requests.add((model, path, status, ctx.error_type.value))
         if ctx.finished is not None:

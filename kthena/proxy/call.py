@@ -9,7 +9,6 @@ never saw the request, are retried. 4xx answers are the client's and pass throug
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NoReturn
 
 from twisted.internet import error as net_error
@@ -23,7 +22,8 @@ from twisted.web.server import Request
 
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.core import RouterCore
-from kthena.proxy.errors import ErrorType, ProxyError, error_object, respond_error
+from kthena.proxy.errors import ErrorType, ProxyError, describe, error_object, respond_error
+from kthena.proxy.headers import HOP_BY_HOP, STREAM_SKIP, forwardable
 from kthena.proxy.relay import Relay
 from kthena.store import PodEndpoint, RouteMatch
 from kthena.webutil import json_bytes
@@ -33,42 +33,11 @@ log = Logger()
 CONNECT_RETRIES = 2
 """Retries on connection failure when the ModelServer sets no retry policy."""
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 _CONNECT_ERRORS = (
     net_error.ConnectError,
     net_error.DNSLookupError,
     net_error.TimeoutError,
 )
-
-
-_STREAM_SKIP = HOP_BY_HOP | {b"content-length"}
-"""Response headers not relayed for a stream (its body may change: the usage chunk)."""
-
-
-def forwardable(
-    headers: Headers, skip: frozenset[bytes] = HOP_BY_HOP
-) -> list[tuple[bytes, Sequence[bytes]]]:
-    """
-    Headers minus those in C{skip} (the hop-by-hop ones, and more) and those the
-    Connection header names.
-    """
-    connection = headers.getRawHeaders(b"connection")
-    if connection:
-        skip = skip | {t.strip().lower() for v in connection for t in v.split(b",")}
-    return [(n, v) for n, v in headers.getAllRawHeaders() if n.lower() not in skip]
 
 
 class _Discard:
@@ -169,7 +138,7 @@ class ProxyCall:
                         continue
                 if response.code < 500 and ctx.decision is not None:
                     self.core.scheduler.scheduled(ctx.decision, pod)
-                await self._relay(response)
+                await self._relay(pod, response)
                 return
             finally:
                 self._release(pod)
@@ -182,22 +151,25 @@ class ProxyCall:
     ) -> ProxyError:
         if isinstance(error, _CONNECT_ERRORS):
             failure = ProxyError(
-                503, ErrorType.PROXY, f"pod {pod.name} unreachable: {error.__class__.__name__}"
+                503, ErrorType.PROXY, f"pod {pod.name} unreachable: {describe(error)}"
             )
         elif isinstance(error, TimeoutError):
             failure = ProxyError(
                 504, ErrorType.TIMEOUT, f"pod {pod.name} sent no response within {timeout}s"
             )
         else:
-            failure = ProxyError(
-                503, ErrorType.PROXY, f"pod {pod.name} failed: {error.__class__.__name__}"
-            )
+            failure = ProxyError(503, ErrorType.PROXY, f"pod {pod.name} failed: {describe(error)}")
         self._failed(pod, failure.message)
         return failure
 
     def _failed(self, pod: PodEndpoint, why: str) -> None:
-        """An attempt on C{pod} failed: kept on the pod and in the request's record."""
+        """
+        An attempt on C{pod} failed: kept on the pod and in the request's record, and
+        counted by outlier detection.
+        """
         pod.failed(why)
+        core = self.core
+        core.outliers.failed(pod, why, core.store.server_pods(self.match.server))
         ctx = self.ctx
         if ctx.failed_attempts is None:
             ctx.failed_attempts = []
@@ -231,7 +203,7 @@ class ProxyCall:
 
     # -- the response
 
-    async def _relay(self, response: IResponse) -> None:
+    async def _relay(self, pod: PodEndpoint, response: IResponse) -> None:
         ctx = self.ctx
         request = self.request
         core = self.core
@@ -242,7 +214,7 @@ class ProxyCall:
             ctx.error_message = f"pod answered {response.code}"
         content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
         sse = content_type.startswith(b"text/event-stream")
-        skip = _STREAM_SKIP if sse else HOP_BY_HOP
+        skip = STREAM_SKIP if sse else HOP_BY_HOP
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         for name, values in forwardable(response.headers, skip):
@@ -272,11 +244,13 @@ class ProxyCall:
             return
         request.unregisterProducer()
         if cut is None:
+            if response.code < 500:
+                core.outliers.succeeded(pod)
             request.finish()
             return
-        self._interrupted(relay, cut, sse)
+        self._interrupted(pod, relay, cut, sse)
 
-    def _interrupted(self, relay: Relay, cut: Failure, sse: bool) -> None:
+    def _interrupted(self, pod: PodEndpoint, relay: Relay, cut: Failure, sse: bool) -> None:
         """The body broke after the headers went out: tell the client it is incomplete."""
         ctx = self.ctx
         if relay.idle_expired:
@@ -290,10 +264,11 @@ class ProxyCall:
             error = ProxyError(
                 502,
                 ErrorType.STREAM_INTERRUPTED,
-                f"the pod's response was cut: {cut.getErrorMessage()}",
+                f"the pod's response was cut: {describe(cut.value)}",
             )
         ctx.error_type = error.error_type
         ctx.error_message = error.message
+        self._failed(pod, error.message)
         if sse:
             self._error_event(error)
         elif not self.request.startedWriting:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -20,6 +20,10 @@ from kthena.config.router import RouterConfig
 from kthena.interfaces import IScheduler, IServerReactor, ITokenEstimator
 from kthena.observability.metrics import PodsView, RouterMetrics
 from kthena.proxy.context import ProxyContext
+from kthena.proxy.headers import upstream_skip
+from kthena.proxy.health import Health
+from kthena.proxy.internal import InternalErrors
+from kthena.proxy.outlier import OutlierDetector
 from kthena.proxy.upstream import Upstream
 from kthena.ratelimit.estimate import CharsEstimator
 from kthena.scheduler.build import build_scheduler
@@ -53,10 +57,11 @@ def _names(config: RouterConfig) -> tuple[set[str], set[tuple[str, str]]]:
 class RouterCore:
     """
     @ivar draining: set on shutdown; new requests are refused with 503.
-    @ivar ready: the router has a configuration to route by (and, when pods are scraped,
-        the first scrape round is done).
-    @ivar pod_health: pods are scraped, so their health decides whether they take traffic.
+    @ivar scraped: the first scrape round is done (or pods are not scraped).
+    @ivar health: the one rule for which pods may take traffic (L{kthena.proxy.health}).
     @ivar calls: proxied requests in flight.
+    @ivar inference_paths: the paths proxied to pods (C{inferencePaths}).
+    @ivar drop_upstream: request headers never forwarded to pods.
     """
 
     def __init__(
@@ -76,7 +81,7 @@ class RouterCore:
         self.upstream = Upstream(reactor, config.upstream)
         self.started = int(time.time())
         self.draining = False
-        self.ready = True
+        self.scraped = True
         self.calls: set[ProxyCall] = set()
         self.estimator: ITokenEstimator = estimator or CharsEstimator()
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -86,9 +91,26 @@ class RouterCore:
         )
         self.decisions: deque[ProxyContext] = deque(maxlen=DECISIONS_KEPT)
         self.request_hooks: list[RequestHook] = [self.metrics.request_done]
+        self.internal_errors = InternalErrors(reactor)
+        self.outliers = OutlierDetector(config.upstream.outlier, reactor, self.metrics.ejected)
+        self.health = Health(self.store, reactor, self.outliers, None)
         self._idle_waiters: list[Deferred[None]] = []
         self._degraded: set[str] = set()
-        self.pod_health = False
+        self._traffic(config)
+
+    def _traffic(self, config: RouterConfig) -> None:
+        self.inference_paths = frozenset(p.encode() for p in config.inference_paths)
+        self.drop_upstream = upstream_skip(config.upstream.forward_authorization)
+        self.metrics.known_paths(config.inference_paths)
+        self.outliers.config = config.upstream.outlier
+        if self.health.scrapes is not None:
+            self.health.scrapes = config.pod_metrics
+
+    def scrape_pods(self) -> None:
+        """Pods are scraped: their scrapes count in their health; not ready until the first
+        round."""
+        self.health.scrapes = self.config.pod_metrics
+        self.scraped = False
 
     def apply(self, config: RouterConfig) -> None:
         """Switch to a new config generation (the data plane part of a reload)."""
@@ -100,19 +122,20 @@ class RouterCore:
         else:
             self.scheduler.forget_pods(old_pods - set(self.store.pods))
         self.config = config
+        self._traffic(config)
         new_models, new_destinations = _names(config)
         self.metrics.forget(old_models - new_models, old_destinations - new_destinations)
 
     def schedulable(self, server: ModelServer) -> list[PodEndpoint]:
         """
-        The server's pods that may take a request now: Running and Ready, and healthy by
-        their scrapes. When none is healthy, all of them (better a slow answer than none);
-        that is logged once and counted on every request.
+        The server's pods that may take a request now: the healthy ones (serving, healthy
+        by their scrapes, not ejected). When none is healthy, all that serve (better a
+        slow answer than none); that is logged once and counted on every request.
         """
         pods = self.store.server_pods(server)
-        if not pods or not self.pod_health:
+        if not pods:
             return pods
-        healthy = self.healthy(pods)
+        healthy = self.health.healthy(pods)
         key = server.meta.key
         if healthy:
             self._degraded.discard(key)
@@ -127,20 +150,30 @@ class RouterCore:
         self.metrics.unhealthy_fallback(key)
         return pods
 
-    def healthy(self, pods: Sequence[PodEndpoint]) -> list[PodEndpoint]:
-        """Those of C{pods} that are healthy by their scrapes (C{podMetrics} settings)."""
-        health = self.config.pod_metrics
-        now = self.reactor.seconds()
-        return [p for p in pods if p.state.healthy(now, health.unhealthy_after, health.stale_after)]
-
     def pods_observed(self) -> None:
         """After a scrape round: refresh the model-server and load-balancing gauges."""
-        servers = []
-        for server in self.config.resources.servers:
-            pods = self.store.server_pods(server)
-            servers.append((server, pods, self.healthy(pods)))
+        servers = [(server, self.health.server(server)) for server in self.config.resources.servers]
         pools = {key: self.upstream.idle_connections(p) for key, p in self.store.pods.items()}
         self.metrics.pods_observed(PodsView(servers, pools))
+
+    def readiness(self) -> tuple[bool, str, list[str]]:
+        """
+        Whether C{/readyz} says ready, why, and the models no healthy pod serves
+        (L{kthena.proxy.health}; C{readiness} in the config).
+        """
+        if self.draining:
+            return False, "draining", []
+        if not self.scraped:
+            return False, "not ready: the first scrape of the pods is not done", []
+        without = self.health.models_without_healthy_pods()
+        if without and (
+            self.config.readiness == "allModels" or len(without) == len(self.store.model_names())
+        ):
+            shown = ", ".join(without[:10]) + (
+                f" and {len(without) - 10} more" if len(without) > 10 else ""
+            )
+            return False, f"not ready: no healthy pod serves {shown}", without
+        return True, "ready", without
 
     def request_done(self, ctx: ProxyContext) -> None:
         """Every request ends here exactly once, whatever its outcome."""

@@ -1,31 +1,43 @@
 """
-The proxy listener's resource: C{/v1/*} inference requests, C{GET /v1/models},
-C{/healthz} and C{/readyz}.
+The proxy listener's resource: the inference paths (C{inferencePaths}), C{GET /v1/models}
+and C{/v1/models/{id}}, C{/healthz} and C{/readyz}. Any other path is answered 404
+before any pod sees it: the engines' admin endpoints (C{/v1/load_lora_adapter}, ...)
+are not reachable through the router, and paths are matched exactly, so dot segments
+and escaped slashes never reach a pod either.
 
 An inference request is parsed once, matched to a route, scheduled to candidate pods and
-handed to a L{ProxyCall}; anything the router refuses gets an OpenAI error object with
-Kthena's status code and is recorded like every other request.
+handed to a L{ProxyCall}; anything the router answers itself (errors, the model list,
+health) gets its answer and is recorded like every other request: one metric count and
+one access-log record each, whatever happens inside, an internal error included.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from typing import Any
 
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from kthena.proxy.call import HOP_BY_HOP, ProxyCall, forwardable
+from kthena import prompt
+from kthena.proxy.call import ProxyCall
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.core import RouterCore
 from kthena.proxy.errors import ErrorType, ProxyError, respond_error
+from kthena.proxy.headers import forwardable
 from kthena.scheduler.framework import SchedulingRequest
 from kthena.webutil import json_bytes, respond_json
 
-_DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id"}
+_REQUEST_ID = re.compile(rb"^[\x20-\x7e]{1,128}$")
+"""A client's C{x-request-id} kept as given: 1 to 128 printable ASCII characters."""
+
+_MODELS = b"/v1/models"
+_MODEL_PREFIX = b"/v1/models/"
 
 
 def _epoch(timestamp: str | None, default: int) -> int:
@@ -35,6 +47,21 @@ def _epoch(timestamp: str | None, default: int) -> int:
         return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
     except ValueError:
         return default
+
+
+def request_id(given: bytes | None) -> str:
+    """The client's id when it is one we keep (L{_REQUEST_ID}); a new one otherwise."""
+    if given is not None and _REQUEST_ID.match(given):
+        return given.decode("ascii")
+    return os.urandom(16).hex()
+
+
+def _not_served(path: bytes) -> ProxyError:
+    if b"%" in path or b"/." in path or b"//" in path or b"\\" in path:
+        why = "paths with dot segments, empty segments or escapes are not served"
+    else:
+        why = "the router does not serve this path"
+    return ProxyError(404, ErrorType.NOT_FOUND, f"{why}: {path.decode('latin-1')!r}")
 
 
 class ProxyResource(Resource):
@@ -47,102 +74,137 @@ class ProxyResource(Resource):
     def render(self, request: Request) -> bytes | int:
         path = request.path
         method = request.method
-        if path.startswith(b"/v1/") and path != b"/v1/models":
+        ctx = self._context(request)
+        if path in self.core.inference_paths:
             if method != b"POST":
                 return self._refuse(
                     request,
+                    ctx,
                     ProxyError(
                         405,
                         ErrorType.METHOD_NOT_ALLOWED,
-                        f"{method.decode()} is not allowed here; use POST",
+                        f"{method.decode('latin-1')} is not allowed here; use POST",
                     ),
                     allow=b"POST",
                 )
-            return self._inference(request)
-        if path == b"/v1/models":
-            return self._get_only(request, self._models)
-        if path == b"/healthz":
-            return self._get_only(request, lambda r: respond_json(r, 200, {"message": "ok"}))
-        if path == b"/readyz":
-            return self._get_only(request, self._readyz)
-        return self._refuse(request, ProxyError(404, ErrorType.NOT_FOUND, "no such path"))
+            return self._inference(request, ctx)
+        if method not in (b"GET", b"HEAD"):
+            if path in (_MODELS, b"/healthz", b"/readyz") or path.startswith(_MODEL_PREFIX):
+                return self._refuse(
+                    request,
+                    ctx,
+                    ProxyError(
+                        405,
+                        ErrorType.METHOD_NOT_ALLOWED,
+                        f"{method.decode('latin-1')} is not allowed here",
+                    ),
+                    allow=b"GET, HEAD",
+                )
+            return self._refuse(request, ctx, _not_served(path))
+        try:
+            status, value = self._answer(path, ctx)
+        except ProxyError as error:
+            return self._refuse(request, ctx, error)
+        return self._respond(request, ctx, status, value)
 
     # -- router-answered requests
 
-    def _get_only(self, request: Request, answer: Any) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            return self._refuse(
-                request,
-                ProxyError(
-                    405,
-                    ErrorType.METHOD_NOT_ALLOWED,
-                    f"{request.method.decode()} is not allowed here",
-                ),
-                allow=b"GET, HEAD",
-            )
-        body: bytes = answer(request)
-        return body
+    def _answer(self, path: bytes, ctx: ProxyContext) -> tuple[int, object]:
+        if path == _MODELS:
+            return 200, {"object": "list", "data": [self._model(n, r) for n, r in self._names()]}
+        if path.startswith(_MODEL_PREFIX):
+            return 200, self._retrieve(path[len(_MODEL_PREFIX) :].decode("utf-8", "replace"), ctx)
+        if path == b"/healthz":
+            return 200, {"message": "ok"}
+        if path == b"/readyz":
+            return self._readyz()
+        raise _not_served(path)
 
-    def _readyz(self, request: Request) -> bytes:
-        core = self.core
-        if core.draining:
-            return respond_json(request, 503, {"message": "draining"})
-        if not core.ready:
-            return respond_json(request, 503, {"message": "not ready"})
-        return respond_json(request, 200, {"message": "ready"})
+    def _names(self) -> list[tuple[str, Any]]:
+        return self.core.store.model_names()
 
-    def _models(self, request: Request) -> bytes:
-        started = self.core.started
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": _epoch(route.meta.created, started),
-                "owned_by": "kthena",
-            }
-            for name, route in self.core.store.model_names()
-        ]
-        return respond_json(request, 200, {"object": "list", "data": data})
+    def _model(self, name: str, route: Any) -> dict[str, object]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": _epoch(route.meta.created, self.core.started),
+            "owned_by": "kthena",
+        }
+
+    def _retrieve(self, name: str, ctx: ProxyContext) -> dict[str, object]:
+        """C{GET /v1/models/{id}} (the openai SDK's C{models.retrieve}); ids may hold C{/}."""
+        ctx.model = name
+        for known, route in self._names():
+            if known == name:
+                return self._model(name, route)
+        raise ProxyError(404, ErrorType.ROUTE_NOT_FOUND, f"the model `{name}` does not exist")
+
+    def _readyz(self) -> tuple[int, object]:
+        ready, message, without = self.core.readiness()
+        if ready:
+            return 200, {"message": message}
+        if without:
+            return 503, {"message": message, "models_without_healthy_pods": without}
+        return 503, {"message": message}
 
     def _context(self, request: Request) -> ProxyContext:
-        given = request.getHeader(b"x-request-id")
-        request_id = given.decode("latin-1") if given else os.urandom(16).hex()
         return ProxyContext(
-            request_id=request_id,
+            request_id=request_id(request.getHeader(b"x-request-id")),
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             started=self.core.reactor.seconds(),
             protocol=request.clientproto.decode("latin-1"),
         )
 
+    def _respond(self, request: Request, ctx: ProxyContext, status: int, value: object) -> bytes:
+        """Answer with C{value} as JSON, and record the request like any other."""
+        if status >= 400:
+            ctx.fail(status, ErrorType.NOT_FOUND, str(value))
+        else:
+            ctx.status = status
+        ctx.finished = self.core.reactor.seconds()
+        request.setHeader(b"x-request-id", ctx.request_id.encode("ascii"))
+        body = respond_json(request, status, value)
+        self.core.request_done(ctx)
+        return body
+
     def _refuse(
         self,
         request: Request,
+        ctx: ProxyContext,
         error: ProxyError,
-        ctx: ProxyContext | None = None,
         allow: bytes | None = None,
     ) -> bytes:
         """Answer with an error, and record the request like any other."""
-        ctx = ctx or self._context(request)
         ctx.fail(error.status, error.error_type, error.message)
         ctx.finished = self.core.reactor.seconds()
         if allow is not None:
             request.setHeader(b"allow", allow)
-        request.setHeader(b"x-request-id", ctx.request_id.encode("latin-1"))
+        request.setHeader(b"x-request-id", ctx.request_id.encode("ascii"))
         body = respond_error(request, error)
         self.core.request_done(ctx)
         return body
 
     # -- inference
 
-    def _inference(self, request: Request) -> bytes | int:
-        ctx = self._context(request)
+    def _inference(self, request: Request, ctx: ProxyContext) -> bytes | int:
         try:
             return self._route(request, ctx)
         except ProxyError as error:
             if error.error_type is ErrorType.DRAINING:
                 request.setHeader(b"connection", b"close")
-            return self._refuse(request, error, ctx)
+            return self._refuse(request, ctx, error)
+        except Exception:
+            self.core.internal_errors.report(Failure(), ctx.request_id)
+            return self._refuse(
+                request,
+                ctx,
+                ProxyError(
+                    500,
+                    ErrorType.INTERNAL,
+                    f"internal router error; the router's log has it under {ctx.request_id}",
+                ),
+            )
 
     def _route(self, request: Request, ctx: ProxyContext) -> int:
         core = self.core
@@ -161,10 +223,16 @@ class ProxyResource(Resource):
         if not isinstance(body, dict):
             raise ProxyError(400, ErrorType.INVALID_REQUEST, "the body must be a JSON object")
         model = body.get("model")
-        if not isinstance(model, str) or not model:
+        if model is not None and not isinstance(model, str):
+            raise ProxyError(400, ErrorType.INVALID_REQUEST, "`model` must be a string")
+        if not model:
             raise ProxyError(404, ErrorType.ROUTE_NOT_FOUND, "the request names no model")
         ctx.model = model
         ctx.stream = body.get("stream") is True
+        try:
+            prompt.check(body)
+        except prompt.PromptError as e:
+            raise ProxyError(400, ErrorType.INVALID_REQUEST, str(e)) from e
 
         def header(name: str) -> str:
             return request.getHeader(name) or ""
@@ -187,9 +255,9 @@ class ProxyResource(Resource):
         )
         raw, hide_usage = _upstream_body(raw, body, match.upstream_model(model), ctx.stream)
         headers = Headers()
-        for name, values in forwardable(request.requestHeaders, _DROP_UPSTREAM):
+        for name, values in forwardable(request.requestHeaders, core.drop_upstream):
             headers.setRawHeaders(name, values)
-        headers.setRawHeaders(b"x-request-id", [ctx.request_id.encode("latin-1")])
+        headers.setRawHeaders(b"x-request-id", [ctx.request_id.encode("ascii")])
         client = request.getClientAddress()
         host = getattr(client, "host", None)
         if host:

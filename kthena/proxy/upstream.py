@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from kthena.config.router import UpstreamConfig
+from kthena.config.traffic import UpstreamConfig
 from kthena.interfaces import IServerReactor
 from kthena.store import PodEndpoint
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from zope.interface import implementer
 
+from kthena import prompt
 from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
 from kthena.store import PodEndpoint, RouteMatch
 
@@ -49,30 +50,8 @@ class SchedulingRequest:
     def prompt(self) -> str:
         """The prompt as the engine sees it (chat rendered as ChatML), built once."""
         if self._prompt is None:
-            self._prompt = render_prompt(self.body)
+            self._prompt = prompt.render(self.body)
         return self._prompt
-
-
-def render_prompt(body: dict[str, Any]) -> str:
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        parts = []
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, list):
-                content = "".join(
-                    p.get("text", "") for p in content if isinstance(p, dict)
-                )  # text parts only
-            parts.append(f"<|im_start|>{message.get('role', '')}\n{content or ''}<|im_end|>\n")
-        return "".join(parts)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        return "".join(prompt)
-    return ""
 
 
 @dataclass(slots=True)

@@ -145,13 +145,15 @@ async def test_labels_stay_bounded(cluster: Cluster) -> None:
             cluster.pod("fast-0", sim, {"app": "fast"}),
         ]
     )
+    await cluster.post(router, CHAT, chat_body("fast-model"))
     for i in range(20):
         await cluster.post(router, CHAT, chat_body(f"made-up-{i}"))
         await cluster.post(router, f"/v1/made/up/{i}", chat_body("fast-model"))
+        await cluster.request(router, "GET", f"/v1/models/made-up-{i}")
     models = set(by_label(router, "kthena_router_requests_total", "model"))
     paths = set(by_label(router, "kthena_router_requests_total", "path"))
     assert models == {"unknown", "fast-model"}
-    assert paths == {CHAT, "other"}
+    assert paths == {CHAT, "other", "/v1/models/{model}"}
 
 
 @inline

@@ -65,7 +65,7 @@ def plugin_calls(router: RouterService, plugin: str, kind: str) -> float:
 
 
 async def ready(cluster: Cluster, router: RouterService) -> None:
-    await cluster.wait_for(lambda: router.core.ready, 5, "the first scrape round")
+    await cluster.wait_for(lambda: router.core.scraped, 5, "the first scrape round")
     await cluster.wait_for(
         lambda: all(p.state.scraped_at is not None for p in router.core.store.pods.values()),
         5,
@@ -357,7 +357,7 @@ async def test_ready_after_the_first_round_and_new_pods_scraped_at_once(cluster:
         )
         # The first round waits for the silent pod's scrape to time out.
         assert (await cluster.request(router, "GET", "/readyz")).status == 503
-        await cluster.wait_for(lambda: router.core.ready, 5, "the first round")
+        await cluster.wait_for(lambda: router.core.scraped, 5, "the first round")
         assert (await cluster.request(router, "GET", "/readyz")).status == 200
     finally:
         silent.close()

@@ -383,12 +383,22 @@ class RouterHarness:
         self,
         traffic_policy: Doc | None = None,
         pods: int = 2,
+        *,
+        configured_scheduler: bool = False,
         **top: Any,
     ) -> None:
+        """
+        @param configured_scheduler: schedule with the config's plugins (Kthena's
+            defaults unless C{scheduler} is given), not by pod name.
+        """
         self.clock = MemoryReactorClock()
         self.config = router_config(traffic_policy, pods, **top)
         self.scheduler = OrderedScheduler()
-        self.core = RouterCore(cast(IServerReactor, self.clock), self.config, self.scheduler)
+        self.core = RouterCore(
+            cast(IServerReactor, self.clock),
+            self.config,
+            None if configured_scheduler else self.scheduler,
+        )
         self.upstream = FakeUpstream()
         self.core.upstream = cast(Upstream, self.upstream)
         self.contexts: list[ProxyContext] = []

@@ -34,6 +34,39 @@ def test_defaults() -> None:
     assert config.observability.access_log.output == "stdout"
     assert config.observability.debug.enabled is True
     assert config.upstream.pool_idle_timeout < 5  # below uvicorn's keep-alive
+    assert config.upstream.forward_authorization is True  # as Kthena
+    assert config.inference_paths == {
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+        "/v1/rerank", "/v1/score",
+    }  # fmt: skip
+    assert (config.downstream.header_timeout, config.downstream.body_timeout) == (10.0, 60.0)
+    outlier = config.upstream.outlier
+    assert (outlier.enabled, outlier.consecutive_failures, outlier.base_ejection_time) == (
+        True, 5, 30.0,
+    )  # fmt: skip
+    assert config.readiness == "allModels"
+
+
+def test_traffic_settings() -> None:
+    config = parse(
+        {
+            "listen": "tcp:8080:interface=127.0.0.1",
+            "inferencePaths": ["/v1/chat/completions", "/tokenize"],
+            "downstream": {"headerTimeout": "5s", "bodyTimeout": "2m", "idleTimeout": 30},
+            "upstream": {
+                "forwardAuthorization": False,
+                "outlierDetection": {"consecutiveFailures": 2, "maxEjectionPercent": 100},
+            },
+            "readiness": "anyModel",
+        }
+    )
+    assert config.inference_paths == {"/v1/chat/completions", "/tokenize"}
+    assert (config.downstream.header_timeout, config.downstream.body_timeout) == (5.0, 120.0)
+    assert config.downstream.idle_timeout == 30.0
+    assert config.upstream.forward_authorization is False
+    assert config.upstream.outlier.consecutive_failures == 2
+    assert config.upstream.outlier.max_ejection_percent == 100
+    assert config.readiness == "anyModel"
 
 
 def test_observability_section_as_the_spec_writes_it() -> None:
@@ -294,6 +327,53 @@ BAD_CASES: list[tuple[str, Any, str]] = [
         {"resources": [server("Bad_Name", {})]},
         "metadata.name: must be a lower-case DNS name, not 'Bad_Name'",
     ),
+    (
+        "listen port not a number",
+        {"listen": "tcp:80a81"},
+        "router.yaml: listen: is not a valid endpoint like tcp:8080 (invalid literal for int() "
+        "with base 10: '80a81'): 'tcp:80a81'",
+    ),
+    ("listen port too big", {"adminListen": "tcp:99999"}, "adminListen: port 99999 is not"),
+    (
+        "listen interface not an IP",
+        {"listen": "tcp:8080:interface=localhost"},
+        "listen: interface must be an IP address, not 'localhost'",
+    ),
+    ("unknown endpoint type", {"listen": "htp:8080"}, "Unknown endpoint type: 'htp'"),
+    (
+        "pod IP not an IP",
+        {"resources": [pod("p", "10.0.0.300", {"app": "a"})]},
+        "router.yaml: resources[0] (Pod default/p): status.podIP: must be an IP address, "
+        "not '10.0.0.300'",
+    ),
+    (
+        "inference path with dot segments",
+        {"inferencePaths": ["/v1/../admin"]},
+        "inferencePaths[0]: must be an absolute path of plain segments",
+    ),
+    (
+        "inference path with an escape",
+        {"inferencePaths": ["/v1/chat%2Fcompletions"]},
+        "inferencePaths[0]: must be an absolute path of plain segments",
+    ),
+    (
+        "inference path of the router's own",
+        {"inferencePaths": ["/v1/chat/completions", "/v1/models"]},
+        "inferencePaths[1]: /v1/models is answered by the router itself",
+    ),
+    ("no inference path", {"inferencePaths": []}, "inferencePaths: must list at least one"),
+    ("zero header timeout", {"downstream": {"headerTimeout": 0}}, "headerTimeout: must be more"),
+    (
+        "ejection times out of order",
+        {"upstream": {"outlierDetection": {"baseEjectionTime": "60s", "maxEjectionTime": "10s"}}},
+        "upstream.outlierDetection.maxEjectionTime: must be at least baseEjectionTime",
+    ),
+    (
+        "ejection share over 100",
+        {"upstream": {"outlierDetection": {"maxEjectionPercent": 101}}},
+        "maxEjectionPercent: must be at most 100, not 101",
+    ),
+    ("unknown readiness rule", {"readiness": "some"}, "readiness: must be one of allModels"),
 ]
 
 

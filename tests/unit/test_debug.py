@@ -218,7 +218,7 @@ def test_router_state(admin: AdminHarness) -> None:
     state = admin.json("/debug/router/state")
     assert state["uptime_seconds"] >= 0
     assert state["started_at"].endswith("Z")
-    assert (state["ready"], state["draining"]) == (admin.core.ready, False)
+    assert (state["ready"], state["draining"]) == (admin.core.readiness()[0], False)
     assert state["config"]["generation"] == 1
     assert state["config"]["source"] == "admin-test.yaml"
     assert state["config"]["resources"] == {"modelroutes": 2, "modelservers": 4, "pods": 6}
@@ -315,9 +315,9 @@ def test_decisions_newest_first_with_the_reason(admin: AdminHarness) -> None:
     assert (first["chosen"], first["attempts"], first["status"]) == ("p1", 2, 200)
     assert first["error_type"] == "successful_request"
     assert first["failed_attempts"] == [
-        {"pod": "p0", "error": "pod p0 unreachable: ConnectionRefusedError"}
+        {"pod": "p0", "error": "pod p0 unreachable: connection refused"}
     ]
-    assert "attempt 2 after p0 failed: pod p0 unreachable: ConnectionRefusedError" in first["why"]
+    assert "attempt 2 after p0 failed: pod p0 unreachable: connection refused" in first["why"]
     assert first["in_flight"] is False
     assert first["duration_ms"] >= 0
     admin.upstream.last.respond_json(completion())
@@ -338,7 +338,7 @@ def test_a_request_that_failed_on_every_pod(admin: AdminHarness) -> None:
     assert client.got().status == 503
     (decision,) = admin.json("/debug/routing/decisions")["decisions"]
     assert (decision["status"], decision["error_type"], decision["attempts"]) == (503, "proxy", 3)
-    assert decision["error"] == "pod p0 unreachable: ConnectionRefusedError"
+    assert decision["error"] == "pod p0 unreachable: connection refused"
     assert "gave up after attempt 3 on p0" in decision["why"]
 
 
@@ -365,16 +365,23 @@ def test_backends_per_pod(admin: AdminHarness) -> None:
         "healthy": False,  # never scraped
         "in_flight": 0,
         "failures": 1,
-        "last_error": "pod p0 unreachable: ConnectionRefusedError",
+        "last_error": "pod p0 unreachable: connection refused",
         "servers": ["default/base"],
         "idle_connections": 0,
+        "outlier": {
+            "ejected": False,
+            "ejected_until": None,
+            "ejections": 0,
+            "consecutive_failures": 1,
+            "last_failure": "pod p0 unreachable: connection refused",
+        },
     }
     assert p0["metrics"]["scraped_at"] is None
     assert p0["metrics"]["scrapes"] == 0
     assert backends["default/p1"]["failures"] == 0
     pending = backends["default/pending"]
     assert (pending["ready"], pending["serving"], pending["servers"]) == (False, False, [])
-    assert (pending["healthy"], pending["metrics"]) == (None, {})
+    assert (pending["healthy"], pending["metrics"], pending["outlier"]) == (False, {}, None)
 
 
 def test_pods_show_their_last_scrape() -> None:
@@ -406,7 +413,14 @@ def test_pods_show_their_last_scrape() -> None:
     assert admin.json("/debug/routing/backends")["backends"][0]["healthy"] is False
 
 
+def scraped(admin: AdminHarness) -> None:
+    """Every serving pod answered a scrape just now."""
+    for endpoint in admin.core.store.pods.values():
+        endpoint.state.update(EngineSnapshot(), admin.clock.seconds())
+
+
 def test_model_servers_and_their_status(admin: AdminHarness) -> None:
+    scraped(admin)
     servers = admin.json("/debug/model-servers")["model_servers"]
     summary = {f"{s['namespace']}/{s['name']}": s for s in servers}
     assert summary["default/base"] == {
@@ -416,6 +430,7 @@ def test_model_servers_and_their_status(admin: AdminHarness) -> None:
         "engine": "vLLM",
         "pd_group_key": None,
         "total_pods": 3,
+        "serving_pods": 2,
         "ready_pods": 2,
         "health": "degraded",  # the Pending pod
     }

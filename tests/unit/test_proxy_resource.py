@@ -14,7 +14,6 @@ from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLo
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from kthena.observability.metrics import path_label
 from kthena.proxy.errors import ErrorType
 from tests.unit.proxyfixtures import (
     BASE_MODEL,
@@ -77,7 +76,7 @@ REFUSALS: list[tuple[str, bytes, int, ErrorType]] = [
     ("non-object", b'["model", "m"]', 400, ErrorType.INVALID_REQUEST),
     ("no-model", b'{"prompt": "hi"}', 404, ErrorType.ROUTE_NOT_FOUND),
     ("empty-model", b'{"model": "", "prompt": "hi"}', 404, ErrorType.ROUTE_NOT_FOUND),
-    ("model-not-a-string", b'{"model": 7, "prompt": "hi"}', 404, ErrorType.ROUTE_NOT_FOUND),
+    ("model-not-a-string", b'{"model": 7, "prompt": "hi"}', 400, ErrorType.INVALID_REQUEST),
     ("unknown-model", b'{"model": "nope", "prompt": "hi"}', 404, ErrorType.ROUTE_NOT_FOUND),
     ("no-pods", b'{"model": "lonely", "prompt": "hi"}', 503, ErrorType.NO_PODS),
 ]
@@ -155,7 +154,8 @@ def test_unknown_path_is_404() -> None:
     response = h.get("/nope").got()
     assert_error(response, 404, ErrorType.NOT_FOUND)
     ctx = h.context
-    assert (ctx.status, ctx.error_type, path_label(ctx.path)) == (404, ErrorType.NOT_FOUND, "other")
+    label = h.core.metrics.path_label(ctx.path)
+    assert (ctx.status, ctx.error_type, label) == (404, ErrorType.NOT_FOUND, "other")
 
 
 def test_refusal_keeps_the_client_request_id() -> None:
@@ -194,12 +194,25 @@ def test_healthz() -> None:
     assert h.get("/healthz").got().status == 200
 
 
-def test_readyz() -> None:
-    h = RouterHarness()
+def test_readyz_needs_every_model_to_have_a_healthy_pod() -> None:
+    h = RouterHarness()  # the model `lonely` routes to a server without pods
+    response = h.get("/readyz").got()
+    assert response.status == 503
+    assert response.json() == {
+        "message": "not ready: no healthy pod serves lonely",
+        "models_without_healthy_pods": ["lonely"],
+    }
+    assert h.contexts[-1].status == 503
+
+
+def test_readyz_with_any_model() -> None:
+    h = RouterHarness(readiness="anyModel")
     assert h.get("/readyz").got().status == 200
-    h.core.ready = False
-    assert h.get("/readyz").got().status == 503
-    h.core.ready = True
+    h.core.scraped = False
+    response = h.get("/readyz").got()
+    assert response.status == 503
+    assert response.json()["message"] == "not ready: the first scrape of the pods is not done"
+    h.core.scraped = True
     h.core.draining = True
     response = h.get("/readyz").got()
     assert (response.status, response.json()) == (503, {"message": "draining"})
@@ -764,7 +777,7 @@ def test_each_request_recorded_exactly_once() -> None:
     h.upstream.calls[1].fail(ConnectionRefusedError())
     h.upstream.calls[2].respond_json(COMPLETION)
     assert all(c.response is not None for c in clients)
-    # /healthz is not a proxied request; the three others are recorded, once each.
-    assert len(h.contexts) == 3
-    assert len({id(c) for c in h.contexts}) == 3
-    assert sorted(c.status for c in h.contexts) == [200, 200, 400]
+    # Proxied, refused and router-answered requests alike are recorded, once each.
+    assert len(h.contexts) == 4
+    assert len({id(c) for c in h.contexts}) == 4
+    assert sorted(c.status for c in h.contexts) == [200, 200, 200, 404]

@@ -14,8 +14,9 @@ from kthena.config.router import parse_config
 from kthena.config.scheduler import SchedulerConfig
 from kthena.config.validate import ConfigError
 from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
+from kthena.prompt import render as render_prompt
 from kthena.scheduler.build import build_scheduler
-from kthena.scheduler.framework import Scheduler, SchedulingRequest, render_prompt
+from kthena.scheduler.framework import Scheduler, SchedulingRequest
 from kthena.scheduler.plugins import PLUGINS
 from kthena.scheduler.plugins.gpu_usage import GPUUsage
 from kthena.scheduler.plugins.least_latency import LeastLatency

@@ -29,8 +29,9 @@ _SCRATCH = "prefix-cache.hashes"
 def prefix_hashes(model: str, prompt: str, block_size: int, max_blocks: int) -> list[int]:
     """Chained hashes of the prompt's blocks (a block's hash covers all before it)."""
     hashes: list[int] = []
-    previous = zlib.crc32(model.encode())
-    data = prompt.encode()
+    # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which UTF-8 cannot encode.
+    previous = zlib.crc32(model.encode("utf-8", "surrogatepass"))
+    data = prompt.encode("utf-8", "surrogatepass")
     for start in range(0, min(len(data), block_size * max_blocks), block_size):
         previous = hash((previous, data[start : start + block_size]))
         hashes.append(previous)

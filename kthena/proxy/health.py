@@ -1,0 +1,106 @@
+"""
+One health rule, used by scheduling, the gauges, the debug views and readiness alike.
+
+A pod is healthy when it may take traffic: it serves (Running, Ready, addressed, not
+being deleted), its scrapes say it is up (when pods are scraped: fewer than
+C{podMetrics.unhealthyAfter} failures in a row, the last success at most
+C{podMetrics.staleAfter} old), and outlier detection has not ejected it.
+
+A model server is C{healthy} when every pod it selects is, C{degraded} when at least one
+is (for a prefill/decode server: at least one prefill and one decode pod), else
+C{unhealthy}. A model is servable when one of its routes' target servers has a healthy
+pod; the router is ready (C{/readyz}) when every model is (C{readiness: allModels}, the
+default) or any is (C{anyModel}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+
+from kthena.config.resources import ModelServer
+from kthena.config.router import PodMetricsConfig
+from kthena.proxy.outlier import OutlierDetector
+from kthena.store import Datastore, PodEndpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHealth:
+    """
+    @ivar selected: pods the server's labels select, serving or not.
+    @ivar pods: those that serve (Running, Ready, not deleting).
+    @ivar healthy: those that are healthy.
+    """
+
+    selected: int
+    pods: Sequence[PodEndpoint]
+    healthy: Sequence[PodEndpoint]
+    status: str
+
+
+class Health:
+    """
+    @ivar scrapes: the pod-metrics settings when pods are scraped (their health then
+        counts), else C{None}.
+    """
+
+    def __init__(
+        self,
+        store: Datastore,
+        clock: IReactorTime,
+        outliers: OutlierDetector,
+        scrapes: PodMetricsConfig | None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.outliers = outliers
+        self.scrapes = scrapes
+
+    def pod(self, pod: PodEndpoint) -> bool:
+        """Whether a serving pod is healthy."""
+        scrapes = self.scrapes
+        if scrapes is not None and not pod.state.healthy(
+            self.clock.seconds(), scrapes.unhealthy_after, scrapes.stale_after
+        ):
+            return False
+        return not self.outliers.ejected(pod)
+
+    def healthy(self, pods: Sequence[PodEndpoint]) -> list[PodEndpoint]:
+        return [p for p in pods if self.pod(p)]
+
+    def server(self, server: ModelServer) -> ServerHealth:
+        pods = self.store.server_pods(server)
+        healthy = self.healthy(pods)
+        selected = sum(1 for p in self.store.resources.pods if server.selects(p))
+        if server.pd_group is not None:
+            roles = {server.pd_role(p.pod) for p in healthy}
+            usable = {"prefill", "decode"} <= roles
+        else:
+            usable = bool(healthy)
+        if not usable:
+            status = "unhealthy"
+        elif len(healthy) == selected:
+            status = "healthy"
+        else:
+            status = "degraded"
+        return ServerHealth(selected, pods, healthy, status)
+
+    def models_without_healthy_pods(self) -> list[str]:
+        """Every model name (base or adapter) no route can send to a healthy pod."""
+        store = self.store
+        servers: dict[str, bool] = {}
+        models: dict[str, bool] = {}
+        for name, _, routes in store.route_table():
+            if name in models:  # a modelName shadows adapter routes of the same name
+                continue
+            ok = False
+            for route in routes:
+                for server in store.route_servers(route):
+                    key = server.meta.key
+                    if key not in servers:
+                        servers[key] = bool(self.healthy(store.server_pods(server)))
+                    ok = ok or servers[key]
+            models[name] = ok
+        return [name for name, ok in models.items() if not ok]
