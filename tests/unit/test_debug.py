@@ -25,6 +25,7 @@ from tests.unit.adminfixtures import (
     AdminHarness,
     completion,
 )
+from tests.unit.proxyfixtures import Client
 
 LIST_ENDPOINTS = [
     "/debug/",
@@ -451,6 +452,37 @@ def test_model_servers_and_their_status(admin: AdminHarness) -> None:
         ("p1", True),
         ("pending", False),
     ]
+
+
+def test_one_health_rule_in_every_view() -> None:
+    """Every pod unreachable: the views, the gauges and readiness all say so; then not."""
+    admin = AdminHarness(readiness="anyModel")
+    core = admin.core
+    core.scraped = True
+    for endpoint in core.store.pods.values():
+        for _ in range(3):
+            endpoint.state.failed("ConnectionRefusedError: connection refused")
+
+    def agree(healthy: bool) -> None:
+        core.pods_observed()
+        base = admin.json("/debug/model-servers/base/status?namespace=default")
+        assert (base["ready_pods"], base["health"]) == (
+            (2, "degraded") if healthy else (0, "unhealthy")
+        )
+        assert [p["healthy"] for p in base["pods"]] == [healthy, healthy, False]
+        backends = {b["pod"]: b for b in admin.json("/debug/routing/backends")["backends"]}
+        assert backends["default/p0"]["healthy"] is healthy
+        metrics = core.metrics
+        assert metrics.server_health.labels("default/base", "default")._value.get() == healthy
+        assert metrics.lb_target_health.labels("default/p0", "org/m")._value.get() == healthy
+        readyz = Client(admin.proxy_site)
+        readyz.request("GET", "/readyz")
+        assert readyz.got().status == (200 if healthy else 503)
+        assert admin.json("/debug/router/state")["ready"] is healthy
+
+    agree(False)
+    scraped(admin)
+    agree(True)
 
 
 def test_a_name_in_two_namespaces_needs_the_namespace(admin: AdminHarness) -> None:
