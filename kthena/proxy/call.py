@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
 from kthena.proxy.context import ProxyContext
@@ -220,8 +220,10 @@ class ProxyCall:
         for name, values in forwardable(response.headers, skip):
             out.setRawHeaders(name, values)
         out.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
+        # A JSON body of unknown length may be cut by a close that looks like its end.
+        hold = response.length is UNKNOWN_LENGTH and content_type.startswith(b"application/json")
         relay = Relay(
-            request, core.reactor, core.config.upstream.idle_timeout, sse, self.hide_usage
+            request, core.reactor, core.config.upstream.idle_timeout, sse, self.hide_usage, hold
         )
         self.relay = relay
         if sse:

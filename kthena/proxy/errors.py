@@ -63,6 +63,10 @@ _OPENAI_TYPES = {
 }
 
 
+class IncompleteBodyError(Exception):
+    """The pod closed the connection before its JSON body was complete."""
+
+
 class ProxyError(Exception):
     """A request the router answers itself, with a status, an outcome and a message."""
 
@@ -125,5 +129,6 @@ _DESCRIPTIONS: tuple[tuple[type[BaseException], str], ...] = (
     (net_error.ConnectionLost, "the connection to the pod was lost"),
     (net_error.ConnectionAborted, "the connection to the pod was aborted"),
     (PotentialDataLoss, "the pod closed the connection before the body was complete"),
+    (IncompleteBodyError, "the pod closed the connection before its JSON body was complete"),
     (CancelledError, "cancelled"),
 )

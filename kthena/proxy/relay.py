@@ -2,9 +2,15 @@
 The byte-pushing relay: an upstream response body to the client, as it arrives.
 
 It is the client request's push producer, so a slow client pauses the pod's connection
-and memory stays bounded; it resets an idle timer on every chunk; for server-sent events
-it forwards whole events only, takes the C{usage} from the pod's usage chunk and hides
-that chunk when the router, not the client, asked for it.
+and memory stays bounded; an idle timer, reset on every chunk, runs only while the relay
+reads (a client that paused it is not the pod stalling); for server-sent events it
+forwards whole events only, takes the C{usage} from the pod's usage chunk and hides that
+chunk when the router, not the client, asked for it.
+
+A JSON body of unknown length is held until it ends: a pod that closes the connection
+early (no C{Content-Length}, no chunking: the close ends the body) would otherwise look
+like a clean answer with half a document. Held whole, it is checked, and an incomplete
+one fails the relay with L{IncompleteBodyError} while the client can still get an error.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from kthena.proxy.errors import IncompleteBodyError
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -75,12 +83,18 @@ class Relay(Protocol):
         idle_timeout: float,
         sse: bool,
         hide_usage: bool,
+        hold: bool = False,
     ) -> None:
+        """
+        @param hold: write the body only once it ended and parsed as JSON (a JSON body of
+            unknown length; see the module docstring).
+        """
         self.request = request
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.sse = sse
         self.hide_usage = hide_usage
+        self.hold = hold and not sse
         self.usage: dict[str, Any] | None = None
         self.idle_expired = False
         self.stopped = False
@@ -109,39 +123,57 @@ class Relay(Protocol):
             self._body_size += len(data)
             if self._body_size <= _MAX_USAGE_SCAN:
                 self._body.append(data)
+                if self.hold:
+                    return
             else:
+                if self.hold:  # too long to hold: relay it as it comes after all
+                    self.hold = False
+                    data = b"".join(self._body) + data
                 self._body = None
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        self._stop_idle_timer()
         if self.done.called:  # cancelled: nobody waits for the body any more
             return
         # isinstance, not Failure.check: check walks the class hierarchy on every call.
         whole = isinstance(reason.value, ResponseDone | PotentialDataLoss) and not self.stopped
-        if whole:
-            if self._pending:
-                tail = self._scan_events(self._pending)
-                if tail:
-                    self.request.write(tail)
-                self._pending = b""
-            if self._body is not None:
-                self.usage = _trailing_usage(b"".join(self._body))
-            self.done.callback(None)
-        else:
+        if not whole:
             self.done.errback(reason)
+            return
+        if self._pending:
+            tail = self._scan_events(self._pending)
+            if tail:
+                self.request.write(tail)
+            self._pending = b""
+        if self._body is not None:
+            body = b"".join(self._body)
+            self.usage = _trailing_usage(body)
+            if self.hold:
+                if isinstance(reason.value, PotentialDataLoss) and not _parses(body):
+                    self.done.errback(IncompleteBodyError())
+                    return
+                self.request.write(body)
+        self.done.callback(None)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
 
     # -- IPushProducer (client side)
 
     def pauseProducing(self) -> None:
+        """The client cannot keep up: stop reading from the pod, and stop blaming it."""
+        self._stop_idle_timer()
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
         if self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._idle is None and not self.stopped and not self.done.called:
+            self._idle = self.clock.callLater(self.idle_timeout, self._idle_timeout)
 
     def stopProducing(self) -> None:
         self.stop()
@@ -183,6 +215,14 @@ class Relay(Protocol):
                         continue
             kept.append(event)
         return b"".join(kept)
+
+
+def _parses(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
 
 
 def _last_event_end(data: bytes) -> int:

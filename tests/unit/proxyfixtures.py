@@ -101,7 +101,9 @@ class FakeResponse:
         self.code = code
         self.phrase = phrase
         self.headers = Headers({k: list(v) for k, v in (headers or {}).items()})
-        self.length = UNKNOWN_LENGTH
+        # As Agent: the Content-Length, else unknown (chunked or ended by the close).
+        declared = self.headers.getRawHeaders(b"content-length")
+        self.length = int(declared[0]) if declared else UNKNOWN_LENGTH
         self.request = None
         self.previousResponse: IResponse | None = None
         self.transport = BodyTransport()

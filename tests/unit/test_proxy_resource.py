@@ -13,6 +13,7 @@ import pytest
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
 
 from kthena.proxy.errors import ErrorType
 from tests.unit.proxyfixtures import (
@@ -765,6 +766,47 @@ def test_json_cut_mid_body_aborts_the_client_connection() -> None:
     ctx = h.context
     assert (ctx.status, ctx.error_type) == (200, ErrorType.STREAM_INTERRUPTED)
     assert h.in_flight() == {"p0": 0, "p1": 0, "q0": 0}
+
+
+def test_json_of_unknown_length_cut_by_the_close_is_a_502() -> None:
+    h = RouterHarness()
+    client = h.chat()
+    body = json.dumps(COMPLETION).encode()
+    response = h.upstream.last.answer(FakeResponse(200, {"content-type": ["application/json"]}))
+    response.send(body[:20])
+    response.end(Failure(PotentialDataLoss()))  # no length, no chunking: the close ends it
+    error = assert_error(client.got(), 502, ErrorType.STREAM_INTERRUPTED)
+    assert error["message"] == (
+        "the pod's response was cut: the pod closed the connection before its JSON body "
+        "was complete"
+    )
+    assert (h.context.status, h.context.error_type) == (502, ErrorType.STREAM_INTERRUPTED)
+    assert h.pod("p0").outlier.consecutive_failures == 1
+
+
+def test_json_of_unknown_length_whole_is_relayed() -> None:
+    h = RouterHarness()
+    client = h.chat()
+    body = json.dumps(COMPLETION).encode()
+    response = h.upstream.last.answer(FakeResponse(200, {"content-type": ["application/json"]}))
+    response.send(body[:20])
+    response.send(body[20:])
+    response.end(Failure(PotentialDataLoss()))
+    wire = client.got()
+    assert (wire.status, wire.json()) == (200, COMPLETION)
+    assert h.context.completion_tokens == 3
+
+
+def test_a_cut_stream_event_has_no_python_repr() -> None:
+    h = RouterHarness()
+    client = h.chat(stream=True)
+    response = h.upstream.last.answer(sse_response())
+    response.send(event(delta("a")))
+    response.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
+    last = json.loads(client.got().events()[-1])
+    assert last["error"]["message"] == (
+        "the pod's response was cut: the connection to the pod was lost"
+    )
 
 
 # -- one record per request

@@ -14,6 +14,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 
+from kthena.proxy.errors import IncompleteBodyError
 from kthena.proxy.relay import Relay
 from tests.unit.proxyfixtures import BodyTransport
 
@@ -47,11 +48,11 @@ class FakeRequest:
 
 
 class Harness:
-    def __init__(self, sse: bool = True, hide_usage: bool = False) -> None:
+    def __init__(self, sse: bool = True, hide_usage: bool = False, hold: bool = False) -> None:
         self.clock = Clock()
         self.request = FakeRequest()
         self.transport = BodyTransport()
-        self.relay = Relay(cast(Request, self.request), self.clock, IDLE, sse, hide_usage)
+        self.relay = Relay(cast(Request, self.request), self.clock, IDLE, sse, hide_usage, hold)
         self.results: list[Failure | None] = []
         self.errors: list[Failure] = []
         self.relay.done.addCallbacks(self.results.append, self.errors.append)
@@ -355,6 +356,59 @@ def test_idle_timer_cancelled_when_the_body_ends() -> None:
     h.clock.advance(IDLE * 2)
     assert not h.relay.idle_expired
     assert h.transport.stopped == 0
+
+
+def test_a_client_pausing_the_relay_is_not_the_pod_stalling() -> None:
+    """The client stops reading for 75 s: its pause is not the pod's idle time."""
+    h = Harness()
+    h.feed(b"data: a\n\n")
+    h.relay.pauseProducing()
+    h.clock.advance(75)
+    assert (h.transport.stopped, h.relay.idle_expired) == (0, False)
+    h.relay.resumeProducing()  # reading again: the pod gets the whole idle time
+    h.clock.advance(IDLE - 0.01)
+    assert not h.relay.idle_expired
+    h.clock.advance(0.01)
+    assert h.relay.idle_expired  # the pod itself stalled
+    assert h.transport.stopped == 1
+
+
+def test_resuming_after_the_end_starts_no_timer() -> None:
+    h = Harness()
+    h.relay.pauseProducing()
+    h.end()
+    h.relay.resumeProducing()
+    assert h.clock.getDelayedCalls() == []
+
+
+# -- JSON bodies of unknown length
+
+
+def test_a_held_json_body_is_written_once_whole() -> None:
+    h = Harness(sse=False, hold=True)
+    h.feed(b'{"usage": {"prompt_tokens": 1,', b' "completion_tokens": 2}}')
+    assert h.request.writes == []
+    h.end(Failure(PotentialDataLoss()))  # ended by the close, and whole
+    assert h.request.body == b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+    assert h.result is None
+    assert h.usage() == {"prompt_tokens": 1, "completion_tokens": 2}
+
+
+def test_a_held_json_body_cut_by_the_close_fails() -> None:
+    h = Harness(sse=False, hold=True)
+    h.feed(b'{"choices": [{"message": {"content": "hel')
+    h.end(Failure(PotentialDataLoss()))
+    assert h.error.check(IncompleteBodyError)
+    assert h.request.writes == []  # the client can still get a proper error
+
+
+def test_a_held_body_too_long_to_hold_is_relayed_as_it_comes() -> None:
+    h = Harness(sse=False, hold=True)
+    big = b"x" * (8 * 1024 * 1024)
+    h.feed(b"[", big)
+    assert h.request.body == b"[" + big
+    h.feed(b"]")
+    assert h.request.body.endswith(b"]")
 
 
 # -- flow control
