@@ -163,7 +163,13 @@ class RouterService(MultiService):
                     signal.SIGUSR1,
                 )
                 self.access_log_reopener.setServiceParent(self)
-        site = ProxySite(ProxyResource(self.core), config.max_body_bytes, reactor)
+        site = ProxySite(
+            ProxyResource(self.core),
+            config.max_body_bytes,
+            reactor,
+            config.downstream,
+            self.core.request_done,
+        )
         self.proxy = ListeningService(reactor, config.listen, site)
         self.proxy.setServiceParent(self)
         self.reloader = ConfigReloader(reactor, self, install_signal_handlers)
@@ -203,6 +209,7 @@ class RouterService(MultiService):
         site = self.proxy.factory
         if isinstance(site, ProxySite):
             site.max_body_bytes = config.max_body_bytes
+            site.downstream = config.downstream
         self.config = config
 
     def stopService(self) -> Deferred[None]:

@@ -5,6 +5,8 @@ log, rate limits and fairness are fed from when the request ends.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,6 +15,20 @@ from kthena.store import PodEndpoint, RouteMatch
 
 if TYPE_CHECKING:
     from kthena.scheduler.framework import Decision
+
+
+_REQUEST_ID = re.compile(rb"^[\x20-\x7e]{1,128}$")
+"""A client's C{x-request-id} kept as given: 1 to 128 printable ASCII characters."""
+
+
+def request_id(given: bytes | None) -> str:
+    """
+    The client's C{x-request-id} when it is one we keep (L{_REQUEST_ID}: it goes into
+    logs and back to the client as is); a new random one otherwise.
+    """
+    if given is not None and _REQUEST_ID.match(given):
+        return given.decode("ascii")
+    return os.urandom(16).hex()
 
 
 @dataclass(eq=False, slots=True)

@@ -14,8 +14,6 @@ one access-log record each, whatever happens inside, an internal error included.
 from __future__ import annotations
 
 import json
-import os
-import re
 from datetime import datetime
 from typing import Any
 
@@ -26,15 +24,12 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from kthena import prompt
 from kthena.proxy.call import ProxyCall
-from kthena.proxy.context import ProxyContext
+from kthena.proxy.context import ProxyContext, request_id
 from kthena.proxy.core import RouterCore
 from kthena.proxy.errors import ErrorType, ProxyError, respond_error
 from kthena.proxy.headers import forwardable
 from kthena.scheduler.framework import SchedulingRequest
 from kthena.webutil import json_bytes, respond_json
-
-_REQUEST_ID = re.compile(rb"^[\x20-\x7e]{1,128}$")
-"""A client's C{x-request-id} kept as given: 1 to 128 printable ASCII characters."""
 
 _MODELS = b"/v1/models"
 _MODEL_PREFIX = b"/v1/models/"
@@ -47,13 +42,6 @@ def _epoch(timestamp: str | None, default: int) -> int:
         return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
     except ValueError:
         return default
-
-
-def request_id(given: bytes | None) -> str:
-    """The client's id when it is one we keep (L{_REQUEST_ID}); a new one otherwise."""
-    if given is not None and _REQUEST_ID.match(given):
-        return given.decode("ascii")
-    return os.urandom(16).hex()
 
 
 def _not_served(path: bytes) -> ProxyError:

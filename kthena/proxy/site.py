@@ -1,16 +1,21 @@
 """
-The proxy listener's site: request bodies kept in memory and capped (twisted.web would
-spool bodies of 100 kB and more to a temporary file, blocking the reactor on disk I/O).
+The proxy listener's site: its channel (L{ProxyChannel}: deadlines and limits for clients),
+request bodies kept in memory and capped (twisted.web would spool bodies of 100 kB and
+more to a temporary file, blocking the reactor on disk I/O).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from io import BytesIO
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
+from kthena.config.traffic import DownstreamConfig
+from kthena.proxy.channel import ProxyChannel
+from kthena.proxy.context import ProxyContext
 from kthena.webutil import QuietSite
 
 
@@ -43,13 +48,38 @@ class CappedRequest(Request):
         content.write(data)
 
 
+def _unrecorded(ctx: ProxyContext) -> None:
+    pass
+
+
 class ProxySite(QuietSite):
+    """
+    @ivar downstream: the clients' deadlines (changed by a reload for new requests).
+    @ivar refused: told of each request the channel answered itself (408, 414, 431, 400).
+    """
+
+    protocol = ProxyChannel
     requestFactory = CappedRequest
 
     def __init__(
-        self, resource: IResource, max_body_bytes: int, reactor: IReactorTime | None = None
+        self,
+        resource: IResource,
+        max_body_bytes: int,
+        reactor: IReactorTime | None = None,
+        downstream: DownstreamConfig | None = None,
+        refused: Callable[[ProxyContext], None] = _unrecorded,
     ) -> None:
+        downstream = downstream or DownstreamConfig()
         # Bodies are JSON, never forms: twisted.web's form parsing (a content-type parse
         # through the email package) cost about 15% of the proxy's CPU.
-        super().__init__(resource, reactor, parsePOSTFormSubmission=False)
+        super().__init__(
+            resource, reactor, parsePOSTFormSubmission=False, timeout=downstream.idle_timeout
+        )
         self.max_body_bytes = max_body_bytes
+        self.downstream = downstream
+        self.refused = refused
+
+    @property
+    def clock(self) -> IReactorTime:
+        clock: IReactorTime = self.reactor
+        return clock

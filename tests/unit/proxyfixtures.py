@@ -406,8 +406,13 @@ class RouterHarness:
         self.contexts: list[ProxyContext] = []
         self.core.request_hooks.append(self.contexts.append)
         self.resource = RecordingResource(self.core)
-        self.site = ProxySite(self.resource, self.config.max_body_bytes)
-        self.site.reactor = self.clock
+        self.site = ProxySite(
+            self.resource,
+            self.config.max_body_bytes,
+            self.clock,
+            self.config.downstream,
+            self.core.request_done,
+        )
 
     def pod(self, name: str) -> PodEndpoint:
         return self.core.store.pods[f"default/{name}"]
