@@ -390,6 +390,35 @@ def test_invalid_config_at_start_exits_with_the_place_of_the_error(
         assert text in output, output
 
 
+@pytest.mark.parametrize("taken", ["listen", "adminListen"])
+def test_a_port_taken_at_start_stops_the_process(tmp_path: Path, taken: str) -> None:
+    holder = socket.socket()
+    holder.bind((LOOPBACK, 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = router_config([], podMetrics={"enabled": False})
+    config[taken] = f"tcp:{port}:interface={LOOPBACK}"
+    write_config(tmp_path / "router.yaml", config)
+    try:
+        result = subprocess.run(
+            twistd_command("kthena-router", "--config", str(tmp_path / "router.yaml")),
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env=twistd_env(),
+        )
+    finally:
+        holder.close()
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    lines = [line for line in output.splitlines() if "cannot listen" in line]
+    assert len(lines) == 1, output
+    assert f"cannot listen on tcp:{port}:interface={LOOPBACK}: Address already in use" in lines[0]
+    assert "Traceback" not in output
+
+
 def _refused(host: str, port: int) -> bool:
     try:
         socket.create_connection((host, port), timeout=1).close()
