@@ -19,11 +19,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from kthena.engines.dialects import DIALECTS
+from kthena.failures import describe
 from kthena.interfaces import IServerReactor
+from kthena.podclient import client_pool, pod_agent
 from kthena.store import Datastore, PodEndpoint
 
 log = Logger()
@@ -54,10 +56,8 @@ class PodScraper(Service):
         self.rounds = 0
         self.round_hooks: list[Callable[[], None]] = []
         self._semaphore = DeferredSemaphore(concurrency)
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 1
-        self._pool.retryAutomatically = False
-        self._agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+        self._pool = client_pool(reactor, 1)
+        self._agent = pod_agent(reactor, timeout, self._pool)
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -106,7 +106,7 @@ class PodScraper(Service):
             if with_models:
                 pod.state.models, pod.state.loras = _models(await self._get(pod, b"/v1/models"))
         except Exception as e:
-            why = f"{e.__class__.__name__}: {e}"
+            why = describe(e)
             if pod.state.consecutive_failures == 0:
                 log.warn("scraping pod {pod} failed: {why}", pod=pod.key, why=why)
             pod.state.failed(why)

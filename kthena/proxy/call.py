@@ -20,9 +20,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
+from kthena.failures import describe
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.core import RouterCore
-from kthena.proxy.errors import ErrorType, ProxyError, describe, error_object, respond_error
+from kthena.proxy.errors import ErrorType, ProxyError, error_object, respond_error
 from kthena.proxy.headers import HOP_BY_HOP, STREAM_SKIP, forwardable
 from kthena.proxy.relay import Relay
 from kthena.store import PodEndpoint, RouteMatch

@@ -9,13 +9,7 @@ that is what we send, with Kthena's status codes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 
-from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IRequest
 
 from kthena.webutil import respond_json
@@ -63,10 +57,6 @@ _OPENAI_TYPES = {
 }
 
 
-class IncompleteBodyError(Exception):
-    """The pod closed the connection before its JSON body was complete."""
-
-
 class ProxyError(Exception):
     """A request the router answers itself, with a status, an outcome and a message."""
 
@@ -92,43 +82,3 @@ def respond_error(request: IRequest, error: ProxyError) -> bytes:
     return respond_json(
         request, error.status, error_object(error.status, error.error_type, error.message)
     )
-
-
-def describe(error: BaseException | None) -> str:
-    """
-    What went wrong with an attempt, in words for a log line, an access-log record or a
-    client's error object: never a Python repr.
-    """
-    if error is None:
-        return "unknown error"
-    if isinstance(error, ResponseFailed | ResponseNeverReceived):
-        reasons = _unique(describe(r.value) for r in error.reasons if isinstance(r, Failure))
-        return "; ".join(reasons) or "the response failed"
-    for kind, text in _DESCRIPTIONS:
-        if isinstance(error, kind):
-            return text
-    if isinstance(error, net_error.ConnectError):
-        detail = error.osError if isinstance(error.osError, str) else None
-        return f"connection failed ({detail})" if detail else "connection failed"
-    message = str(error)
-    name = error.__class__.__name__
-    return f"{name}: {message}" if message and "<" not in message else name
-
-
-def _unique(texts: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(texts))
-
-
-_DESCRIPTIONS: tuple[tuple[type[BaseException], str], ...] = (
-    (net_error.ConnectionRefusedError, "connection refused"),
-    (net_error.TCPTimedOutError, "connection timed out"),
-    (net_error.TimeoutError, "connection timed out"),
-    (net_error.DNSLookupError, "DNS lookup failed"),
-    (net_error.NoRouteError, "no route to host"),
-    (net_error.ConnectionDone, "the pod closed the connection"),
-    (net_error.ConnectionLost, "the connection to the pod was lost"),
-    (net_error.ConnectionAborted, "the connection to the pod was aborted"),
-    (PotentialDataLoss, "the pod closed the connection before the body was complete"),
-    (IncompleteBodyError, "the pod closed the connection before its JSON body was complete"),
-    (CancelledError, "cancelled"),
-)

@@ -28,7 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from kthena.proxy.errors import IncompleteBodyError
+from kthena.failures import IncompleteBodyError
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")

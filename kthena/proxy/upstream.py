@@ -8,24 +8,19 @@ C{ReverseProxyResource} (HTTP/1.0, a connection per request, no backpressure).
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IConsumer,
-    IProtocol,
-    IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.ssl import optionsForClientTLS
-from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from kthena.config.traffic import UpstreamConfig
 from kthena.interfaces import IServerReactor
+from kthena.podclient import client_pool, pod_agent
 from kthena.store import PodEndpoint
 
 
@@ -51,52 +46,8 @@ class BytesBody:
         pass
 
 
-@implementer(IStreamClientEndpoint)
-class _NoDelayEndpoint:
-    """Connects through another endpoint, then turns Nagle's algorithm off."""
-
-    def __init__(self, inner: IStreamClientEndpoint) -> None:
-        self.inner = inner
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        d = self.inner.connect(protocolFactory)
-        d.addCallback(self._no_delay)
-        return d
-
-    @staticmethod
-    def _no_delay(protocol: Any) -> Any:
-        transport = getattr(protocol, "transport", None)
-        set_no_delay = getattr(transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
-        return protocol
-
-
-@implementer(IAgentEndpointFactory)
-class _PodEndpointFactory:
-    def __init__(self, reactor: IServerReactor, connect_timeout: float) -> None:
-        self.reactor = reactor
-        self.connect_timeout = connect_timeout
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        tcp = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-        endpoint: IStreamClientEndpoint = tcp(
-            self.reactor, host, uri.port, timeout=self.connect_timeout
-        )
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-        return _NoDelayEndpoint(endpoint)
-
-
 _Origin = tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, URI, bytes]
 """What a pod's requests share: the pool key, the endpoint, the base URI, the Host value."""
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory without a log line per connection."""
-
-    noisy = False
 
 
 class Upstream:
@@ -104,16 +55,10 @@ class Upstream:
 
     def __init__(self, reactor: IServerReactor, config: UpstreamConfig) -> None:
         self.reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = config.max_connections_per_pod
+        self.pool = client_pool(reactor, config.max_connections_per_pod)
         # Twisted annotates this as int; any number of seconds works.
         self.pool.cachedConnectionTimeout = config.pool_idle_timeout  # type: ignore[assignment]
-        # Inference POSTs are not idempotent: never resend one behind the caller's back.
-        self.pool.retryAutomatically = False
-        self.pool._factory = _QuietClientFactory
-        self.agent = Agent.usingEndpointFactory(
-            reactor, _PodEndpointFactory(reactor, config.connect_timeout), pool=self.pool
-        )
+        self.agent = pod_agent(reactor, config.connect_timeout, self.pool)
         self._origins: dict[tuple[str, str], _Origin] = {}
 
     def request(

@@ -14,7 +14,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 
-from kthena.proxy.errors import IncompleteBodyError
+from kthena.failures import IncompleteBodyError
 from kthena.proxy.relay import Relay
 from tests.unit.proxyfixtures import BodyTransport
 
