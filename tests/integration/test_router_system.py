@@ -490,6 +490,47 @@ def test_sigterm_drains_the_stream_in_flight(tmp_path: Path) -> None:
     assert "drain timeout" not in router.log()
 
 
+def test_sigterm_exits_promptly_idle_or_at_the_drain_timeout(
+    tmp_path: Path, sims: dict[str, SimProcess]
+) -> None:
+    """
+    Nothing in flight: the process exits at once. A stream in flight past the drain
+    timeout: at the timeout, not later (a slow reader holding it, a keep-alive client
+    connection open). Bounds are generous; they catch seconds, not milliseconds.
+    """
+    (tmp_path / "idle").mkdir()
+    (tmp_path / "busy").mkdir()
+    idle = start_router(tmp_path / "idle", router_config(base_resources(sims)))
+    keep = http.client.HTTPConnection(idle.host, idle.port, timeout=5)
+    keep.request("GET", "/healthz")
+    keep.getresponse().read()  # an idle keep-alive connection stays open
+    started = time.monotonic()
+    idle.signal(signal.SIGTERM)
+    idle.process.wait(10)
+    idle_exit = time.monotonic() - started
+    keep.close()
+    assert_clean_exit(idle)
+    assert idle_exit < 1.0, idle_exit
+
+    busy = start_router(tmp_path / "busy", router_config(base_resources(sims), drainTimeout="2s"))
+    reader = socket.create_connection((busy.host, busy.port))
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = json.dumps({"model": "paced-model", "messages": messages(), "stream": True}).encode()
+    reader.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert reader.recv(12) == b"HTTP/1.1 200"  # the stream is under way; nothing more is read
+    started = time.monotonic()
+    busy.signal(signal.SIGTERM)
+    busy.process.wait(20)
+    busy_exit = time.monotonic() - started
+    reader.close()
+    assert_clean_exit(busy)
+    assert "drain timeout: cut 1 requests" in busy.log()
+    assert 2.0 <= busy_exit < 2.8, busy_exit
+
+
 def test_readme_demo_command(tmp_path: Path) -> None:
     """`twistd -n --pidfile= kthena-router --demo`, then the client on :8080 (never skipped)."""
     router = spawn_router(tmp_path, "--demo")
