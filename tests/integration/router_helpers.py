@@ -559,6 +559,14 @@ def spawn_router(workdir: Path, *args: str) -> RouterProcess:
     return RouterProcess(process, log_path, config)
 
 
+def bound_port(router: RouterProcess, description: str) -> int:
+    """The port a running router's listener C{description} bound (from its log)."""
+    for match in _LISTENING.finditer(router.log()):
+        if match["description"] == description:
+            return int(match["port"])
+    pytest.fail(f"no listener {description} in the log:\n{router.log()}")
+
+
 def wait_listening(router: RouterProcess, description: str, host: str = LOOPBACK) -> None:
     """Wait for the router's proxy listener line and a C{/healthz} answer (or fail)."""
     deadline = time.monotonic() + START_TIMEOUT

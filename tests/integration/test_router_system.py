@@ -8,6 +8,7 @@ draining on SIGTERM, and the README's demo command.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
@@ -30,6 +31,7 @@ from tests.integration.router_helpers import (
     LOOPBACK,
     REQUEST_ID,
     RouterProcess,
+    bound_port,
     free_port,
     http_request,
     median_gap,
@@ -531,11 +533,61 @@ def test_sigterm_exits_promptly_idle_or_at_the_drain_timeout(
     assert 2.0 <= busy_exit < 2.8, busy_exit
 
 
+def test_slowloris_connections_are_answered_408_and_closed(
+    tmp_path: Path, sims: dict[str, SimProcess]
+) -> None:
+    """50 clients sending one header byte every 0.2 s, against a 1 s head deadline."""
+    router = start_router(
+        tmp_path,
+        router_config(base_resources(sims), downstream={"headerTimeout": "1s"}),
+    )
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(50):
+            client = socket.create_connection((router.host, router.port), timeout=5)
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nX-Slow: ")
+            clients.append(client)
+        answers: dict[int, bytes] = {}
+        deadline = time.monotonic() + 5
+        while len(answers) < len(clients) and time.monotonic() < deadline:
+            for i, client in enumerate(clients):
+                if i in answers:
+                    continue
+                with contextlib.suppress(OSError):  # closed by the router: read what it said
+                    client.sendall(b"x")
+                client.settimeout(0.0)
+                try:
+                    data = client.recv(65536)
+                except BlockingIOError:
+                    continue
+                finally:
+                    client.settimeout(5)
+                answers[i] = data
+            time.sleep(0.2)
+        assert len(answers) == len(clients)
+        assert all(a.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for a in answers.values())
+        for client in clients:  # and the router closed each connection
+            rest = b""
+            while chunk := client.recv(65536):
+                rest += chunk
+        scrape = http_request(LOOPBACK, bound_port(router, ADMIN_LISTEN), "GET", "/metrics")
+        timeouts = [
+            line
+            for line in scrape.body.decode().splitlines()
+            if line.startswith("kthena_router_requests_total{") and 'status_code="408"' in line
+        ]
+        assert len(timeouts) == 1 and timeouts[0].endswith(" 50.0"), timeouts
+    finally:
+        for client in clients:
+            client.close()
+        router.stop()
+
+
 def test_readme_demo_command(tmp_path: Path) -> None:
     """`twistd -n --pidfile= kthena-router --demo`, then the client on :8080 (never skipped)."""
     router = spawn_router(tmp_path, "--demo")
     try:
-        wait_listening(router, "tcp:8080")
+        wait_listening(router, "tcp:8080:interface=127.0.0.1")
         client = openai.OpenAI(
             base_url="http://127.0.0.1:8080/v1", api_key="demo", max_retries=0, timeout=15
         )
@@ -568,10 +620,10 @@ def test_readme_demo_command(tmp_path: Path) -> None:
             for line in scrape.body.decode().splitlines()
         )
         state = http_request(LOOPBACK, 9090, "GET", "/debug/router/state").json()
-        assert [(x["name"], x["port"]) for x in state["listeners"]] == [
-            ("proxy", 8080),
-            ("admin", 9090),
-        ]
+        assert [(x["name"], x["host"], x["port"]) for x in state["listeners"]] == [
+            ("proxy", "127.0.0.1", 8080),
+            ("admin", "127.0.0.1", 9090),
+        ]  # loopback only: a demo is not a service for the network
     finally:
         router.stop()
     assert_clean_exit(router)
