@@ -309,6 +309,57 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
     assert_clean_exit(router)
 
 
+SECRET_LINES = """\
+  - apiVersion: networking.serving.volcano.sh/v1alpha1
+    kind: ModelRoute
+    metadata: {name: secret}
+    spec:
+      modelName: secret-model
+      rateLimit: {inputTokensPerUnit: 10, global: {redis: {address: "redis://admin:S3cretPass@r:6379"}}}
+      rules:
+        - modelMatch: {headers: {authorization: {exact: "Bearer sk-live-0123456789"}}}
+          targetModels: [{modelServerName: fast
+"""
+
+
+def test_no_secret_reaches_the_log_on_an_invalid_reload_or_start(
+    sims: dict[str, SimProcess], tmp_path: Path
+) -> None:
+    first = [
+        simple_route("first", "first-model", "fast"),
+        server("fast", {"app": "fast"}, FAST_MODEL),
+        sim_pod("fast-0", sims["fast"], {"app": "fast"}),
+    ]
+    router = start_router(tmp_path, router_config(first))
+    try:
+        assert router.config_path is not None
+        text = router.config_path.read_text()
+        broken = text.replace("resources:\n", "resources:\n" + SECRET_LINES, 1)
+        assert broken != text
+        router.config_path.write_text(broken)
+        router.signal(signal.SIGHUP)
+        log = wait_for_log(router, "reload (SIGHUP) failed", 5)
+        assert "invalid YAML: line" in log
+        for secret in ("S3cretPass", "sk-live-0123456789"):
+            assert secret not in log
+        assert chat_status(router, "first-model") == 200
+    finally:
+        router.stop()
+    result = subprocess.run(  # the same file at start
+        twistd_command("kthena-router", "--config", str(router.config_path)),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=twistd_env(),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "invalid YAML: line" in output, output
+    for secret in ("S3cretPass", "sk-live-0123456789"):
+        assert secret not in output
+
+
 def test_changed_files_are_reloaded_without_a_signal(
     sims: dict[str, SimProcess], tmp_path: Path
 ) -> None:

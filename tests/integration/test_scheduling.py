@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
@@ -398,3 +399,50 @@ async def test_dead_pods_log_once_each_not_once_a_scrape(cluster: Cluster) -> No
     assert len(failures) == 3, texts  # one line per pod going down
     assert all("connection refused" in t for t in failures), failures
     assert len(texts) < 15, texts
+
+
+@pytest.mark.parametrize(
+    ("faults", "stream"),
+    [
+        ({"error_rate": 1, "error_status": 503}, False),
+        ({"abort_rate": 1}, False),
+        ({"drop_after_tokens": 1}, True),
+    ],
+    ids=["503-at-once", "abort-before-headers", "cut-streams"],
+)
+@inline
+async def test_a_pod_failing_fast_gets_few_first_attempts(
+    cluster: Cluster, faults: dict[str, Any], stream: bool
+) -> None:
+    """
+    One pod of three fails every request at once; with Kthena's default plugins it looks
+    least loaded. Outlier detection keeps it to a few first attempts.
+    """
+    sims = [cluster.sim("org/m", output_tokens=4, itl=0.005) for _ in range(3)]
+    bad = sims[0]
+    assert (await cluster.request(bad, "PUT", "/sim/faults", faults)).status == 200
+    router = cluster.router(
+        one_model(
+            cluster, sims, ["bad", "good-1", "good-2"],
+            trafficPolicy={"retry": {"attempts": 2, "retryInterval": "0s"}},
+        ),
+        podMetrics=FAST_SCRAPES,
+    )  # fmt: skip
+    await ready(cluster, router)
+    records = cluster.hook(router)
+
+    async def send(i: int) -> Any:
+        body = chat_body("m", max_tokens=4, stream=stream)
+        if stream:
+            return await cluster.stream(router, CHAT, body)
+        return await cluster.post(router, CHAT, body)
+
+    await cluster.many(100, 4, send)
+    firsts = Counter(
+        (r.failed_attempts[0][0] if r.failed_attempts else r.pod.name)
+        for r in records
+        if r.pod is not None
+    )
+    assert sum(firsts.values()) == 100
+    assert firsts["bad"] <= 10, firsts
+    assert router.core.store.pods["default/bad"].outlier.ejections >= 1
