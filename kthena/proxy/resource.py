@@ -44,6 +44,15 @@ def _epoch(timestamp: str | None, default: int) -> int:
         return default
 
 
+_ROUTER_PATHS = frozenset({_MODELS, b"/healthz", b"/readyz"})
+
+
+def _not_allowed(method: bytes) -> ProxyError:
+    return ProxyError(
+        405, ErrorType.METHOD_NOT_ALLOWED, f"{method.decode('latin-1')} is not allowed here"
+    )
+
+
 def _not_served(path: bytes) -> ProxyError:
     if b"%" in path or b"/." in path or b"//" in path or b"\\" in path:
         why = "paths with dot segments, empty segments or escapes are not served"
@@ -65,48 +74,31 @@ class ProxyResource(Resource):
         ctx = self._context(request)
         if path in self.core.inference_paths:
             if method != b"POST":
-                return self._refuse(
-                    request,
-                    ctx,
-                    ProxyError(
-                        405,
-                        ErrorType.METHOD_NOT_ALLOWED,
-                        f"{method.decode('latin-1')} is not allowed here; use POST",
-                    ),
-                    allow=b"POST",
-                )
+                return self._refuse(request, ctx, _not_allowed(method), allow=b"POST")
             return self._inference(request, ctx)
-        if method not in (b"GET", b"HEAD"):
-            if path in (_MODELS, b"/healthz", b"/readyz") or path.startswith(_MODEL_PREFIX):
-                return self._refuse(
-                    request,
-                    ctx,
-                    ProxyError(
-                        405,
-                        ErrorType.METHOD_NOT_ALLOWED,
-                        f"{method.decode('latin-1')} is not allowed here",
-                    ),
-                    allow=b"GET, HEAD",
-                )
+        if not (path in _ROUTER_PATHS or path.startswith(_MODEL_PREFIX)):
             return self._refuse(request, ctx, _not_served(path))
-        try:
-            status, value = self._answer(path, ctx)
-        except ProxyError as error:
-            return self._refuse(request, ctx, error)
-        return self._respond(request, ctx, status, value)
+        if method not in (b"GET", b"HEAD"):
+            return self._refuse(request, ctx, _not_allowed(method), allow=b"GET, HEAD")
+        return self._answer(request, ctx, path)
 
     # -- router-answered requests
 
-    def _answer(self, path: bytes, ctx: ProxyContext) -> tuple[int, object]:
-        if path == _MODELS:
-            return 200, {"object": "list", "data": [self._model(n, r) for n, r in self._names()]}
-        if path.startswith(_MODEL_PREFIX):
-            return 200, self._retrieve(path[len(_MODEL_PREFIX) :].decode("utf-8", "replace"), ctx)
-        if path == b"/healthz":
-            return 200, {"message": "ok"}
+    def _answer(self, request: Request, ctx: ProxyContext, path: bytes) -> bytes:
         if path == b"/readyz":
-            return self._readyz()
-        raise _not_served(path)
+            return self._readyz(request, ctx)
+        if path == _MODELS:
+            value: object = {"object": "list", "data": [self._model(*n) for n in self._names()]}
+        elif path == b"/healthz":
+            value = {"message": "ok"}
+        else:
+            name = path[len(_MODEL_PREFIX) :].decode("utf-8", "replace")
+            ctx.model = name
+            value = self._retrieve(name)
+            if value is None:
+                error = f"the model `{name}` does not exist"
+                return self._refuse(request, ctx, ProxyError(404, ErrorType.ROUTE_NOT_FOUND, error))
+        return self._respond(request, ctx, 200, value)
 
     def _names(self) -> list[tuple[str, Any]]:
         return self.core.store.model_names()
@@ -119,21 +111,26 @@ class ProxyResource(Resource):
             "owned_by": "kthena",
         }
 
-    def _retrieve(self, name: str, ctx: ProxyContext) -> dict[str, object]:
+    def _retrieve(self, name: str) -> dict[str, object] | None:
         """C{GET /v1/models/{id}} (the openai SDK's C{models.retrieve}); ids may hold C{/}."""
-        ctx.model = name
         for known, route in self._names():
             if known == name:
                 return self._model(name, route)
-        raise ProxyError(404, ErrorType.ROUTE_NOT_FOUND, f"the model `{name}` does not exist")
+        return None
 
-    def _readyz(self) -> tuple[int, object]:
+    def _readyz(self, request: Request, ctx: ProxyContext) -> bytes:
+        """
+        200, or 503 with the outcome C{draining} or C{pod_discovery} (no first scrape yet,
+        or a model without a healthy pod). The body is Kthena's C{{"message": ...}}.
+        """
         ready, message, without = self.core.readiness()
+        body: dict[str, object] = {"message": message}
         if ready:
-            return 200, {"message": message}
+            return self._respond(request, ctx, 200, body)
         if without:
-            return 503, {"message": message, "models_without_healthy_pods": without}
-        return 503, {"message": message}
+            body["models_without_healthy_pods"] = without
+        ctx.fail(503, ErrorType.DRAINING if self.core.draining else ErrorType.NO_PODS, message)
+        return self._respond(request, ctx, 503, body)
 
     def _context(self, request: Request) -> ProxyContext:
         return ProxyContext(
@@ -146,10 +143,7 @@ class ProxyResource(Resource):
 
     def _respond(self, request: Request, ctx: ProxyContext, status: int, value: object) -> bytes:
         """Answer with C{value} as JSON, and record the request like any other."""
-        if status >= 400:
-            ctx.fail(status, ErrorType.NOT_FOUND, str(value))
-        else:
-            ctx.status = status
+        ctx.status = status
         ctx.finished = self.core.reactor.seconds()
         request.setHeader(b"x-request-id", ctx.request_id.encode("ascii"))
         body = respond_json(request, status, value)

@@ -273,14 +273,19 @@ def chat_status(router: RouterProcess, model: str) -> int:
     ).status
 
 
-def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
-    sims: dict[str, SimProcess], tmp_path: Path
-) -> None:
-    first = [
+def first_resources(sims: dict[str, SimProcess]) -> list[Doc]:
+    """One route, C{first-model}, to the fast pod."""
+    return [
         simple_route("first", "first-model", "fast"),
         server("fast", {"app": "fast"}, FAST_MODEL),
         sim_pod("fast-0", sims["fast"], {"app": "fast"}),
     ]
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
+    sims: dict[str, SimProcess], tmp_path: Path
+) -> None:
+    first = first_resources(sims)
     router = start_router(tmp_path, router_config(first))
     try:
         assert chat_status(router, "first-model") == 200
@@ -325,11 +330,7 @@ SECRET_LINES = """\
 def test_no_secret_reaches_the_log_on_an_invalid_reload_or_start(
     sims: dict[str, SimProcess], tmp_path: Path
 ) -> None:
-    first = [
-        simple_route("first", "first-model", "fast"),
-        server("fast", {"app": "fast"}, FAST_MODEL),
-        sim_pod("fast-0", sims["fast"], {"app": "fast"}),
-    ]
+    first = first_resources(sims)
     router = start_router(tmp_path, router_config(first))
     try:
         assert router.config_path is not None
@@ -364,11 +365,7 @@ def test_changed_files_are_reloaded_without_a_signal(
     sims: dict[str, SimProcess], tmp_path: Path
 ) -> None:
     docs = tmp_path / "resources.yaml"
-    first = [
-        simple_route("first", "first-model", "fast"),
-        server("fast", {"app": "fast"}, FAST_MODEL),
-        sim_pod("fast-0", sims["fast"], {"app": "fast"}),
-    ]
+    first = first_resources(sims)
     docs.write_text(yaml.safe_dump_all(first))
     config = router_config(["resources.yaml"], reloadInterval="0.5s")
     router = start_router(tmp_path, config)
