@@ -15,7 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from kthena.config.router import RouterConfig, SimulatorSpec, file_stamps, load_config
+from kthena.config.files import file_stamps
+from kthena.config.router import RouterConfig, SimulatorSpec, load_config
 from kthena.config.validate import ConfigError
 from kthena.engines.scraper import PodScraper
 from kthena.interfaces import IServerReactor

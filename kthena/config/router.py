@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kthena.config.files import yaml_documents
 from kthena.config.resources import Resource, ResourceSet, build_resource_set, parse_document
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
 from kthena.config.traffic import (
@@ -352,43 +351,6 @@ def _simulator(value: object, where: Where) -> SimulatorSpec:
     )
 
 
-def _yaml_documents(path: str) -> Iterator[tuple[int, object]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        for number_, doc in enumerate(yaml.safe_load_all(text), start=1):
-            if doc is not None:
-                yield number_, doc
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from e
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """
-    What the YAML parser found and where, by line and column. Not its own message: that
-    quotes the offending lines as written, and a line may hold a credential (an
-    C{authorization} header match, a Redis password) cut anywhere.
-    """
-    if not isinstance(error, yaml.MarkedYAMLError):
-        return error.__class__.__name__
-    parts = []
-    if error.problem_mark is not None:
-        mark = error.problem_mark
-        parts.append(f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}")
-    else:
-        parts.append(str(error.problem))
-    if error.context is not None:
-        context = error.context
-        if error.context_mark is not None:
-            mark = error.context_mark
-            context += f" at line {mark.line + 1}, column {mark.column + 1}"
-        parts.append(f"({context})")
-    return " ".join(parts)
-
-
 def _resource_entries(
     entries: list[Any], where: Where, base: Path, files: list[str]
 ) -> Iterator[tuple[Resource, Where]]:
@@ -404,7 +366,7 @@ def _resource_entries(
                 files.append(pattern)
             for path in paths:
                 files.append(path)
-                for doc_number, doc in _yaml_documents(path):
+                for doc_number, doc in yaml_documents(path):
                     d_where = Where(path, f"document {doc_number}")
                     order += 1
                     yield parse_document(doc, d_where, order), d_where
@@ -470,26 +432,8 @@ def load_config(path: str) -> RouterConfig:
 
     @raise ConfigError: with the file, document and field of the first problem.
     """
-    documents = list(_yaml_documents(path))
+    documents = list(yaml_documents(path))
     if len(documents) != 1:
         raise ConfigError(f"{path}: must hold exactly one YAML document, found {len(documents)}")
     files: list[str] = []
     return parse_config(documents[0][1], path, Path(os.path.dirname(os.path.abspath(path))), files)
-
-
-def file_stamps(paths: tuple[str, ...]) -> tuple[tuple[str, object, int], ...]:
-    """
-    Modification time and size of each file, and the matches of each glob, to notice
-    changes cheaply.
-    """
-    stamps: list[tuple[str, object, int]] = []
-    for path in paths:
-        if glob.has_magic(path):
-            stamps.append((path, tuple(sorted(glob.glob(path))), 0))
-            continue
-        try:
-            st = os.stat(path)
-            stamps.append((path, st.st_mtime, st.st_size))
-        except OSError:
-            stamps.append((path, -1.0, -1))
-    return tuple(stamps)

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
+from kthena.config.files import file_stamps
 from kthena.config.resources import KTHENA_API
-from kthena.config.router import RouterConfig, file_stamps, load_config, parse_config
+from kthena.config.router import RouterConfig, load_config, parse_config
 from kthena.config.validate import ConfigError, Where, duration
 from tests.unit.routerfixtures import Doc, pod, route, server, simple_route
 
