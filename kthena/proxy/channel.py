@@ -16,17 +16,28 @@ and one access-log record, through the site's C{refused} callback.
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from kthena.config.traffic import DownstreamConfig
 from kthena.proxy.context import ProxyContext, request_id
 from kthena.proxy.errors import ErrorType, error_object
 from kthena.webutil import NoDelayHTTPChannel, json_bytes
 
-if TYPE_CHECKING:
-    from kthena.proxy.site import ProxySite
+
+class ChannelSite(Protocol):
+    """What the channel needs of its site (L{kthena.proxy.site.ProxySite})."""
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    downstream: DownstreamConfig
+
+    def refused(self, ctx: ProxyContext) -> None:
+        """Record a request the channel answered itself."""
+
 
 _LOST = Failure(ConnectionError("the connection was lost"))
 _SHOWN_PATH = 256
@@ -41,8 +52,8 @@ class ProxyChannel(NoDelayHTTPChannel):
         self._refused = False
 
     @property
-    def _site(self) -> ProxySite:
-        site: ProxySite = self.site  # type: ignore[attr-defined]
+    def _site(self) -> ChannelSite:
+        site: ChannelSite = self.site  # type: ignore[attr-defined]
         return site
 
     # -- deadlines
