@@ -58,17 +58,20 @@ class Health:
         self.outliers = outliers
         self.scrapes = scrapes
 
-    def pod(self, pod: PodEndpoint) -> bool:
-        """Whether a serving pod is healthy."""
+    def pod(self, pod: PodEndpoint, now: float | None = None) -> bool:
+        """Whether a serving pod is healthy (C{now}: the reactor time, when known)."""
         scrapes = self.scrapes
         if scrapes is not None and not pod.state.healthy(
-            self.clock.seconds(), scrapes.unhealthy_after, scrapes.stale_after
+            self.clock.seconds() if now is None else now,
+            scrapes.unhealthy_after,
+            scrapes.stale_after,
         ):
             return False
         return not self.outliers.ejected(pod)
 
     def healthy(self, pods: Sequence[PodEndpoint]) -> list[PodEndpoint]:
-        return [p for p in pods if self.pod(p)]
+        now = self.clock.seconds()
+        return [p for p in pods if self.pod(p, now)]
 
     def server(self, server: ModelServer) -> ServerHealth:
         pods = self.store.server_pods(server)
