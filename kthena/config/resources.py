@@ -25,6 +25,7 @@ from kthena.config.validate import (
     mapping,
     optional_string,
     regex,
+    selector,
     sequence,
     string,
 )
@@ -77,13 +78,16 @@ class Metadata:
 
 @dataclass(frozen=True, slots=True)
 class StringMatch:
-    """One of exact, prefix or regex, as Kthena's C{StringMatch}."""
+    """One of exact, prefix or regex, as Kthena's C{StringMatch}; C{any} when none is set
+    (it matches everything, an absent header included)."""
 
     kind: str
     value: str
     pattern: re.Pattern[str] | None = None
 
     def matches(self, text: str) -> bool:
+        if self.kind == "any":
+            return True
         if self.kind == "exact":
             return text == self.value
         if self.kind == "prefix":
@@ -235,8 +239,10 @@ def _metadata(value: object, where: Where, order: int) -> Metadata:
 
 def _string_match(value: object, where: Where) -> StringMatch:
     spec = mapping(value, where, ("exact", "prefix", "regex"))
+    if not spec:  # Kthena: a StringMatch with no matcher set matches everything
+        return StringMatch("any", "")
     if len(spec) != 1:
-        where.fail("must set exactly one of exact, prefix, regex")
+        where.fail("must set one of exact, prefix, regex (or none, to match anything)")
     ((kind, raw),) = spec.items()
     if kind == "regex":
         return StringMatch(kind, str(raw), regex(raw, where.at(kind)))
@@ -362,20 +368,21 @@ def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> Mode
     )
     engine = choice(spec["inferenceEngine"], s_where.at("inferenceEngine"), ENGINES)
     sel_where = s_where.at("workloadSelector")
-    selector = mapping(spec["workloadSelector"], sel_where, ("matchLabels", "pdGroup"))
+    workload = mapping(spec["workloadSelector"], sel_where, ("matchLabels", "pdGroup"))
+    selector_labels = selector(workload.get("matchLabels"), sel_where.at("matchLabels"))
     pd_group = None
-    if selector.get("pdGroup") is not None:
+    if workload.get("pdGroup") is not None:
         g_where = sel_where.at("pdGroup")
         group = mapping(
-            selector["pdGroup"],
+            workload["pdGroup"],
             g_where,
             ("groupKey", "prefillLabels", "decodeLabels"),
             required=("groupKey", "prefillLabels", "decodeLabels"),
         )
         pd_group = PDGroup(
             group_key=string(group["groupKey"], g_where.at("groupKey")),
-            prefill_labels=labels(group["prefillLabels"], g_where.at("prefillLabels")),
-            decode_labels=labels(group["decodeLabels"], g_where.at("decodeLabels")),
+            prefill_labels=selector(group["prefillLabels"], g_where.at("prefillLabels")),
+            decode_labels=selector(group["decodeLabels"], g_where.at("decodeLabels")),
         )
     p_where = s_where.at("workloadPort")
     port_spec = mapping(spec.get("workloadPort"), p_where, ("port", "protocol"))
@@ -399,7 +406,7 @@ def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> Mode
         meta=meta,
         model=None if model is None else string(model, s_where.at("model")),
         engine=engine,
-        match_labels=labels(selector.get("matchLabels"), sel_where.at("matchLabels")),
+        match_labels=selector_labels,
         pd_group=pd_group,
         port=integer(port, p_where.at("port"), minimum=1, maximum=65535),
         protocol=choice(

@@ -173,6 +173,43 @@ def labels(value: object, where: Where) -> dict[str, str]:
     return result
 
 
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _label_key_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix)):
+        return "its prefix must be a lower-case DNS subdomain of at most 253 characters"
+    if not (len(name) <= 63 and _LABEL_NAME.match(name)):
+        return (
+            "its name must be 1-63 characters: letters, digits, '-', '_' or '.', starting "
+            "and ending with a letter or digit"
+        )
+    return None
+
+
+def selector(value: object, where: Where) -> dict[str, str]:
+    """
+    A label selector's C{matchLabels}, as Kubernetes (and Kthena's webhook) accepts it: at
+    least one label (an empty selector would select every pod in the namespace), keys that
+    are qualified names (C{app}, C{example.com/tier}), values of at most 63 characters.
+    """
+    result = labels(value, where)
+    if not result:
+        where.fail("must hold at least one label (an empty selector selects every pod)")
+    for key, item in result.items():
+        problem = _label_key_problem(key)
+        if problem is not None:
+            where.at(key).fail(f"{key!r} is not a valid label key: {problem}")
+        if item and not (len(item) <= 63 and _LABEL_NAME.match(item)):
+            where.at(key).fail(
+                f"{item!r} is not a valid label value: at most 63 characters, letters, digits, "
+                "'-', '_' or '.', starting and ending with a letter or digit"
+            )
+    return result
+
+
 def duration(value: object, where: Where) -> float:
     """
     Seconds, from a Go / Kubernetes duration (C{"30s"}, C{"1m30s"}, C{"100ms"}) or a

@@ -205,11 +205,11 @@ def _match_view(match: ModelMatch | None) -> dict[str, object] | None:
     view: dict[str, object] = {}
     if match.headers:
         view["headers"] = {
-            name: {m.kind: REDACTED if is_secret_name(name) else m.value}
+            name: {} if m.kind == "any" else {m.kind: REDACTED if is_secret_name(name) else m.value}
             for name, m in match.headers
         }
     if match.uri is not None:
-        view["uri"] = {match.uri.kind: match.uri.value}
+        view["uri"] = {} if match.uri.kind == "any" else {match.uri.kind: match.uri.value}
     if match.body_model is not None:
         view["body"] = {"model": match.body_model}
     return view

@@ -12,6 +12,7 @@ from kthena.config.files import file_stamps
 from kthena.config.resources import KTHENA_API
 from kthena.config.router import RouterConfig, load_config, parse_config
 from kthena.config.validate import ConfigError, Where, duration
+from kthena.store import Datastore
 from tests.unit.routerfixtures import Doc, pod, route, server, simple_route
 
 
@@ -140,7 +141,10 @@ def test_engine_default_ports() -> None:
             "apiVersion": KTHENA_API,
             "kind": "ModelServer",
             "metadata": {"name": "s"},
-            "spec": {"inferenceEngine": "SGLang", "workloadSelector": {"matchLabels": {}}},
+            "spec": {
+                "inferenceEngine": "SGLang",
+                "workloadSelector": {"matchLabels": {"app": "s"}},
+            },
         }
     )
     assert config.resources.servers[0].port == 30000
@@ -212,7 +216,8 @@ BAD_CASES: list[tuple[str, Any, str]] = [
                 )
             ]
         },
-        "spec.rules[0].modelMatch.uri: must set exactly one of exact, prefix, regex",
+        "spec.rules[0].modelMatch.uri: must set one of exact, prefix, regex (or none, to match "
+        "anything)",
     ),
     (
         "weight out of range",
@@ -285,13 +290,13 @@ BAD_CASES: list[tuple[str, Any, str]] = [
     ),
     (
         "bad engine",
-        {"resources": [server("s", {}, engine="TensorRT")]},
+        {"resources": [server("s", {"app": "s"}, engine="TensorRT")]},
         "router.yaml: resources[0] (ModelServer default/s): spec.inferenceEngine: must be one "
         "of vLLM, SGLang, not 'TensorRT'",
     ),
     (
         "bad port",
-        {"resources": [server("s", {}, port=70000)]},
+        {"resources": [server("s", {"app": "s"}, port=70000)]},
         "spec.workloadPort.port: must be at most 65535, not 70000",
     ),
     (
@@ -325,7 +330,7 @@ BAD_CASES: list[tuple[str, Any, str]] = [
     ),
     (
         "bad name",
-        {"resources": [server("Bad_Name", {})]},
+        {"resources": [server("Bad_Name", {"app": "s"})]},
         "metadata.name: must be a lower-case DNS name, not 'Bad_Name'",
     ),
     (
@@ -375,7 +380,98 @@ BAD_CASES: list[tuple[str, Any, str]] = [
         "maxEjectionPercent: must be at most 100, not 101",
     ),
     ("unknown readiness rule", {"readiness": "some"}, "readiness: must be one of allModels"),
+    # Kthena's webhook (validator.go validateModelServer) refuses these too.
+    (
+        "selector without labels",
+        {"resources": [server("s", {})]},
+        "router.yaml: resources[0] (ModelServer default/s): spec.workloadSelector.matchLabels: "
+        "must hold at least one label (an empty selector selects every pod)",
+    ),
+    (
+        "selector without matchLabels",
+        {
+            "resources": [
+                {
+                    "apiVersion": KTHENA_API,
+                    "kind": "ModelServer",
+                    "metadata": {"name": "s"},
+                    "spec": {"inferenceEngine": "vLLM", "workloadSelector": {}},
+                }
+            ]
+        },
+        "spec.workloadSelector.matchLabels: must hold at least one label",
+    ),
+    (
+        "label key with @",
+        {"resources": [server("s", {"app@name": "x"})]},
+        "spec.workloadSelector.matchLabels.app@name: 'app@name' is not a valid label key: its "
+        "name must be 1-63 characters",
+    ),
+    (
+        "label key with a bad prefix",
+        {"resources": [server("s", {"Example.COM/app": "x"})]},
+        "'Example.COM/app' is not a valid label key: its prefix must be a lower-case DNS",
+    ),
+    (
+        "label value too long",
+        {"resources": [server("s", {"app": "x" * 64})]},
+        "is not a valid label value: at most 63 characters",
+    ),
+    (
+        "PD labels empty",
+        {
+            "resources": [
+                server(
+                    "s",
+                    {},
+                    workloadSelector={
+                        "matchLabels": {"app": "s"},
+                        "pdGroup": {
+                            "groupKey": "g",
+                            "prefillLabels": {},
+                            "decodeLabels": {"r": "d"},
+                        },
+                    },
+                )
+            ]
+        },
+        "spec.workloadSelector.pdGroup.prefillLabels: must hold at least one label",
+    ),
 ]
+
+
+def test_qualified_label_keys_and_empty_values_are_valid() -> None:
+    labels = {"app.kubernetes.io/name": "vllm", "example.com/tier": "", "a_b.c-d": "v1.2_x"}
+    config = with_resources(server("s", labels))
+    assert config.resources.servers[0].match_labels == labels
+
+
+def test_an_empty_string_match_matches_anything() -> None:
+    """Kthena's store_test.go TestMatchString: no matcher set matches everything."""
+    config = with_resources(
+        route(
+            "r",
+            {
+                "modelName": "m",
+                "rules": [
+                    {
+                        "modelMatch": {"headers": {"x-any": {}}, "uri": {}},
+                        "targetModels": [{"modelServerName": "srv"}],
+                    }
+                ],
+            },
+        ),
+        GOOD_SERVER,
+    )
+    store = Datastore()
+    store.replace(config.resources)
+    for value in ("anything", ""):
+
+        def header(name: str, value: str = value) -> str:
+            return value
+
+        match = store.match("m", header, "/v1/completions")
+        assert match is not None and match.route.meta.name == "r"
 
 
 @pytest.mark.parametrize(("case", "raw", "message"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
@@ -407,7 +503,7 @@ def test_resource_files_and_globs(tmp_path: Path) -> None:
 
 
 def test_errors_in_resource_files_name_file_and_document(tmp_path: Path) -> None:
-    bad = server("s", {}, port=0)
+    bad = server("s", {"app": "s"}, port=0)
     (tmp_path / "servers.yaml").write_text(yaml.safe_dump_all([GOOD_SERVER, bad]))
     config_file = tmp_path / "router.yaml"
     config_file.write_text(yaml.safe_dump({"resources": ["servers.yaml"]}))
