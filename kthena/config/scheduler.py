@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kthena.config.validate import Where, integer, mapping, number, sequence, string
+from kthena.config.validate import Where, boolean, integer, mapping, number, sequence, string
 from kthena.scheduler.plugins import PLUGINS
 
 
@@ -31,6 +31,9 @@ from kthena.scheduler.plugins import PLUGINS
 class SchedulerConfig:
     """
     @ivar args: each plugin's arguments by name (from C{pluginConfig}).
+    @ivar skip_scores_for_one_pod: when the filters leave one pod, ask no score plugin
+        (ours, C{skipScoresForOnePod}; off by default: Kthena always runs them, and
+        their timings are what operators watch).
     """
 
     filters: tuple[str, ...] = ("least-request",)
@@ -41,6 +44,7 @@ class SchedulerConfig:
         ("prefix-cache", 1.0),
     )
     args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    skip_scores_for_one_pod: bool = False
 
 
 def _known(name: str, where: Where) -> str:
@@ -58,7 +62,7 @@ def _disabled(spec: Mapping[str, Any], where: Where) -> set[str]:
 def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
     if value is None:
         return SchedulerConfig()
-    spec = mapping(value, where, ("pluginConfig", "plugins"))
+    spec = mapping(value, where, ("pluginConfig", "plugins", "skipScoresForOnePod"))
     args: dict[str, Mapping[str, Any]] = {}
     c_where = where.at("pluginConfig")
     for i, item in enumerate(sequence(spec.get("pluginConfig"), c_where)):
@@ -104,4 +108,11 @@ def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
             if name not in disabled:
                 chosen.append((name, number(weight, e_where.at("weight"), minimum=0)))
         scores = tuple(chosen)
-    return SchedulerConfig(filters=filters, scores=scores, args=args)
+    return SchedulerConfig(
+        filters=filters,
+        scores=scores,
+        args=args,
+        skip_scores_for_one_pod=boolean(
+            spec.get("skipScoresForOnePod", False), where.at("skipScoresForOnePod")
+        ),
+    )

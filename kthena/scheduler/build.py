@@ -20,4 +20,6 @@ def build_scheduler(config: SchedulerConfig, timer: Timer | None = None) -> Sche
     filters = [IFilterPlugin(plugin(name)) for name in config.filters]
     scores = [(IScorePlugin(plugin(name)), weight) for name, weight in config.scores]
     hooks = [IPostScheduleHook(p) for p in instances.values() if IPostScheduleHook.providedBy(p)]
-    return Scheduler(filters, scores, hooks, timer)
+    return Scheduler(
+        filters, scores, hooks, timer, skip_scores_for_one_pod=config.skip_scores_for_one_pod
+    )

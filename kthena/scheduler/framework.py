@@ -92,7 +92,7 @@ class Decision:
             return f"filter {self.failed_filter} left no pod"
         if not self.candidates:
             return "no pod"
-        if len(self.scored) == 1:
+        if len(self.scored) == 1 and not self.by_plugin:
             return f"{self.scored[0].name}: the only pod left, nothing to rank"
         best = self.candidates[0]
         parts = [f"{best.name}: total {self.totals.get(best.key, 0.0):.1f}"]
@@ -113,8 +113,10 @@ class Scheduler:
         hooks: Sequence[IPostScheduleHook] = (),
         timer: Timer | None = None,
         rng: random.Random | None = None,
+        skip_scores_for_one_pod: bool = False,
     ) -> None:
         self.filters = list(filters)
+        self.skip_scores_for_one_pod = skip_scores_for_one_pod
         self.scores = list(scores)
         self.hooks = list(hooks)
         self.timer = timer
@@ -142,8 +144,8 @@ class Scheduler:
                 decision.failed_filter = plugin.name
                 return decision
         decision.scored = pods
-        if len(pods) == 1:
-            # One pod left: nothing to rank, so no score plugin is asked.
+        if len(pods) == 1 and self.skip_scores_for_one_pod:
+            # One pod left: nothing to rank (skipScoresForOnePod: no score plugin is asked).
             decision.candidates = pods
             decision.weighted = [0.0]
             return decision

@@ -11,8 +11,8 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from kthena.config.router import parse_config
-from kthena.config.scheduler import SchedulerConfig
-from kthena.config.validate import ConfigError
+from kthena.config.scheduler import SchedulerConfig, parse_scheduler
+from kthena.config.validate import ConfigError, Where
 from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
 from kthena.prompt import render as render_prompt
 from kthena.scheduler.build import build_scheduler
@@ -338,7 +338,8 @@ def test_the_scheduler_follows_a_reload() -> None:
     assert core.scheduler.algorithm == "random"  # type: ignore[attr-defined]
 
 
-def test_one_pod_left_is_not_ranked() -> None:
+def test_one_pod_left_is_still_scored_as_kthena_does() -> None:
+    """Kthena always runs the score plugins (scheduler_impl.go): their timings show."""
     _, match, (a, b, _c) = cluster()
     b.state.waiting = 50  # the filter leaves a alone
     calls: list[tuple[str, str]] = []
@@ -346,6 +347,23 @@ def test_one_pod_left_is_not_ranked() -> None:
         [LeastRequest()],
         [(GPUUsage(), 1.0)],
         timer=lambda model, plugin, kind, seconds: calls.append((plugin, kind)),
+    )
+    decision = scheduler.schedule(request(match, [a, b]))
+    assert decision.candidates == [a]
+    assert calls == [("least-request", "filter"), ("gpu-usage", "score")]
+    assert decision.why().startswith("p0: total ")
+
+
+def test_one_pod_left_is_not_ranked_when_configured() -> None:
+    _, match, (a, b, _c) = cluster()
+    b.state.waiting = 50
+    calls: list[tuple[str, str]] = []
+    config = parse_scheduler(
+        {"skipScoresForOnePod": True, "plugins": {"Score": {"enabled": [{"name": "gpu-usage"}]}}},
+        Where("t"),
+    )
+    scheduler = build_scheduler(
+        config, lambda model, plugin, kind, seconds: calls.append((plugin, kind))
     )
     decision = scheduler.schedule(request(match, [a, b]))
     assert decision.candidates == [a]
