@@ -1,8 +1,8 @@
 """
 The router's HTTP clients towards pods (the proxy's and the scraper's): keep-alive pools
-that log nothing per connection and never resend a request, and Agents that connect to a
+that log nothing per connection and never resend a request, Agents that connect to a
 pod's IP address directly (a plain TCP endpoint, no name resolution in a thread) with
-Nagle's algorithm off and a connect timeout.
+Nagle's algorithm off and a connect timeout, and bounded reading of small bodies.
 """
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from kthena.interfaces import IServerReactor
@@ -84,3 +91,73 @@ def pod_agent(reactor: IServerReactor, connect_timeout: float, pool: HTTPConnect
         reactor, _PodEndpointFactory(reactor, connect_timeout), pool=pool
     )
     return agent
+
+
+class BodyCollector(Protocol):
+    """Collects a response body of at most C{limit} bytes; C{done} fires with it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self.limit:
+            self._stop()
+            if not self.done.called:
+                self.done.errback(ValueError(f"body over {self.limit} bytes"))
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        if self.done.called:
+            return
+        if isinstance(reason.value, ResponseDone):
+            self.done.callback(b"".join(self._parts))
+        else:
+            self.done.errback(reason)
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+@implementer(IPushProducer)
+class _Nothing:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IResponse)
+class BufferedResponse:
+    """
+    A pod's response whose body was read already (to look at it before deciding what
+    to do), delivered again to whichever protocol takes it as if it came off the wire.
+    """
+
+    def __init__(self, response: IResponse, body: bytes) -> None:
+        self.version = response.version
+        self.code = response.code
+        self.phrase = response.phrase
+        self.headers = response.headers
+        self.length = len(body)
+        self.request = response.request
+        self.previousResponse = response.previousResponse
+        self.body = body
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        protocol.makeConnection(_Nothing())  # type: ignore[arg-type]
+        if self.body:
+            protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response

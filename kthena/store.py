@@ -72,6 +72,10 @@ class PodEndpoint:
     def name(self) -> str:
         return self.pod.meta.name
 
+    def serves_adapter(self, adapter: str) -> bool:
+        """The pod has the LoRA adapter loaded (its C{/v1/models}) or running (its metrics)."""
+        return adapter in self.state.loras
+
     def failed(self, why: str) -> None:
         """An attempt on this pod failed (kept for the debug views)."""
         self.failures += 1

@@ -15,17 +15,14 @@ from collections.abc import Callable, Iterable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from kthena.engines.dialects import DIALECTS
 from kthena.failures import describe
 from kthena.interfaces import IServerReactor
-from kthena.podclient import client_pool, pod_agent
+from kthena.podclient import BodyCollector, client_pool, pod_agent
 from kthena.store import Datastore, PodEndpoint
 
 log = Logger()
@@ -120,7 +117,7 @@ class PodScraper(Service):
         d = self._agent.request(b"GET", url, _ACCEPT)
         d.addTimeout(self.timeout, self.reactor)
         response = await d
-        collector = _Body()
+        collector = BodyCollector(MAX_BODY)
         response.deliverBody(collector)
         collector.done.addTimeout(self.timeout, self.reactor)
         body: bytes = await collector.done
@@ -131,36 +128,6 @@ class PodScraper(Service):
 
 MAX_BODY = 8 * 1024 * 1024
 """A pod's C{/metrics} or C{/v1/models} larger than this is refused."""
-
-
-class _Body(Protocol):
-    """Collects a response body, up to L{MAX_BODY} bytes."""
-
-    def __init__(self) -> None:
-        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > MAX_BODY:
-            self._stop()
-            if not self.done.called:
-                self.done.errback(ValueError(f"body over {MAX_BODY} bytes"))
-            return
-        self._parts.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-        if self.done.called:
-            return
-        if isinstance(reason.value, ResponseDone):
-            self.done.callback(b"".join(self._parts))
-        else:
-            self.done.errback(reason)
-
-    def _stop(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 def _models(body: bytes) -> tuple[frozenset[str], frozenset[str]]:

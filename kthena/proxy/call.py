@@ -4,7 +4,12 @@ One proxied request, from the first upstream attempt to the last byte relayed.
 Retries follow the ModelServer's C{trafficPolicy.retry} (attempts, interval), on the next
 candidate pod, for failures before the first response byte: connection failures,
 timeouts and 5xx answers. Without a retry policy only connection failures, where the pod
-never saw the request, are retried. 4xx answers are the client's and pass through.
+never saw the request, are retried. A pod's 404 naming the requested model (an adapter it
+has not loaded: it does not serve the model) moves on to the next candidate the same
+way; other 4xx answers are the client's and pass through. When more than one attempt was
+made and all failed, the client gets Kthena's 503 C{request to all pods failed}; a single
+attempt's 5xx is relayed as the pod sent it. Post-schedule hooks (the prefix index) learn
+only from a 2xx, as Kthena's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
 from kthena.failures import describe
+from kthena.podclient import BodyCollector, BufferedResponse
 from kthena.proxy.context import ProxyContext
 from kthena.proxy.core import RouterCore
 from kthena.proxy.errors import ErrorType, ProxyError, error_object, respond_error
@@ -33,6 +39,9 @@ log = Logger()
 
 CONNECT_RETRIES = 2
 """Retries on connection failure when the ModelServer sets no retry policy."""
+
+SMALL_BODY = 64 * 1024
+"""A 404 body read to tell why (the model is not served?) before it is relayed."""
 
 _CONNECT_ERRORS = (
     net_error.ConnectError,
@@ -129,23 +138,50 @@ class ProxyCall:
                     if policy is None and not isinstance(e, _CONNECT_ERRORS):
                         break
                     continue
-                if response.code >= 500:
-                    self._failed(pod, f"pod {pod.name} answered {response.code}")
-                    if policy is not None and attempt + 1 < attempts:
-                        response.deliverBody(_Discard())
-                        failure = ProxyError(
-                            503, ErrorType.UPSTREAM, f"pod {pod.name} answered {response.code}"
-                        )
-                        continue
-                if response.code < 500 and ctx.decision is not None:
-                    self.core.scheduler.scheduled(ctx.decision, pod)
-                await self._relay(pod, response)
-                return
+                last = attempt + 1 == attempts
+                response, verdict = await self._judge(pod, response, policy is not None, last)
+                if verdict is None:
+                    await self._relay(pod, response)
+                    return
+                failure, retry = verdict
+                if not retry:
+                    break
             finally:
                 self._release(pod)
         ctx.upstream_ended = clock.seconds()
         assert failure is not None
+        if ctx.attempts > 1:
+            failure = self._all_failed(failure)
         self._answer_error(failure)
+
+    async def _judge(
+        self, pod: PodEndpoint, response: IResponse, retry_5xx: bool, last: bool
+    ) -> tuple[IResponse, tuple[ProxyError, bool] | None]:
+        """
+        Whether a pod's answer is relayed (C{None}), or the attempt failed: why, and
+        whether the next candidate is tried.
+
+        @param retry_5xx: the server has a retry policy (5xx answers are retried).
+        @param last: no attempt is left after this one.
+        """
+        code = response.code
+        self.ctx.upstream_status = code
+        if code >= 500:
+            why = f"pod {pod.name} answered {code}"
+            self._failed(pod, why)
+            retry = retry_5xx and not last
+            if retry or self.ctx.attempts > 1:
+                response.deliverBody(_Discard())
+                return response, (ProxyError(503, ErrorType.PROXY, why), retry)
+        elif code == 404 and not last:
+            response = await self._read_small(response)
+            if self._does_not_serve(response):
+                why = f"pod {pod.name} does not serve the model (404)"
+                self._tried(pod, why)
+                return response, (ProxyError(503, ErrorType.PROXY, why), True)
+        if 200 <= code < 300 and self.ctx.decision is not None:
+            self.core.scheduler.scheduled(self.ctx.decision, pod)
+        return response, None
 
     def _attempt_failed(
         self, pod: PodEndpoint, error: Exception, timeout: float | None
@@ -171,10 +207,40 @@ class ProxyCall:
         pod.failed(why)
         core = self.core
         core.outliers.failed(pod, why, core.store.server_pods(self.match.server))
+        self._tried(pod, why)
+
+    def _tried(self, pod: PodEndpoint, why: str) -> None:
+        """An attempt on C{pod} did not serve the request: kept in its record."""
         ctx = self.ctx
         if ctx.failed_attempts is None:
             ctx.failed_attempts = []
         ctx.failed_attempts.append((pod.name, why))
+
+    def _all_failed(self, last: ProxyError) -> ProxyError:
+        """Kthena's answer when every attempt failed, with what the last one said."""
+        attempts = self.ctx.failed_attempts or []
+        reason = attempts[-1][1] if attempts else last.message
+        return ProxyError(
+            503,
+            ErrorType.PROXY,
+            f"request to all pods failed: {self.ctx.attempts} attempts, the last: {reason}",
+        )
+
+    async def _read_small(self, response: IResponse) -> IResponse:
+        """The response with its (small, error) body read, to look at before relaying."""
+        collector = BodyCollector(SMALL_BODY)
+        response.deliverBody(collector)
+        try:
+            body = await collector.done
+        except Exception:
+            body = b""
+        return BufferedResponse(response, body)
+
+    def _does_not_serve(self, response: IResponse) -> bool:
+        """A pod's 404 that names the model asked of it: it does not serve that model."""
+        body = response.body if isinstance(response, BufferedResponse) else b""
+        model = self.match.upstream_model(self.ctx.model or "")
+        return model.encode("utf-8", "surrogatepass") in body
 
     def _acquire(self, pod: PodEndpoint) -> None:
         pod.in_flight += 1

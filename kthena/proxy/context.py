@@ -45,6 +45,7 @@ class ProxyContext:
     @ivar model: the model the client asked for (C{None} until the body is parsed).
     @ivar decision: the scheduler's decision record (scores per candidate and plugin).
     @ivar attempts: upstream requests sent (more than one after retries).
+    @ivar upstream_status: the status of the last pod answer (C{None}: none answered).
     @ivar input_estimate: input tokens estimated from the request before sending.
     @ivar prompt_tokens: from the pod's C{usage}, when it reported one.
     @ivar failed_attempts: (pod name, why) of each attempt that failed, in order.
@@ -61,6 +62,7 @@ class ProxyContext:
     decision: Decision | None = None
     pod: PodEndpoint | None = None
     attempts: int = 0
+    upstream_status: int | None = None
     status: int = 0
     error_type: ErrorType = ErrorType.SUCCESS
     error_message: str | None = None

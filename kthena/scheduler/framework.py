@@ -102,6 +102,23 @@ class Decision:
         return "; ".join([" ".join(parts), *removed])
 
 
+def _adapter_holders_first(
+    ranked: list[PodEndpoint], request: SchedulingRequest
+) -> list[PodEndpoint]:
+    """
+    For a LoRA request, the pods known to serve the adapter come first, in their ranked
+    order, even without the C{lora-affinity} filter (a pod without it answers 404); the
+    others stay as later candidates (a pod may have loaded it since its last scrape).
+    """
+    adapter = request.lora
+    if adapter is None:
+        return ranked
+    holders = [p for p in ranked if p.serves_adapter(adapter)]
+    if not holders or len(holders) == len(ranked):
+        return ranked
+    return holders + [p for p in ranked if not p.serves_adapter(adapter)]
+
+
 @implementer(IScheduler)
 class Scheduler:
     """Runs the configured plugins; one instance per config generation."""
@@ -164,7 +181,7 @@ class Scheduler:
         draw = self._random.random
         draws = [draw() for _ in pods]
         ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)
-        decision.candidates = [pods[i] for _, _, i in ranked]
+        decision.candidates = _adapter_holders_first([pods[i] for _, _, i in ranked], request)
         decision.weighted = totals
         return decision
 

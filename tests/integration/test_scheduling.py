@@ -239,6 +239,54 @@ async def test_lora_requests_only_reach_pods_with_the_adapter(cluster: Cluster) 
     }
 
 
+def adapter_on_one_of_three(cluster: Cluster, **settings: Any) -> RouterService:
+    """Kthena's default plugins (no lora-affinity); lora-a is loaded on one pod of three."""
+    plain = [cluster.sim("org/m") for _ in range(2)]
+    adapted = cluster.sim("org/m", loras=["lora-a"])
+    return cluster.router(
+        [
+            route("r", {"modelName": "m", "loraAdapters": ["lora-a"],
+                        "rules": [{"targetModels": [{"modelServerName": "srv"}]}]}),
+            server("srv", {"app": "srv"}, model="org/m"),
+            *(cluster.pod(f"plain-{i}", s, {"app": "srv"}) for i, s in enumerate(plain)),
+            cluster.pod("adapted", adapted, {"app": "srv"}),
+        ],
+        **settings,
+    )  # fmt: skip
+
+
+@inline
+async def test_a_pod_without_the_adapter_passes_it_on(cluster: Cluster) -> None:
+    """
+    Nothing tells the router who has the adapter (no scrapes): a pod without it answers
+    404 naming it, the next candidate is tried, and nothing sticks to a wrong pod (the
+    prefix index learns only from a 2xx).
+    """
+    router = adapter_on_one_of_three(cluster, podMetrics={"enabled": False})
+    records = cluster.hook(router)
+    for _ in range(28):
+        assert (await cluster.post(router, CHAT, chat_body("lora-a", max_tokens=1))).status == 200
+    assert chosen(records) == {"adapted": 28}
+    passed_on = [why for r in records for _, why in r.failed_attempts or []]
+    assert passed_on  # some requests were tried on a pod without it first
+    assert all(why.endswith("does not serve the model (404)") for why in passed_on)
+    assert all(p.outlier.consecutive_failures == 0 for p in router.core.store.pods.values())
+
+
+@inline
+async def test_the_pod_with_the_adapter_comes_first_once_known(cluster: Cluster) -> None:
+    router = adapter_on_one_of_three(cluster, podMetrics=FAST_SCRAPES)
+    await ready(cluster, router)
+    await cluster.wait_for(
+        lambda: router.core.store.pods["default/adapted"].serves_adapter("lora-a"), 5, "models"
+    )
+    records = cluster.hook(router)
+    for _ in range(28):
+        assert (await cluster.post(router, CHAT, chat_body("lora-a", max_tokens=1))).status == 200
+    assert chosen(records) == {"adapted": 28}
+    assert all(r.attempts == 1 for r in records)
+
+
 @inline
 async def test_random_spreads_uniformly(cluster: Cluster) -> None:
     sims = [cluster.sim("org/m", itl=0.0, output_tokens=1) for _ in range(3)]

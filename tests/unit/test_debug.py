@@ -339,7 +339,9 @@ def test_a_request_that_failed_on_every_pod(admin: AdminHarness) -> None:
     assert client.got().status == 503
     (decision,) = admin.json("/debug/routing/decisions")["decisions"]
     assert (decision["status"], decision["error_type"], decision["attempts"]) == (503, "proxy", 3)
-    assert decision["error"] == "pod p0 unreachable: connection refused"
+    assert decision["error"] == (
+        "request to all pods failed: 3 attempts, the last: pod p0 unreachable: connection refused"
+    )
     assert "gave up after attempt 3 on p0" in decision["why"]
 
 

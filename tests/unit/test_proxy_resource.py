@@ -561,15 +561,78 @@ def test_retry_policy_retries_a_5xx_and_discards_its_body() -> None:
     assert h.in_flight() == {"p0": 0, "p1": 0, "q0": 0}
 
 
-def test_retry_policy_passes_a_5xx_through_on_the_last_attempt() -> None:
+def test_every_attempt_failing_is_kthenas_503() -> None:
+    """Kthena: 503 `request to all pods failed`, error_type proxy; the pods' status kept."""
     h = RouterHarness({"retry": {"attempts": 1, "retryInterval": "0s"}})
     client = h.chat()
     h.upstream.last.respond(json_response({"error": "first"}, code=500))
-    h.upstream.last.respond_json({"error": "second"}, code=502)
-    wire = client.got()
-    assert (wire.status, wire.json()) == (502, {"error": "second"})
+    second = h.upstream.last.respond_json({"error": "second"}, code=502)
+    error = assert_error(client.got(), 503, ErrorType.PROXY)
+    assert error["message"] == (
+        "request to all pods failed: 2 attempts, the last: pod p1 answered 502"
+    )
+    assert second.transport.stopped == 1  # its body is not relayed
     assert len(h.upstream.calls) == 2
+    assert (h.context.status, h.context.upstream_status) == (503, 502)
+    assert h.core.metrics.requests.value((BASE_MODEL, "/v1/chat/completions", "503", "proxy")) == 1
     assert h.in_flight() == {"p0": 0, "p1": 0, "q0": 0}
+
+
+def test_a_single_attempt_5xx_is_relayed_as_is() -> None:
+    h = RouterHarness({"retry": {"attempts": 0}})
+    client = h.chat()
+    h.upstream.last.respond_json({"error": "only"}, code=500)
+    wire = client.got()
+    assert (wire.status, wire.json()) == (500, {"error": "only"})
+    assert (h.context.error_type, h.context.upstream_status) == (ErrorType.UPSTREAM, 500)
+
+
+def test_a_5xx_after_connection_failures_is_all_pods_failed() -> None:
+    h = RouterHarness()  # no retry policy: only connection failures are retried
+    client = h.chat()
+    h.upstream.last.fail(ConnectionRefusedError())
+    h.upstream.last.respond_json({"error": "boom"}, code=500)
+    error = assert_error(client.got(), 503, ErrorType.PROXY)
+    assert error["message"].startswith("request to all pods failed: 2 attempts")
+
+
+def prefix_entries(h: RouterHarness) -> int:
+    hooks: list[Any] = h.core.scheduler.hooks  # type: ignore[attr-defined]
+    return sum(len(hook) for hook in hooks)
+
+
+@pytest.mark.parametrize("code", [201, 400, 404, 429, 500])
+def test_the_prefix_index_learns_only_from_a_2xx(code: int) -> None:
+    h = RouterHarness(configured_scheduler=True, pods=1)  # Kthena's defaults: prefix-cache
+    h.chat()
+    h.upstream.last.respond_json({"error": "no"} if code >= 300 else COMPLETION, code=code)
+    assert prefix_entries(h) == (1 if code < 300 else 0)
+
+
+def test_a_404_naming_the_model_moves_on_to_the_next_pod() -> None:
+    h = RouterHarness()
+    client = h.chat(model=LORA)
+    first = h.upstream.last
+    missing = {"object": "error", "message": f"The model `{LORA}` does not exist.", "code": 404}
+    first.respond_json(missing, code=404)
+    second = h.upstream.last
+    assert (first.pod.name, second.pod.name) == ("p0", "p1")
+    second.respond_json(COMPLETION)
+    assert client.got().status == 200
+    ctx = h.context
+    assert ctx.failed_attempts == [("p0", "pod p0 does not serve the model (404)")]
+    assert h.pod("p0").outlier.consecutive_failures == 0  # not a failing pod
+
+
+def test_a_404_on_the_last_candidate_is_relayed() -> None:
+    h = RouterHarness({"retry": {"attempts": 1, "retryInterval": "0s"}})
+    client = h.chat(model=LORA)
+    missing = {"message": f"The model `{LORA}` does not exist."}
+    h.upstream.last.respond_json(missing, code=404)
+    h.upstream.last.respond_json(missing, code=404)
+    wire = client.got()
+    assert (wire.status, wire.json()) == (404, missing)
+    assert len(h.upstream.calls) == 2
 
 
 @pytest.mark.parametrize("code", [400, 404, 422, 429])

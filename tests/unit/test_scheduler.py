@@ -338,6 +338,19 @@ def test_the_scheduler_follows_a_reload() -> None:
     assert core.scheduler.algorithm == "random"  # type: ignore[attr-defined]
 
 
+def test_pods_serving_an_adapter_come_first_without_lora_affinity() -> None:
+    store, _, (a, b, c) = cluster()
+    match = store.match("sql", lambda name: "", "/v1/completions")
+    assert match is not None and match.is_lora
+    c.state.loras = frozenset({"sql"})
+    a.state.kv_usage, b.state.kv_usage, c.state.kv_usage = 0.0, 0.1, 0.9  # c scores worst
+    scheduler = Scheduler([], [(GPUUsage(), 1.0)])
+    decision = scheduler.schedule(SchedulingRequest("sql", match, [a, b, c], {"prompt": "x"}))
+    assert decision.candidates == [c, a, b]  # the holder, then the rest as ranked
+    plain = scheduler.schedule(request(match, [a, b, c]))  # not an adapter request: ranked
+    assert plain.candidates == [a, b, c]
+
+
 def test_one_pod_left_is_still_scored_as_kthena_does() -> None:
     """Kthena always runs the score plugins (scheduler_impl.go): their timings show."""
     _, match, (a, b, _c) = cluster()

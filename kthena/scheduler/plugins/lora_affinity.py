@@ -28,4 +28,4 @@ class LoraAffinity:
         adapter = request.lora
         if adapter is None:
             return list(pods)
-        return [p for p in pods if adapter in p.state.loras]
+        return [p for p in pods if p.serves_adapter(adapter)]
