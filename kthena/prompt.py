@@ -40,10 +40,20 @@ def _check_content(content: object, where: str) -> None:
             raise PromptError(f"{where}[{j}].text must be a string")
 
 
-def check(body: dict[str, Any]) -> None:
+REQUIRED = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+"""The prompt field each OpenAI path cannot do without (other paths have their own)."""
+
+
+def check(body: dict[str, Any], path: str = "") -> None:
     """
-    @raise PromptError: C{messages} or C{prompt} is of a shape no engine accepts.
+    @param path: the request's path: chat completions need C{messages}, completions a
+        C{prompt} (the OpenAI API answers 400 without them, and so does the router,
+        before any pod).
+    @raise PromptError: the prompt is missing, or of a shape no engine accepts.
     """
+    required = REQUIRED.get(path)
+    if required is not None and required not in body:
+        raise PromptError(f"`{required}` is required")
     if "messages" in body:
         messages = body["messages"]
         if not isinstance(messages, list):

@@ -211,10 +211,6 @@ class ProxyResource(Resource):
             raise ProxyError(404, ErrorType.ROUTE_NOT_FOUND, "the request names no model")
         ctx.model = model
         ctx.stream = body.get("stream") is True
-        try:
-            prompt.check(body)
-        except prompt.PromptError as e:
-            raise ProxyError(400, ErrorType.INVALID_REQUEST, str(e)) from e
 
         def header(name: str) -> str:
             return request.getHeader(name) or ""
@@ -223,6 +219,10 @@ class ProxyResource(Resource):
         if match is None:
             raise ProxyError(404, ErrorType.ROUTE_NOT_FOUND, f"the model `{model}` does not exist")
         ctx.match = match
+        try:
+            prompt.check(body, ctx.path)
+        except prompt.PromptError as e:
+            raise ProxyError(400, ErrorType.INVALID_REQUEST, str(e)) from e
         pods = core.schedulable(match.server)
         if not pods:
             raise ProxyError(503, ErrorType.NO_PODS, f"no ready pod serves {match.server.meta.key}")

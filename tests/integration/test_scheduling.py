@@ -176,11 +176,11 @@ async def test_gpu_usage_prefers_the_pod_with_free_kv_cache(cluster: Cluster) ->
 
 @inline
 async def test_least_latency_prefers_the_fast_pool(cluster: Cluster) -> None:
-    # Same decode speed (an ITL long enough for scheduling jitter to stay within the
-    # plugin's 10% noise floor), 40x the prefill time, so 40x the TTFT: far apart enough that
-    # one slow period of the fast pod on a loaded machine cannot flip the ranking.
+    # 40x the prefill time (so 40x the TTFT) and twice the time per output token: far apart
+    # on both figures the plugin blends, so that jitter on a loaded machine (the sims share
+    # the test's reactor) can neither flip one nor make them tie (ties go either way).
     fast = cluster.sim("org/m", prefill_per_token=0.0005, itl=0.02)
-    slow = cluster.sim("org/m", prefill_per_token=0.02, itl=0.02)
+    slow = cluster.sim("org/m", prefill_per_token=0.02, itl=0.04)
     router = cluster.router(
         one_model(cluster, [fast, slow], ["fast", "slow"]),
         scheduler=scheduler([], ["least-latency"]),

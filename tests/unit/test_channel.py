@@ -124,7 +124,7 @@ def test_a_malformed_request_is_400_with_a_json_error() -> None:
 def test_pipelined_requests_are_answered_in_order() -> None:
     h = RouterHarness()
     client = h.client()
-    body = json.dumps({"model": BASE_MODEL, "prompt": "hi"}).encode()
+    body = json.dumps({"model": BASE_MODEL, "messages": []}).encode()
     one = HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
     client.send(one + b"GET /healthz HTTP/1.1\r\nHost: router\r\n\r\n")
     h.clock.advance(30)  # the second head is complete: its deadline does not apply

@@ -53,7 +53,7 @@ def test_dot_segments_are_named_in_the_answer() -> None:
 )
 def test_inference_paths_are_proxied(path: str) -> None:
     h = RouterHarness()
-    client = h.post(path, {"model": BASE_MODEL, "input": "hi"})
+    client = h.post(path, {"model": BASE_MODEL, "messages": [], "prompt": "hi", "input": "hi"})
     assert h.upstream.last.uri == path.encode()
     h.upstream.last.respond_json(COMPLETION)
     assert client.got().status == 200

@@ -80,7 +80,27 @@ REFUSALS: list[tuple[str, bytes, int, ErrorType]] = [
     ("model-not-a-string", b'{"model": 7, "prompt": "hi"}', 400, ErrorType.INVALID_REQUEST),
     ("unknown-model", b'{"model": "nope", "prompt": "hi"}', 404, ErrorType.ROUTE_NOT_FOUND),
     ("no-pods", b'{"model": "lonely", "prompt": "hi"}', 503, ErrorType.NO_PODS),
+    ("no-prompt", b'{"model": "m", "messages": []}', 400, ErrorType.INVALID_REQUEST),
+    ("nothing-to-complete", b'{"model": "m"}', 400, ErrorType.INVALID_REQUEST),
 ]
+
+
+@pytest.mark.parametrize(
+    ("path", "field"), [("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")]
+)
+def test_no_prompt_is_400_before_any_pod(path: str, field: str) -> None:
+    """Kthena answers 404 `prompt not found`; the OpenAI API (and we) 400."""
+    h = RouterHarness()
+    error = assert_error(h.post(path, {"model": BASE_MODEL}).got(), 400, ErrorType.INVALID_REQUEST)
+    assert error["message"] == f"`{field}` is required"
+    assert error["type"] == "invalid_request_error"
+    assert h.upstream.calls == []
+
+
+def test_other_paths_need_no_prompt() -> None:
+    h = RouterHarness()
+    h.post("/v1/embeddings", {"model": BASE_MODEL, "input": ["a", "b"]})
+    assert h.upstream.last.json()["input"] == ["a", "b"]
 
 
 @pytest.mark.parametrize(
