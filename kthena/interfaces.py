@@ -50,6 +50,18 @@ class IScheduler(Interface):
     def forget_pods(keys: set[str]) -> None:
         """Pods (by key) left the config: drop whatever is kept about them."""
 
+    def prefix_entries() -> int:
+        """(prefix block, pod) entries its prefix indexes hold (0 without one), for
+        C{kthena_router_prefix_cache_entries}; read from the metrics' worker thread."""
+
+
+class IPrefixIndex(Interface):
+    """A plugin remembering which pods served which prompt prefixes."""
+
+    entries = Attribute(
+        "(prefix block, pod) entries held: a block cached on N pods counts N times."
+    )
+
 
 class ITokenEstimator(Interface):
     """Estimates a request's input tokens from its body, before it is sent."""

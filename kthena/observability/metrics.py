@@ -419,8 +419,23 @@ class RouterMetrics:
             "counter", "kthena_router_outlier_ejections",
             "Pods ejected by passive outlier detection (failed attempts in a row)", ("target",),
         )  # fmt: skip
+        # Kthena's two gauges beyond the spec, read when scraped (from the worker thread).
+        self.active_requests = Gauge(
+            "kthena_router_active_requests",
+            "Current number of active requests being handled by the router", registry=r,
+        )  # fmt: skip
+        self.prefix_cache_entries = Gauge(
+            "kthena_router_prefix_cache_entries",
+            "Total prefix-cache occupancy: (prefix block, pod) entries stored across all pods; "
+            "a block cached on N pods counts N times", registry=r,
+        )  # fmt: skip
         self._pod_series: dict[int, set[tuple[str, ...]]] = {}
         self._paths = ROUTER_PATHS
+
+    def read_gauges(self, active: Callable[[], int], prefix_entries: Callable[[], int]) -> None:
+        """Where the gauges read at scrape time come from (the router's calls, scheduler)."""
+        self.active_requests.set_function(active)
+        self.prefix_cache_entries.set_function(prefix_entries)
 
     def known_paths(self, inference_paths: Iterable[str]) -> None:
         """The paths labelled as themselves (a config generation's); others are C{other}."""

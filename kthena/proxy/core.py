@@ -94,6 +94,7 @@ class RouterCore:
         self.internal_errors = InternalErrors(reactor)
         self.outliers = OutlierDetector(config.upstream.outlier, reactor, self.metrics.ejected)
         self.health = Health(self.store, reactor, self.outliers, None)
+        self.metrics.read_gauges(self._in_flight, self._prefix_entries)
         self._idle_waiters: list[Deferred[None]] = []
         self._degraded: set[str] = set()
         self._traffic(config)
@@ -105,6 +106,12 @@ class RouterCore:
         self.outliers.config = config.upstream.outlier
         if self.health.scrapes is not None:
             self.health.scrapes = config.pod_metrics
+
+    def _in_flight(self) -> int:
+        return len(self.calls)
+
+    def _prefix_entries(self) -> int:
+        return self.scheduler.prefix_entries()  # the scheduler of the current generation
 
     def scrape_pods(self) -> None:
         """Pods are scraped: their scrapes count in their health; not ready until the first

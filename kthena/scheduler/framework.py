@@ -19,7 +19,13 @@ from typing import Any
 from zope.interface import implementer
 
 from kthena import prompt
-from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
+from kthena.interfaces import (
+    IFilterPlugin,
+    IPostScheduleHook,
+    IPrefixIndex,
+    IScheduler,
+    IScorePlugin,
+)
 from kthena.store import PodEndpoint, RouteMatch
 
 Timer = Callable[[str, str, str, float], None]
@@ -191,6 +197,10 @@ class Scheduler:
             return
         for hook in self.hooks:
             hook.scheduled(decision.request, pod)
+
+    def prefix_entries(self) -> int:
+        plugins = {*self.filters, *(s for s, _ in self.scores), *self.hooks}
+        return sum(p.entries for p in plugins if IPrefixIndex.providedBy(p))
 
     def forget_pods(self, keys: set[str]) -> None:
         """Pods left the config: plugins keeping per-pod state drop it."""

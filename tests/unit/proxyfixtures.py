@@ -64,6 +64,9 @@ class OrderedScheduler:
     def forget_pods(self, keys: set[str]) -> None:
         pass
 
+    def prefix_entries(self) -> int:
+        return 0
+
 
 @implementer(IPushProducer)
 class BodyTransport:

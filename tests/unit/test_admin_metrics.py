@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from kthena.config.router import parse_config
+from kthena.config.scheduler import SchedulerConfig
 from kthena.observability.admin import (
     MAX_WAITING_SCRAPES,
     AdminListenerPlan,
@@ -30,6 +31,7 @@ from kthena.observability.admin import (
     plan_listeners,
     thread_runner,
 )
+from kthena.scheduler.build import build_scheduler
 from tests.unit.adminfixtures import REMOTE_PEER, AdminHarness, completion
 
 TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
@@ -70,6 +72,28 @@ def test_prometheus_text_by_default(admin: AdminHarness) -> None:
     assert "# TYPE kthena_router_requests_total counter" in text
     assert "# EOF" not in text
     assert response.header("content-length") == str(len(response.body))
+
+
+def scraped_value(admin: AdminHarness, name: str) -> float:
+    for line in admin.get("/metrics").body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exposed")
+
+
+def test_kthenas_gauges_beyond_the_spec() -> None:
+    """Kthena exports these two on every scrape (its metrics_server_test.go checks one)."""
+    admin = AdminHarness()
+    assert scraped_value(admin, "kthena_router_active_requests") == 0
+    assert scraped_value(admin, "kthena_router_prefix_cache_entries") == 0
+    client = admin.send_chat()
+    assert scraped_value(admin, "kthena_router_active_requests") == 1
+    admin.upstream.last.respond_json(completion())
+    assert client.got().status == 200
+    assert scraped_value(admin, "kthena_router_active_requests") == 0
+    admin.core.scheduler = build_scheduler(SchedulerConfig())  # Kthena's defaults
+    one_request(admin)
+    assert scraped_value(admin, "kthena_router_prefix_cache_entries") == 1  # one short block
 
 
 @pytest.mark.parametrize(

@@ -351,6 +351,26 @@ def test_pods_serving_an_adapter_come_first_without_lora_affinity() -> None:
     assert plain.candidates == [a, b, c]
 
 
+def test_prefix_entries_count_block_pod_pairs() -> None:
+    _, match, (a, b, c) = cluster()
+    prefix = PrefixCache(block_size=4, max_hashes=3, top_k=1)
+    scheduler = Scheduler([], [(prefix, 1.0)], [prefix])
+    body = {"model": "m", "prompt": "aaaabbbb"}  # two blocks
+    decision = scheduler.schedule(request(match, [a, b], body))
+    scheduler.scheduled(decision, a)
+    scheduler.scheduled(decision, a)  # again: nothing new
+    assert (prefix.entries, scheduler.prefix_entries()) == (2, 2)
+    scheduler.scheduled(decision, b)
+    scheduler.scheduled(decision, c)  # top_k 1: at most 2 holders per block
+    assert prefix.entries == 4
+    other = request(match, [a], {"model": "m", "prompt": "ccccdddd"})
+    scheduler.scheduled(scheduler.schedule(other), a)  # max 3 hashes: one block evicted
+    assert len(prefix) == 3
+    assert prefix.entries == sum(len(h) for h in prefix._index.values())
+    scheduler.forget_pods({b.key, c.key})
+    assert prefix.entries == sum(len(h) for h in prefix._index.values())
+
+
 def test_one_pod_left_is_still_scored_as_kthena_does() -> None:
     """Kthena always runs the score plugins (scheduler_impl.go): their timings show."""
     _, match, (a, b, _c) = cluster()

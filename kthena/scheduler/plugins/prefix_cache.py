@@ -19,7 +19,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from kthena.interfaces import IPostScheduleHook, IScorePlugin
+from kthena.interfaces import IPostScheduleHook, IPrefixIndex, IScorePlugin
 from kthena.scheduler.plugins.args import check_args
 from kthena.store import PodEndpoint
 
@@ -38,7 +38,7 @@ def prefix_hashes(model: str, prompt: str, block_size: int, max_blocks: int) -> 
     return hashes
 
 
-@implementer(IScorePlugin, IPostScheduleHook)
+@implementer(IScorePlugin, IPostScheduleHook, IPrefixIndex)
 class PrefixCache:
     name = "prefix-cache"
 
@@ -54,6 +54,8 @@ class PrefixCache:
         self.max_hashes = max_hashes
         self.top_k = top_k
         self._index: OrderedDict[int, OrderedDict[str, None]] = OrderedDict()
+        self.entries = 0
+        """(block, pod) pairs held, kept as the index changes (read from another thread)."""
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> PrefixCache:
@@ -110,12 +112,16 @@ class PrefixCache:
                 holders = index[h] = OrderedDict()
             else:
                 index.move_to_end(h)
+            if pod.key not in holders:
+                self.entries += 1
             holders[pod.key] = None
             holders.move_to_end(pod.key)
             while len(holders) > self.top_k * 2:
                 holders.popitem(last=False)
+                self.entries -= 1
         while len(index) > self.max_hashes:
-            index.popitem(last=False)
+            _, evicted = index.popitem(last=False)
+            self.entries -= len(evicted)
 
     def forget_pods(self, keys: Iterable[str]) -> None:
         """Drop pods that left the config from every prefix they held."""
@@ -126,5 +132,6 @@ class PrefixCache:
             holders = self._index[h]
             for key in gone & holders.keys():
                 del holders[key]
+                self.entries -= 1
             if not holders:
                 del self._index[h]
