@@ -46,9 +46,16 @@ from kthena.config.validate import (
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
+    """
+    @ivar destination_labels: current Kthena's C{model_route}, C{backend_type},
+        C{backend_name}, C{upstream_model} on the request, duration, token and
+        active-upstream families, beyond the spec's label sets (C{destinationLabels}).
+    """
+
     enabled: bool = True
     port: int = 9090
     path: str = "/metrics"
+    destination_labels: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +206,7 @@ def _listen(value: object, where: Where) -> str:
 def _observability(value: object, where: Where) -> ObservabilityConfig:
     spec = mapping(value, where, ("metrics", "accessLog", "debug"))
     m_where, a_where, d_where = where.at("metrics"), where.at("accessLog"), where.at("debug")
-    m = mapping(spec.get("metrics"), m_where, ("enabled", "port", "path"))
+    m = mapping(spec.get("metrics"), m_where, ("enabled", "port", "path", "destinationLabels"))
     a = mapping(
         spec.get("accessLog"),
         a_where,
@@ -219,6 +226,9 @@ def _observability(value: object, where: Where) -> ObservabilityConfig:
             enabled=boolean(m.get("enabled", True), m_where.at("enabled")),
             port=integer(m.get("port", 9090), m_where.at("port"), minimum=0, maximum=65535),
             path=path,
+            destination_labels=boolean(
+                m.get("destinationLabels", False), m_where.at("destinationLabels")
+            ),
         ),
         access_log=AccessLogConfig(
             enabled=boolean(a.get("enabled", True), a_where.at("enabled")),

@@ -117,7 +117,11 @@ def _error(ctx: ProxyContext) -> tuple[str, str] | None:
 
 
 def json_record(ctx: ProxyContext) -> dict[str, Any]:
-    """The JSON record, field for field as the specification lists them."""
+    """
+    The JSON record: the specification's fields in its order, then current Kthena's
+    destination fields; as Kthena, a field that is not known (no model, no route, no pod,
+    no tokens, no attempt) is left out rather than written as C{null} or C{0}.
+    """
     total, request, upstream, response = durations(ctx)
     match = ctx.match
     record: dict[str, Any] = {
@@ -126,18 +130,28 @@ def json_record(ctx: ProxyContext) -> dict[str, Any]:
         "path": ctx.path,
         "protocol": ctx.protocol,
         "status_code": ctx.status,
-        "model_name": ctx.model,
-        "model_route": match.route.meta.key if match is not None else None,
-        "model_server": match.server.meta.key if match is not None else None,
-        "selected_pod": ctx.pod.name if ctx.pod is not None else None,
-        "request_id": ctx.request_id,
-        "input_tokens": ctx.input_tokens,
-        "output_tokens": ctx.output_tokens,
-        "duration_total": total,
-        "duration_request_processing": request,
-        "duration_upstream_processing": upstream,
-        "duration_response_processing": response,
     }
+    optional: tuple[tuple[str, object], ...] = (
+        ("model_name", ctx.model),
+        ("model_route", match.route.meta.key if match is not None else None),
+        ("model_server", match.server.meta.key if match is not None else None),
+        ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
+        ("request_id", ctx.request_id),
+        ("backend_type", "model_server" if match is not None else None),
+        ("backend_name", match.server.meta.key if match is not None else None),
+        ("upstream_model", match.upstream_model(ctx.model or "") if match is not None else None),
+        ("upstream_status_code", ctx.upstream_status),
+        ("upstream_attempts", ctx.attempts),
+        ("input_tokens", ctx.input_tokens),
+        ("output_tokens", ctx.output_tokens),
+    )
+    for key, value in optional:
+        if value:
+            record[key] = value
+    record["duration_total"] = total
+    record["duration_request_processing"] = request
+    record["duration_upstream_processing"] = upstream
+    record["duration_response_processing"] = response
     error = _error(ctx)
     if error is not None:
         record["error"] = {"type": error[0], "message": error[1]}
@@ -180,9 +194,11 @@ def _in_quotes(value: str) -> str:
 
 def format_text(ctx: ProxyContext) -> str:
     """
-    C{[ts] "METHOD /path PROTO" status [error=type:"message"] key=value ... tokens=in/out
-    timings=Tms(request+upstream+response)}: keys only when known, tokens only when any
-    were counted, values quoted when they hold spaces, quotes or control characters.
+    C{[ts] "METHOD /path PROTO" status [error=type:"message"] key=value ...
+    [upstream=status/attempts] [tokens=in/out] timings=Tms(request+upstream+response)}:
+    keys only when known, C{upstream} when a pod was tried (the last pod's status, C{-}
+    when none answered), tokens only when any were counted, values quoted when they hold
+    spaces, quotes or control characters.
     """
     total, request, upstream, response = durations(ctx)
     parts = [
@@ -202,6 +218,8 @@ def format_text(ctx: ProxyContext) -> str:
         ("request_id", ctx.request_id),
     )
     parts.extend(f"{key}={_bare_or_quoted(value)}" for key, value in known if value)
+    if ctx.attempts:
+        parts.append(f"upstream={ctx.upstream_status or '-'}/{ctx.attempts}")
     inputs, outputs = ctx.input_tokens, ctx.output_tokens
     if inputs or outputs:
         parts.append(f"tokens={inputs}/{outputs}")

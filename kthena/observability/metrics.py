@@ -56,6 +56,11 @@ PLUGIN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)
 FAIRNESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 UNKNOWN = "unknown"
 
+DESTINATION_LABELS = ("model_route", "backend_type", "backend_name", "upstream_model")
+"""Current Kthena's labels naming where a request went (C{destinationLabels: true})."""
+_UNRESOLVED = ("none", "unresolved", "none", "none")
+"""Kthena's destination values for a request that was never routed."""
+
 ROUTER_PATHS = frozenset({"/v1/models", "/healthz", "/readyz"})
 MODEL_PATH = "/v1/models/{model}"
 """The C{path} label of C{GET /v1/models/<id>} (one label, not one per model)."""
@@ -294,18 +299,28 @@ class RouterMetrics:
     by the scheduler, rate limits, fairness, PD and the pod scrapers as they arrive.
     """
 
-    def __init__(self, registry: CollectorRegistry, clock: Any) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, clock: Any, destination_labels: bool = False
+    ) -> None:
+        """
+        @param destination_labels: add current Kthena's four destination labels
+            (C{model_route}, C{backend_type}, C{backend_name}, C{upstream_model}) to the
+            request, duration, token and active-upstream families
+            (C{observability.metrics.destinationLabels}).
+        """
         self.registry = registry
+        self.destination_labels = destination_labels
         r = registry
+        extra = DESTINATION_LABELS if destination_labels else ()
         self.requests = self._fast(
             "counter", "kthena_router_requests",
             "Total number of HTTP requests processed by the router",
-            ("model", "path", "status_code", "error_type"),
+            ("model", "path", "status_code", "error_type", *extra),
         )  # fmt: skip
         self.request_duration = FastHistogram(
             "kthena_router_request_duration_seconds",
             "End-to-end request processing latency distribution",
-            ("model", "path", "status_code"), REQUEST_BUCKETS,
+            ("model", "path", "status_code", *extra), REQUEST_BUCKETS,
         )  # fmt: skip
         r.register(self.request_duration)
         self.prefill_duration = FastHistogram(
@@ -327,11 +342,11 @@ class RouterMetrics:
         self.active_upstream = self._fast(
             "gauge", "kthena_router_active_upstream_requests",
             "Current active upstream requests (from router to backend pods)",
-            ("model_route", "model_server"),
+            ("model_route", "model_server", *extra[1:]),
         )  # fmt: skip
         self.tokens = self._fast(
             "counter", "kthena_router_tokens", "Total tokens processed/generated",
-            ("model", "path", "token_type"),
+            ("model", "path", "token_type", *extra),
         )  # fmt: skip
         self.plugin_duration = FastHistogram(
             "kthena_router_scheduler_plugin_duration_seconds",
@@ -468,11 +483,31 @@ class RouterMetrics:
         """A proxied request (one L{request_started} saw) left the router."""
         self.active_downstream.add((self.model_label(ctx),), -1)
 
+    def _destination(self, ctx: ProxyContext) -> tuple[str, ...]:
+        """C{(model_route, backend_type, backend_name, upstream_model)}, or C{()} when
+        the destination labels are off."""
+        if not self.destination_labels:
+            return ()
+        match = ctx.match
+        if match is None:
+            return _UNRESOLVED
+        return (
+            match.route.meta.key,
+            "model_server",
+            match.server.meta.key,
+            match.upstream_model(ctx.model or ""),
+        )
+
+    def _upstream(self, ctx: ProxyContext) -> tuple[str, ...]:
+        match = ctx.match
+        assert match is not None
+        return (match.route.meta.key, match.server.meta.key, *self._destination(ctx)[1:])
+
     def upstream_started(self, ctx: ProxyContext) -> None:
-        self.active_upstream.add(_destination(ctx))
+        self.active_upstream.add(self._upstream(ctx))
 
     def upstream_ended(self, ctx: ProxyContext) -> None:
-        self.active_upstream.add(_destination(ctx), -1)
+        self.active_upstream.add(self._upstream(ctx), -1)
 
     def unhealthy_fallback(self, server: str) -> None:
         self.unhealthy_fallbacks.add((server,))
@@ -535,10 +570,11 @@ class RouterMetrics:
         model = self.model_label(ctx)
         path = self.path_label(ctx.path)
         status = str(ctx.status)
-        self.requests.add((model, path, status, ctx.error_type.value))
+        destination = self._destination(ctx)
+        self.requests.add((model, path, status, ctx.error_type.value, *destination))
         if ctx.finished is not None:
             self.request_duration.observe(
-                (model, path, status), max(0.0, ctx.finished - ctx.started)
+                (model, path, status, *destination), max(0.0, ctx.finished - ctx.started)
             )
         if ctx.match is None:
             return
@@ -546,10 +582,10 @@ class RouterMetrics:
         # prompt (it began to answer): a request that never reached one processed nothing.
         inputs = ctx.input_tokens if ctx.prompt_tokens is not None or ctx.first_byte else 0
         if inputs:
-            self.tokens.add((model, path, "input"), inputs)
+            self.tokens.add((model, path, "input", *destination), inputs)
         outputs = ctx.output_tokens
         if outputs:
-            self.tokens.add((model, path, "output"), outputs)
+            self.tokens.add((model, path, "output", *destination), outputs)
 
     # -- keeping series bounded
 
@@ -563,7 +599,10 @@ class RouterMetrics:
         gone_destinations = set(destinations)
 
         def model_gone(labels: dict[str, str]) -> bool:
-            return labels["model"] in gone_models
+            if labels["model"] in gone_models:
+                return True
+            route = labels.get("model_route")  # the destination labels, when on
+            return route is not None and (route, labels["backend_name"]) in gone_destinations
 
         for family in (self.requests, self.tokens):
             family.prune(model_gone)
@@ -577,9 +616,3 @@ class RouterMetrics:
             lambda labels: (labels["model_route"], labels["model_server"]) in gone_destinations,
             keep_nonzero=True,
         )
-
-
-def _destination(ctx: ProxyContext) -> tuple[str, str]:
-    match = ctx.match
-    assert match is not None
-    return (match.route.meta.key, match.server.meta.key)

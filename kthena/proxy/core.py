@@ -85,7 +85,9 @@ class RouterCore:
         self.calls: set[ProxyCall] = set()
         self.estimator: ITokenEstimator = estimator or CharsEstimator()
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = RouterMetrics(self.registry, reactor)
+        self.metrics = RouterMetrics(
+            self.registry, reactor, config.observability.metrics.destination_labels
+        )
         self.scheduler: IScheduler = scheduler or build_scheduler(
             config.scheduler, self.metrics.plugin_timer
         )

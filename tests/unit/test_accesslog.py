@@ -80,6 +80,23 @@ SPEC_FIELDS = [
 ]
 """The spec's JSON access-log fields, in its order (the error object comes last, when any)."""
 
+KTHENA_FIELDS = [
+    "backend_type",
+    "backend_name",
+    "upstream_model",
+    "upstream_status_code",
+    "upstream_attempts",
+]
+"""Current Kthena's destination fields, between the request id and the tokens."""
+
+RECORD_FIELDS = [*SPEC_FIELDS[:10], *KTHENA_FIELDS, *SPEC_FIELDS[10:], "error"]
+"""Every field a record may hold, in order; unknown ones are left out, as Kthena does."""
+
+
+def in_record_order(record: dict[str, Any]) -> bool:
+    keys = list(record)
+    return keys == [k for k in RECORD_FIELDS if k in record] and set(keys) <= set(RECORD_FIELDS)
+
 
 # -- building contexts
 
@@ -112,6 +129,7 @@ def proxied(**changes: Any) -> ProxyContext:
     ctx.match = match
     ctx.pod = endpoint
     ctx.attempts = 1
+    ctx.upstream_status = 200
     ctx.status = 200
     ctx.upstream_started = T0 + 0.045
     ctx.first_byte = T0 + 0.5
@@ -155,7 +173,7 @@ def test_json_record_of_a_proxied_request_field_for_field() -> None:
     line = format_json(proxied())
     assert "\n" not in line
     record = json.loads(line)
-    assert list(record) == SPEC_FIELDS
+    assert list(record) == [f for f in RECORD_FIELDS if f != "error"]
     assert record == {
         "timestamp": "2024-01-15T10:30:45.123456Z",
         "method": "POST",
@@ -167,6 +185,11 @@ def test_json_record_of_a_proxied_request_field_for_field() -> None:
         "model_server": "default/llama2-server",
         "selected_pod": POD,
         "request_id": REQUEST_ID,
+        "backend_type": "model_server",
+        "backend_name": "default/llama2-server",
+        "upstream_model": "llama2-7b",
+        "upstream_status_code": 200,
+        "upstream_attempts": 1,
         "input_tokens": 150,
         "output_tokens": 75,
         "duration_total": 2230,
@@ -186,12 +209,11 @@ def test_json_record_of_an_error_has_type_and_message() -> None:
     assert record["status_code"] == 500
     assert record["error"] == {"type": "timeout", "message": "Model inference timeout after 30s"}
     assert list(record)[-1] == "error"
-    assert (record["model_name"], record["model_route"], record["selected_pod"]) == (
-        "llama2-7b",
-        None,
-        None,
-    )
-    assert (record["input_tokens"], record["output_tokens"]) == (0, 0)
+    assert in_record_order(record)
+    assert record["model_name"] == "llama2-7b"
+    # Unknown, so left out as Kthena does: no route, pod, attempt or token.
+    for absent in ("model_route", "selected_pod", "upstream_attempts", "input_tokens"):
+        assert absent not in record
     assert [record[f"duration_{p}"] for p in ("total", "request_processing")] == [30000, 45]
     assert '"type": "timeout"' in format_json(timed_out())
 
@@ -203,7 +225,8 @@ def test_json_record_of_a_refused_request() -> None:
         "message": "the model `nope` does not exist",
     }
     assert record["model_name"] == "nope"
-    assert record["model_route"] is record["model_server"] is record["selected_pod"] is None
+    assert not {"model_route", "model_server", "selected_pod", "backend_type"} & set(record)
+    assert in_record_order(record)
     assert record["timestamp"] == "2024-01-15T10:30:46.123456Z"
     # No upstream phase: all of it is the router's own processing.
     assert [record[k] for k in record if k.startswith("duration_")] == [2, 2, 0, 0]
@@ -214,7 +237,7 @@ def test_json_record_without_a_model() -> None:
     ctx.fail(404, ErrorType.NOT_FOUND, "no such path")
     ctx.finished = T0
     record = json_record(ctx)
-    assert record["model_name"] is None
+    assert "model_name" not in record
     assert "error" in record
 
 
@@ -231,8 +254,13 @@ def test_text_line_of_a_success_is_the_specification_shape() -> None:
         '[2024-01-15T10:30:45.123456Z] "POST /v1/chat/completions HTTP/1.1" 200 '
         "model_name=llama2-7b model_route=default/llama2-route-v1 "
         f"model_server=default/llama2-server selected_pod={POD} "
-        f"request_id={REQUEST_ID} tokens=150/75 timings=2230ms(45+2180+5)"
+        f"request_id={REQUEST_ID} upstream=200/1 tokens=150/75 timings=2230ms(45+2180+5)"
     )
+
+
+def test_text_line_says_when_no_pod_answered() -> None:
+    line = format_text(proxied(upstream_status=None, attempts=3))
+    assert " upstream=-/3 tokens=" in line
 
 
 def test_text_line_of_an_error_puts_it_after_the_status() -> None:
@@ -264,7 +292,7 @@ def test_text_values_with_spaces_or_quotes_are_quoted_and_escaped() -> None:
     assert ' request_id="my \\"id\\" 1" ' in line
     assert f" selected_pod={POD} " in line  # plain values stay bare
     # Quoted values read back as JSON strings.
-    assert json.loads(line.split("request_id=")[1].split(" tokens=")[0]) == 'my "id" 1'
+    assert json.loads(line.split("request_id=")[1].split(" upstream=")[0]) == 'my "id" 1'
 
 
 # -- timings add up

@@ -96,6 +96,44 @@ def test_kthenas_gauges_beyond_the_spec() -> None:
     assert scraped_value(admin, "kthena_router_prefix_cache_entries") == 1  # one short block
 
 
+def test_kthenas_destination_labels_when_asked() -> None:
+    admin = AdminHarness(observability={"metrics": {"destinationLabels": True}})
+    one_request(admin)
+    missing = admin.send_chat(model="nope")
+    assert missing.got().status == 404
+    text = admin.get("/metrics").body.decode().splitlines()
+    assert (
+        'kthena_router_requests_total{backend_name="default/base",backend_type="model_server",'
+        'error_type="successful_request",model="m",model_route="default/m",'
+        'path="/v1/chat/completions",status_code="200",upstream_model="org/m"} 1.0'
+    ) in text
+    assert (
+        'kthena_router_requests_total{backend_name="none",backend_type="unresolved",'
+        'error_type="route_not_found",model="unknown",model_route="none",'
+        'path="/v1/chat/completions",status_code="404",upstream_model="none"} 1.0'
+    ) in text
+    assert any(
+        line.startswith("kthena_router_tokens_total{") and 'upstream_model="org/m"' in line
+        for line in text
+    )
+    assert any(
+        line.startswith("kthena_router_request_duration_seconds_count{")
+        and 'backend_type="model_server"' in line
+        for line in text
+    )
+    assert (
+        'kthena_router_active_upstream_requests{backend_name="default/base",'
+        'backend_type="model_server",model_route="default/m",model_server="default/base",'
+        'upstream_model="org/m"} 0.0'
+    ) in text
+
+
+def test_the_specs_label_sets_by_default(admin: AdminHarness) -> None:
+    text = admin.get("/metrics").body.decode()
+    assert REQUESTS_LINE in text.splitlines()
+    assert "backend_type" not in text
+
+
 @pytest.mark.parametrize(
     "accept",
     [
