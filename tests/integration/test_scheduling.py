@@ -255,21 +255,29 @@ def adapter_on_one_of_three(cluster: Cluster, **settings: Any) -> RouterService:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("scores", [None, ["random"]], ids=["kthena-defaults", "random"])
 @inline
-async def test_a_pod_without_the_adapter_passes_it_on(cluster: Cluster) -> None:
+async def test_a_pod_without_the_adapter_passes_it_on(
+    cluster: Cluster, scores: list[str] | None
+) -> None:
     """
     Nothing tells the router who has the adapter (no scrapes): a pod without it answers
     404 naming it, the next candidate is tried, and nothing sticks to a wrong pod (the
-    prefix index learns only from a 2xx).
+    prefix index learns only from a 2xx). Random scoring sends first attempts everywhere,
+    so the passing on surely shows.
     """
-    router = adapter_on_one_of_three(cluster, podMetrics={"enabled": False})
+    settings: dict[str, Any] = {"podMetrics": {"enabled": False}}
+    if scores is not None:
+        settings["scheduler"] = scheduler([], scores)
+    router = adapter_on_one_of_three(cluster, **settings)
     records = cluster.hook(router)
     for _ in range(28):
         assert (await cluster.post(router, CHAT, chat_body("lora-a", max_tokens=1))).status == 200
     assert chosen(records) == {"adapted": 28}
     passed_on = [why for r in records for _, why in r.failed_attempts or []]
-    assert passed_on  # some requests were tried on a pod without it first
     assert all(why.endswith("does not serve the model (404)") for why in passed_on)
+    if scores is not None:
+        assert passed_on  # about two thirds of first attempts went to a pod without it
     assert all(p.outlier.consecutive_failures == 0 for p in router.core.store.pods.values())
 
 
