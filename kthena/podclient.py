@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
+    IConsumer,
     IProtocol,
     IProtocolFactory,
     IPushProducer,
@@ -21,7 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
-from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from kthena.interfaces import IServerReactor
@@ -125,7 +126,9 @@ class BodyCollector(Protocol):
 
 
 @implementer(IPushProducer)
-class _Nothing:
+class InMemory:
+    """A producer of bytes already in memory: there is no flow to control."""
+
     def pauseProducing(self) -> None:
         pass
 
@@ -134,6 +137,19 @@ class _Nothing:
 
     def stopProducing(self) -> None:
         pass
+
+
+@implementer(IBodyProducer)
+class BytesBody(InMemory):
+    """A request body already in memory: written at once, with its length known."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
 
 
 @implementer(IResponse)
@@ -154,7 +170,7 @@ class BufferedResponse:
         self.body = body
 
     def deliverBody(self, protocol: IProtocol) -> None:
-        protocol.makeConnection(_Nothing())  # type: ignore[arg-type]
+        protocol.makeConnection(InMemory())  # type: ignore[arg-type]
         if self.body:
             protocol.dataReceived(self.body)
         protocol.connectionLost(Failure(ResponseDone()))

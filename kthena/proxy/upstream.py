@@ -8,43 +8,18 @@ C{ReverseProxyResource} (HTTP/1.0, a connection per request, no backpressure).
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
-    IConsumer,
     IStreamClientEndpoint,
 )
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 from kthena.config.traffic import UpstreamConfig
 from kthena.interfaces import IServerReactor
-from kthena.podclient import client_pool, pod_agent
+from kthena.podclient import BytesBody, client_pool, pod_agent
 from kthena.store import PodEndpoint
-
-
-@implementer(IBodyProducer)
-class BytesBody:
-    """A request body already in memory: written at once, with its length known."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
 
 _Origin = tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, URI, bytes]
 """What a pod's requests share: the pool key, the endpoint, the base URI, the Host value."""

@@ -43,8 +43,8 @@ from zope.interface import implementer
 
 from kthena.config.router import parse_config
 from kthena.interfaces import IServerReactor
+from kthena.podclient import BytesBody
 from kthena.proxy.context import ProxyContext
-from kthena.proxy.upstream import BytesBody
 from kthena.service import RouterService, makeRouterService
 from kthena.sim.engine import EngineConfig
 from kthena.sim.service import SimConfig, SimService
@@ -227,27 +227,17 @@ class _BodyCollector(Protocol):
 
 
 @implementer(IBodyProducer)
-class ChunkedBody:
+class ChunkedBody(BytesBody):
     """A body of unknown length: sent with chunked transfer coding."""
 
-    length = UNKNOWN_LENGTH
-
     def __init__(self, body: bytes) -> None:
-        self.body = body
+        super().__init__(body)
+        self.length = UNKNOWN_LENGTH  # type: ignore[assignment]  # IBodyProducer allows it
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         for i in range(0, len(self.body), 4096):
             consumer.write(self.body[i : i + 4096])
         return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def _encode(body: object) -> bytes | None:

@@ -267,6 +267,19 @@ def assert_clean_exit(router: RouterProcess) -> None:
 # -- reloading
 
 
+def run_router_to_the_end(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run C{twistd -n kthena-router --config PATH} that is expected to exit by itself."""
+    return subprocess.run(
+        twistd_command("kthena-router", "--config", str(config_path)),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=config_path.parent,
+        env=twistd_env(),
+    )
+
+
 def chat_status(router: RouterProcess, model: str) -> int:
     return router.request(
         "POST", "/v1/chat/completions", {"model": model, "messages": messages(), "max_tokens": 1}
@@ -346,15 +359,7 @@ def test_no_secret_reaches_the_log_on_an_invalid_reload_or_start(
         assert chat_status(router, "first-model") == 200
     finally:
         router.stop()
-    result = subprocess.run(  # the same file at start
-        twistd_command("kthena-router", "--config", str(router.config_path)),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
-        env=twistd_env(),
-    )
+    result = run_router_to_the_end(router.config_path)  # the same file at start
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "invalid YAML: line" in output, output
     for secret in ("S3cretPass", "sk-live-0123456789"):
@@ -424,15 +429,7 @@ def test_invalid_config_at_start_exits_with_the_place_of_the_error(
         (tmp_path / "resources.yaml").write_text(yaml.safe_dump_all(docs))
         config["lisen"] = config.pop("listen")
     write_config(tmp_path / "router.yaml", config)
-    result = subprocess.run(
-        twistd_command("kthena-router", "--config", str(tmp_path / "router.yaml")),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
-        env=twistd_env(),
-    )
+    result = run_router_to_the_end(tmp_path / "router.yaml")
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "invalid config" in output
@@ -450,15 +447,7 @@ def test_a_port_taken_at_start_stops_the_process(tmp_path: Path, taken: str) -> 
     config[taken] = f"tcp:{port}:interface={LOOPBACK}"
     write_config(tmp_path / "router.yaml", config)
     try:
-        result = subprocess.run(
-            twistd_command("kthena-router", "--config", str(tmp_path / "router.yaml")),
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=tmp_path,
-            env=twistd_env(),
-        )
+        result = run_router_to_the_end(tmp_path / "router.yaml")
     finally:
         holder.close()
     output = result.stdout + result.stderr

@@ -22,7 +22,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from kthena.proxy.upstream import BytesBody
+from kthena.podclient import BytesBody
 from kthena.sim import metrics
 from kthena.sim.api import SimAPI, SimIdentity
 from kthena.sim.engine import EngineConfig, SimEngine, SimSequence
