@@ -143,7 +143,7 @@ def record_cost() -> tuple[float, float]:
 
     from kthena.config.router import AccessLogConfig, parse_config
     from kthena.observability.accesslog import AccessLog, format_json
-    from kthena.proxy.context import ProxyContext
+    from kthena.record import RequestRecord
     from kthena.store import Datastore
 
     raw = yaml.safe_load(ROUTER_CONFIG)
@@ -151,7 +151,7 @@ def record_cost() -> tuple[float, float]:
     store.replace(parse_config(raw, "bench", Path("."), []).resources)
     match = store.match("bench", lambda name: "", "/v1/chat/completions")
     assert match is not None
-    ctx = ProxyContext("0123456789abcdef0123456789abcdef", "POST", "/v1/chat/completions", 1e9)
+    ctx = RequestRecord("0123456789abcdef0123456789abcdef", "POST", "/v1/chat/completions", 1e9)
     ctx.model, ctx.match, ctx.pod, ctx.status = (
         "bench",
         match,

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import (
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from kthena.store import PodEndpoint
+    from kthena.pods import PodEndpoint
 
 
 class IServerReactor(IReactorCore, IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
@@ -82,7 +82,7 @@ class IEngineDialect(Interface):
         """
         Read one scrape of a pod's C{/metrics} (Prometheus text or OpenMetrics).
 
-        @return: an L{kthena.engines.dialects.EngineSnapshot}.
+        @return: an L{kthena.engines.snapshot.EngineSnapshot}.
         @raise ValueError: when the text cannot be read.
         """
 

@@ -6,11 +6,10 @@ the current names are preferred, the older ones read when they are all there is)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from zope.interface import implementer
 
 from kthena.engines.exposition import samples
+from kthena.engines.snapshot import EngineSnapshot
 from kthena.interfaces import IEngineDialect
 
 MIB = 1024 * 1024
@@ -20,33 +19,6 @@ GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
 GPU_FB_USED = "DCGM_FI_DEV_FB_USED"
 # The engine process's own resident memory (prometheus_client's process collector).
 RESIDENT = "process_resident_memory_bytes"
-
-
-@dataclass(slots=True)
-class EngineSnapshot:
-    """
-    One scrape of one pod. Histogram sums and counts and the prefix-cache counters are
-    cumulative; L{kthena.engines.state.PodState} turns them into per-period figures.
-
-    @ivar prefix_hit_rate: a rate the engine computes itself (SGLang), when it does.
-    @ivar gpu_memory_used: bytes per GPU id.
-    """
-
-    waiting: float = 0.0
-    running: float = 0.0
-    kv_usage: float | None = None
-    ttft_sum: float = 0.0
-    ttft_count: float = 0.0
-    tpot_sum: float = 0.0
-    tpot_count: float = 0.0
-    prefix_hits: float | None = None
-    prefix_queries: float | None = None
-    prefix_hit_rate: float | None = None
-    running_loras: tuple[str, ...] = ()
-    waiting_loras: tuple[str, ...] = ()
-    gpu_utilization: dict[str, float] = field(default_factory=dict)
-    gpu_memory_used: dict[str, float] = field(default_factory=dict)
-    system_memory: float = 0.0
 
 
 def _adapters(value: str) -> tuple[str, ...]:

@@ -23,7 +23,8 @@ from kthena.engines.dialects import DIALECTS
 from kthena.failures import describe
 from kthena.interfaces import IServerReactor
 from kthena.podclient import BodyCollector, client_pool, pod_agent
-from kthena.store import Datastore, PodEndpoint
+from kthena.pods import PodEndpoint
+from kthena.store import Datastore
 
 log = Logger()
 

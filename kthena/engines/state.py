@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kthena.engines.dialects import EngineSnapshot
+from kthena.engines.snapshot import EngineSnapshot
 
 
 @dataclass(slots=True)

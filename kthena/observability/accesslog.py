@@ -9,7 +9,7 @@ sink (L{IAccessLogSink}: stdout, stderr, a file). A slow or blocked sink never s
 proxy: when the buffer is full the line is dropped and counted in
 C{kthena_router_access_log_dropped_total}.
 
-Timings (milliseconds), from the phases of L{ProxyContext}:
+Timings (milliseconds), from the phases of L{RequestRecord}:
 
   - C{duration_request_processing}: from the request complete at the router to the first
     upstream attempt sent (parsing, routing, scheduling); for requests the router answers
@@ -47,9 +47,9 @@ from zope.interface import implementer
 
 from kthena.config.router import AccessLogConfig
 from kthena.config.validate import ConfigError
+from kthena.errors import ErrorType
 from kthena.interfaces import IAccessLogSink
-from kthena.proxy.context import ProxyContext
-from kthena.proxy.errors import ErrorType
+from kthena.record import RequestRecord
 
 log = Logger()
 
@@ -90,7 +90,7 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000 + 0.5) if seconds > 0 else 0
 
 
-def durations(ctx: ProxyContext) -> tuple[int, int, int, int]:
+def durations(ctx: RequestRecord) -> tuple[int, int, int, int]:
     """
     @return: total, request, upstream and response processing, in whole milliseconds;
         the total is the sum of the three others.
@@ -110,13 +110,13 @@ def durations(ctx: ProxyContext) -> tuple[int, int, int, int]:
     return request + upstream + response, request, upstream, response
 
 
-def _error(ctx: ProxyContext) -> tuple[str, str] | None:
+def _error(ctx: RequestRecord) -> tuple[str, str] | None:
     if ctx.error_type is ErrorType.SUCCESS:
         return None
     return ctx.error_type.value, ctx.error_message or ""
 
 
-def json_record(ctx: ProxyContext) -> dict[str, Any]:
+def json_record(ctx: RequestRecord) -> dict[str, Any]:
     """
     The JSON record: the specification's fields in its order, then current Kthena's
     destination fields; as Kthena, a field that is not known (no model, no route, no pod,
@@ -162,7 +162,7 @@ _JSON = json.JSONEncoder(ensure_ascii=False)
 """One encoder for every record (C{json.dumps} with options builds one per call)."""
 
 
-def format_json(ctx: ProxyContext) -> str:
+def format_json(ctx: RequestRecord) -> str:
     """
     One JSON object on one line. C{": "} and C{", "} separators, so that the
     specification's C{grep '"type": "timeout"'} finds what it looks for.
@@ -192,7 +192,7 @@ def _in_quotes(value: str) -> str:
     return _quoted(value)[1:-1]
 
 
-def format_text(ctx: ProxyContext) -> str:
+def format_text(ctx: RequestRecord) -> str:
     """
     C{[ts] "METHOD /path PROTO" status [error=type:"message"] key=value ...
     [upstream=status/attempts] [tokens=in/out] timings=Tms(request+upstream+response)}:
@@ -227,7 +227,7 @@ def format_text(ctx: ProxyContext) -> str:
     return " ".join(parts)
 
 
-FORMATTERS: dict[str, Callable[[ProxyContext], str]] = {"json": format_json, "text": format_text}
+FORMATTERS: dict[str, Callable[[RequestRecord], str]] = {"json": format_json, "text": format_text}
 
 
 # -- sinks (writer thread)
@@ -377,7 +377,7 @@ class AccessLog(Service):
 
     # -- the reactor side
 
-    def record(self, ctx: ProxyContext) -> None:
+    def record(self, ctx: RequestRecord) -> None:
         """Log one ended request (sampled when it succeeded); never waits for the sink."""
         if (
             self._sample_rate < 1.0

@@ -49,10 +49,10 @@ from kthena.config.resources import (
     Rule,
 )
 from kthena.config.router import DebugConfig, Network
-from kthena.proxy.context import ProxyContext
+from kthena.pods import PodEndpoint
 from kthena.proxy.core import DECISIONS_KEPT, RouterCore
+from kthena.record import RequestRecord
 from kthena.redact import REDACTED, is_secret_name, redact, redact_url
-from kthena.store import PodEndpoint
 
 log = Logger()
 
@@ -548,7 +548,7 @@ class DebugView:
             }
         return {"generation": self.core.store.generation, "models": models}
 
-    def _why(self, ctx: ProxyContext) -> str:
+    def _why(self, ctx: RequestRecord) -> str:
         parts: list[str] = []
         candidates = ctx.candidates
         decision: Any = getattr(ctx, "decision", None)
@@ -568,7 +568,7 @@ class DebugView:
             parts.append("in flight")
         return "; ".join(parts)
 
-    def decision_view(self, ctx: ProxyContext) -> dict[str, object]:
+    def decision_view(self, ctx: RequestRecord) -> dict[str, object]:
         match = ctx.match
         finished = ctx.finished
         return {

@@ -30,12 +30,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from kthena.proxy.context import ProxyContext
+from kthena.record import RequestRecord
 
 if TYPE_CHECKING:
     from kthena.config.resources import ModelServer
+    from kthena.pods import PodEndpoint
     from kthena.proxy.health import ServerHealth
-    from kthena.store import PodEndpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,18 +472,18 @@ class RouterMetrics:
     # -- the request lifecycle
 
     @staticmethod
-    def model_label(ctx: ProxyContext) -> str:
+    def model_label(ctx: RequestRecord) -> str:
         """The model, when a route knows it; C{unknown} otherwise (bounded)."""
         return ctx.model if ctx.match is not None and ctx.model else UNKNOWN
 
-    def request_started(self, ctx: ProxyContext) -> None:
+    def request_started(self, ctx: RequestRecord) -> None:
         self.active_downstream.add((self.model_label(ctx),))
 
-    def request_ended(self, ctx: ProxyContext) -> None:
+    def request_ended(self, ctx: RequestRecord) -> None:
         """A proxied request (one L{request_started} saw) left the router."""
         self.active_downstream.add((self.model_label(ctx),), -1)
 
-    def _destination(self, ctx: ProxyContext) -> tuple[str, ...]:
+    def _destination(self, ctx: RequestRecord) -> tuple[str, ...]:
         """C{(model_route, backend_type, backend_name, upstream_model)}, or C{()} when
         the destination labels are off."""
         if not self.destination_labels:
@@ -498,15 +498,15 @@ class RouterMetrics:
             match.upstream_model(ctx.model or ""),
         )
 
-    def _upstream(self, ctx: ProxyContext) -> tuple[str, ...]:
+    def _upstream(self, ctx: RequestRecord) -> tuple[str, ...]:
         match = ctx.match
         assert match is not None
         return (match.route.meta.key, match.server.meta.key, *self._destination(ctx)[1:])
 
-    def upstream_started(self, ctx: ProxyContext) -> None:
+    def upstream_started(self, ctx: RequestRecord) -> None:
         self.active_upstream.add(self._upstream(ctx))
 
-    def upstream_ended(self, ctx: ProxyContext) -> None:
+    def upstream_ended(self, ctx: RequestRecord) -> None:
         self.active_upstream.add(self._upstream(ctx), -1)
 
     def unhealthy_fallback(self, server: str) -> None:
@@ -565,7 +565,7 @@ class RouterMetrics:
         """Time one scheduler plugin call (the scheduler's timer)."""
         self.plugin_duration.observe((model, plugin, kind), seconds)
 
-    def request_done(self, ctx: ProxyContext) -> None:
+    def request_done(self, ctx: RequestRecord) -> None:
         """Count a request that ended, whatever the outcome (once per request)."""
         model = self.model_label(ctx)
         path = self.path_label(ctx.path)

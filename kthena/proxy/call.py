@@ -25,14 +25,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
+from kthena.errors import ErrorType, ProxyError, error_object, respond_error
 from kthena.failures import describe
 from kthena.podclient import BodyCollector, BufferedResponse
-from kthena.proxy.context import ProxyContext
+from kthena.pods import PodEndpoint
 from kthena.proxy.core import RouterCore
-from kthena.proxy.errors import ErrorType, ProxyError, error_object, respond_error
 from kthena.proxy.headers import HOP_BY_HOP, STREAM_SKIP, forwardable
 from kthena.proxy.relay import Relay
-from kthena.store import PodEndpoint, RouteMatch
+from kthena.record import RequestRecord
+from kthena.store import RouteMatch
 from kthena.webutil import json_bytes
 
 log = Logger()
@@ -74,7 +75,7 @@ class ProxyCall:
         self,
         core: RouterCore,
         request: Request,
-        ctx: ProxyContext,
+        ctx: RequestRecord,
         match: RouteMatch,
         candidates: list[PodEndpoint],
         headers: Headers,

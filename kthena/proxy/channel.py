@@ -22,8 +22,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from kthena.config.traffic import DownstreamConfig
-from kthena.proxy.context import ProxyContext, request_id
-from kthena.proxy.errors import ErrorType, error_object
+from kthena.errors import ErrorType, error_object
+from kthena.record import RequestRecord, request_id
 from kthena.webutil import NoDelayHTTPChannel, json_bytes
 
 
@@ -35,7 +35,7 @@ class ChannelSite(Protocol):
 
     downstream: DownstreamConfig
 
-    def refused(self, ctx: ProxyContext) -> None:
+    def refused(self, ctx: RequestRecord) -> None:
         """Record a request the channel answered itself."""
 
 
@@ -159,7 +159,7 @@ class ProxyChannel(NoDelayHTTPChannel):
             method = getattr(self, "_command", b"-")
         if path is None:
             path = getattr(self, "_path", b"-").partition(b"?")[0]
-        ctx = ProxyContext(
+        ctx = RequestRecord(
             request_id=request_id(None),
             method=method.decode("latin-1"),
             path=path.decode("latin-1"),

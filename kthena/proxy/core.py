@@ -19,22 +19,23 @@ from kthena.config.resources import ModelServer
 from kthena.config.router import RouterConfig
 from kthena.interfaces import IScheduler, IServerReactor, ITokenEstimator
 from kthena.observability.metrics import PodsView, RouterMetrics
-from kthena.proxy.context import ProxyContext
+from kthena.pods import PodEndpoint
 from kthena.proxy.headers import upstream_skip
 from kthena.proxy.health import Health
 from kthena.proxy.internal import InternalErrors
 from kthena.proxy.outlier import OutlierDetector
 from kthena.proxy.upstream import Upstream
 from kthena.ratelimit.estimate import CharsEstimator
+from kthena.record import RequestRecord
 from kthena.scheduler.build import build_scheduler
-from kthena.store import Datastore, PodEndpoint
+from kthena.store import Datastore
 
 if TYPE_CHECKING:
     from kthena.proxy.call import ProxyCall
 
 log = Logger()
 
-RequestHook = Callable[[ProxyContext], None]
+RequestHook = Callable[[RequestRecord], None]
 
 DECISIONS_KEPT = 256
 """Routing decisions kept for C{/debug/routing/decisions}."""
@@ -91,7 +92,7 @@ class RouterCore:
         self.scheduler: IScheduler = scheduler or build_scheduler(
             config.scheduler, self.metrics.plugin_timer
         )
-        self.decisions: deque[ProxyContext] = deque(maxlen=DECISIONS_KEPT)
+        self.decisions: deque[RequestRecord] = deque(maxlen=DECISIONS_KEPT)
         self.request_hooks: list[RequestHook] = [self.metrics.request_done]
         self.internal_errors = InternalErrors(reactor)
         self.outliers = OutlierDetector(config.upstream.outlier, reactor, self.metrics.ejected)
@@ -184,7 +185,7 @@ class RouterCore:
             return False, f"not ready: no healthy pod serves {shown}", without
         return True, "ready", without
 
-    def request_done(self, ctx: ProxyContext) -> None:
+    def request_done(self, ctx: RequestRecord) -> None:
         """Every request ends here exactly once, whatever its outcome."""
         for hook in self.request_hooks:
             hook(ctx)

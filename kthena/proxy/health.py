@@ -22,8 +22,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from kthena.config.resources import ModelServer
 from kthena.config.router import PodMetricsConfig
+from kthena.pods import PodEndpoint
 from kthena.proxy.outlier import OutlierDetector
-from kthena.store import Datastore, PodEndpoint
+from kthena.store import Datastore
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kthena.config.traffic import OutlierConfig
-from kthena.store import PodEndpoint
+from kthena.pods import PodEndpoint
 
 log = Logger()
 

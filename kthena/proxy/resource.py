@@ -23,11 +23,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from kthena import prompt
+from kthena.errors import ErrorType, ProxyError, respond_error
 from kthena.proxy.call import ProxyCall
-from kthena.proxy.context import ProxyContext, request_id
 from kthena.proxy.core import RouterCore
-from kthena.proxy.errors import ErrorType, ProxyError, respond_error
 from kthena.proxy.headers import forwardable
+from kthena.record import RequestRecord, request_id
 from kthena.scheduler.framework import SchedulingRequest
 from kthena.webutil import json_bytes, respond_json
 
@@ -84,7 +84,7 @@ class ProxyResource(Resource):
 
     # -- router-answered requests
 
-    def _answer(self, request: Request, ctx: ProxyContext, path: bytes) -> bytes:
+    def _answer(self, request: Request, ctx: RequestRecord, path: bytes) -> bytes:
         if path == b"/readyz":
             return self._readyz(request, ctx)
         if path == _MODELS:
@@ -118,7 +118,7 @@ class ProxyResource(Resource):
                 return self._model(name, route)
         return None
 
-    def _readyz(self, request: Request, ctx: ProxyContext) -> bytes:
+    def _readyz(self, request: Request, ctx: RequestRecord) -> bytes:
         """
         200, or 503 with the outcome C{draining} or C{pod_discovery} (no first scrape yet,
         or a model without a healthy pod). The body is Kthena's C{{"message": ...}}.
@@ -132,8 +132,8 @@ class ProxyResource(Resource):
         ctx.fail(503, ErrorType.DRAINING if self.core.draining else ErrorType.NO_PODS, message)
         return self._respond(request, ctx, 503, body)
 
-    def _context(self, request: Request) -> ProxyContext:
-        return ProxyContext(
+    def _context(self, request: Request) -> RequestRecord:
+        return RequestRecord(
             request_id=request_id(request.getHeader(b"x-request-id")),
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
@@ -141,7 +141,7 @@ class ProxyResource(Resource):
             protocol=request.clientproto.decode("latin-1"),
         )
 
-    def _respond(self, request: Request, ctx: ProxyContext, status: int, value: object) -> bytes:
+    def _respond(self, request: Request, ctx: RequestRecord, status: int, value: object) -> bytes:
         """Answer with C{value} as JSON, and record the request like any other."""
         ctx.status = status
         ctx.finished = self.core.reactor.seconds()
@@ -153,7 +153,7 @@ class ProxyResource(Resource):
     def _refuse(
         self,
         request: Request,
-        ctx: ProxyContext,
+        ctx: RequestRecord,
         error: ProxyError,
         allow: bytes | None = None,
     ) -> bytes:
@@ -169,7 +169,7 @@ class ProxyResource(Resource):
 
     # -- inference
 
-    def _inference(self, request: Request, ctx: ProxyContext) -> bytes | int:
+    def _inference(self, request: Request, ctx: RequestRecord) -> bytes | int:
         try:
             return self._route(request, ctx)
         except ProxyError as error:
@@ -188,7 +188,7 @@ class ProxyResource(Resource):
                 ),
             )
 
-    def _route(self, request: Request, ctx: ProxyContext) -> int:
+    def _route(self, request: Request, ctx: RequestRecord) -> int:
         core = self.core
         if core.draining:
             raise ProxyError(503, ErrorType.DRAINING, "the router is shutting down")

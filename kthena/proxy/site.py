@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from kthena.config.traffic import DownstreamConfig
 from kthena.proxy.channel import ProxyChannel
-from kthena.proxy.context import ProxyContext
+from kthena.record import RequestRecord
 from kthena.webutil import QuietSite
 
 
@@ -48,7 +48,7 @@ class CappedRequest(Request):
         content.write(data)
 
 
-def _unrecorded(ctx: ProxyContext) -> None:
+def _unrecorded(ctx: RequestRecord) -> None:
     pass
 
 
@@ -67,7 +67,7 @@ class ProxySite(QuietSite):
         max_body_bytes: int,
         reactor: IReactorTime | None = None,
         downstream: DownstreamConfig | None = None,
-        refused: Callable[[ProxyContext], None] = _unrecorded,
+        refused: Callable[[RequestRecord], None] = _unrecorded,
     ) -> None:
         downstream = downstream or DownstreamConfig()
         # Bodies are JSON, never forms: twisted.web's form parsing (a content-type parse

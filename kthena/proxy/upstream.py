@@ -19,7 +19,7 @@ from twisted.web.iweb import IResponse
 from kthena.config.traffic import UpstreamConfig
 from kthena.interfaces import IServerReactor
 from kthena.podclient import BytesBody, client_pool, pod_agent
-from kthena.store import PodEndpoint
+from kthena.pods import PodEndpoint
 
 _Origin = tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, URI, bytes]
 """What a pod's requests share: the pool key, the endpoint, the base URI, the Host value."""

@@ -26,7 +26,8 @@ from kthena.interfaces import (
     IScheduler,
     IScorePlugin,
 )
-from kthena.store import PodEndpoint, RouteMatch
+from kthena.pods import PodEndpoint
+from kthena.store import RouteMatch
 
 Timer = Callable[[str, str, str, float], None]
 """Records one plugin call: (model, plugin, "filter" | "score", seconds)."""

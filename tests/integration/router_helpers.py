@@ -44,7 +44,7 @@ from zope.interface import implementer
 from kthena.config.router import parse_config
 from kthena.interfaces import IServerReactor
 from kthena.podclient import BytesBody
-from kthena.proxy.context import ProxyContext
+from kthena.record import RequestRecord
 from kthena.service import RouterService, makeRouterService
 from kthena.sim.engine import EngineConfig
 from kthena.sim.service import SimConfig, SimService
@@ -322,9 +322,9 @@ class Cluster:
         return service
 
     @staticmethod
-    def hook(router: RouterService) -> list[ProxyContext]:
+    def hook(router: RouterService) -> list[RequestRecord]:
         """Every request's record, as the router ends it."""
-        records: list[ProxyContext] = []
+        records: list[RequestRecord] = []
         router.core.request_hooks.append(records.append)
         return records
 

@@ -22,7 +22,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
 
-from kthena.proxy.errors import ErrorType
+from kthena.errors import ErrorType
 from kthena.service import makeRouterService
 from kthena.sim.service import SimService
 from tests.integration.router_helpers import (

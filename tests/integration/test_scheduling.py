@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 
 from kthena.config.router import parse_config
-from kthena.proxy.context import ProxyContext
+from kthena.record import RequestRecord
 from kthena.service import RouterService
 from kthena.sim.service import SimService
 from tests.integration.router_helpers import LOOPBACK, Cluster, chat_body, inline
@@ -76,7 +76,7 @@ async def ready(cluster: Cluster, router: RouterService) -> None:
     )
 
 
-def chosen(records: list[ProxyContext]) -> Counter[str]:
+def chosen(records: list[RequestRecord]) -> Counter[str]:
     return Counter(r.pod.name for r in records if r.pod is not None)
 
 

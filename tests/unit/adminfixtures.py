@@ -21,10 +21,10 @@ from twisted.web.server import Site
 from kthena.config.router import parse_config
 from kthena.interfaces import IServerReactor
 from kthena.observability.admin import Runner
+from kthena.pods import PodEndpoint
 from kthena.proxy.site import ProxySite
 from kthena.proxy.upstream import Upstream
 from kthena.service import RouterService
-from kthena.store import PodEndpoint
 from kthena.webutil import QuietSite
 from tests.unit.proxyfixtures import (
     Client,

@@ -27,13 +27,13 @@ from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, parse_config
 from kthena.interfaces import IScheduler, IServerReactor
-from kthena.proxy.context import ProxyContext
+from kthena.pods import PodEndpoint
 from kthena.proxy.core import RouterCore
 from kthena.proxy.resource import ProxyResource
 from kthena.proxy.site import ProxySite
 from kthena.proxy.upstream import Upstream
+from kthena.record import RequestRecord
 from kthena.scheduler.framework import Decision, SchedulingRequest
-from kthena.store import PodEndpoint
 from tests.unit.routerfixtures import Doc, pod, route, server
 
 BASE_MODEL = "m"
@@ -406,7 +406,7 @@ class RouterHarness:
         )
         self.upstream = FakeUpstream()
         self.core.upstream = cast(Upstream, self.upstream)
-        self.contexts: list[ProxyContext] = []
+        self.contexts: list[RequestRecord] = []
         self.core.request_hooks.append(self.contexts.append)
         self.resource = RecordingResource(self.core)
         self.site = ProxySite(
@@ -447,6 +447,6 @@ class RouterHarness:
         return client
 
     @property
-    def context(self) -> ProxyContext:
+    def context(self) -> RequestRecord:
         assert len(self.contexts) == 1, self.contexts
         return self.contexts[0]

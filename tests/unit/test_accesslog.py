@@ -30,6 +30,7 @@ from zope.interface.verify import verifyObject
 
 from kthena.config.router import AccessLogConfig, parse_config
 from kthena.config.validate import ConfigError
+from kthena.errors import ErrorType
 from kthena.interfaces import IAccessLogSink, IServerReactor
 from kthena.observability.accesslog import (
     DROPPED_METRIC,
@@ -45,10 +46,10 @@ from kthena.observability.accesslog import (
     sink_for,
     timestamp,
 )
-from kthena.proxy.context import ProxyContext
-from kthena.proxy.errors import ErrorType
+from kthena.pods import PodEndpoint
+from kthena.record import RequestRecord
 from kthena.service import RouterService
-from kthena.store import Datastore, PodEndpoint, RouteMatch
+from kthena.store import Datastore, RouteMatch
 from tests.unit.proxyfixtures import RouterHarness, sse_response
 from tests.unit.routerfixtures import pod, server, simple_route
 
@@ -122,10 +123,10 @@ def spec_match() -> tuple[RouteMatch, PodEndpoint]:
     return match, store.server_pods(match.server)[0]
 
 
-def proxied(**changes: Any) -> ProxyContext:
+def proxied(**changes: Any) -> RequestRecord:
     """The specification's successful request: 45 ms + 2180 ms + 5 ms, 150/75 tokens."""
     match, endpoint = spec_match()
-    ctx = ProxyContext(REQUEST_ID, "POST", CHAT, T0, model="llama2-7b")
+    ctx = RequestRecord(REQUEST_ID, "POST", CHAT, T0, model="llama2-7b")
     ctx.match = match
     ctx.pod = endpoint
     ctx.attempts = 1
@@ -143,9 +144,9 @@ def proxied(**changes: Any) -> ProxyContext:
     return ctx
 
 
-def timed_out() -> ProxyContext:
+def timed_out() -> RequestRecord:
     """The specification's error example: the pod's answer timed out after 30 s."""
-    ctx = ProxyContext(REQUEST_ID, "POST", CHAT, T0, model="llama2-7b")
+    ctx = RequestRecord(REQUEST_ID, "POST", CHAT, T0, model="llama2-7b")
     ctx.upstream_started = T0 + 0.045
     ctx.upstream_ended = T0 + 29.995
     ctx.finished = T0 + 30.0
@@ -153,8 +154,8 @@ def timed_out() -> ProxyContext:
     return ctx
 
 
-def refused() -> ProxyContext:
-    ctx = ProxyContext("abc", "POST", CHAT, T0 + 1, model="nope")
+def refused() -> RequestRecord:
+    ctx = RequestRecord("abc", "POST", CHAT, T0 + 1, model="nope")
     ctx.fail(404, ErrorType.ROUTE_NOT_FOUND, "the model `nope` does not exist")
     ctx.finished = T0 + 1.0021
     return ctx
@@ -233,7 +234,7 @@ def test_json_record_of_a_refused_request() -> None:
 
 
 def test_json_record_without_a_model() -> None:
-    ctx = ProxyContext("id", "GET", "/nowhere", T0)
+    ctx = RequestRecord("id", "GET", "/nowhere", T0)
     ctx.fail(404, ErrorType.NOT_FOUND, "no such path")
     ctx.finished = T0
     record = json_record(ctx)
@@ -272,7 +273,7 @@ def test_text_line_of_an_error_puts_it_after_the_status() -> None:
 
 
 def test_text_line_leaves_out_what_is_not_known() -> None:
-    ctx = ProxyContext("r1", "GET", "/nowhere", T0)
+    ctx = RequestRecord("r1", "GET", "/nowhere", T0)
     ctx.fail(404, ErrorType.NOT_FOUND, "no such path")
     ctx.finished = T0 + 0.001
     assert format_text(ctx) == (
@@ -518,8 +519,8 @@ def dropped(registry: CollectorRegistry, reason: str) -> float | None:
     return registry.get_sample_value(DROPPED_METRIC, {"reason": reason})
 
 
-def numbered(i: int, error: bool = False) -> ProxyContext:
-    ctx = ProxyContext(f"r{i}", "POST", CHAT, T0, status=200)
+def numbered(i: int, error: bool = False) -> RequestRecord:
+    ctx = RequestRecord(f"r{i}", "POST", CHAT, T0, status=200)
     ctx.finished = T0
     if error:
         ctx.fail(503, ErrorType.NO_PODS, "no pod")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from kthena.proxy.errors import ErrorType
+from kthena.errors import ErrorType
 from tests.unit.proxyfixtures import BASE_MODEL, RouterHarness
 from tests.unit.test_proxy_resource import COMPLETION, HEX32, assert_error
 

@@ -14,7 +14,7 @@ from twisted.internet.error import ConnectionRefusedError
 
 from kthena.config.router import LOOPBACK_NETWORKS, parse_config
 from kthena.config.validate import ConfigError
-from kthena.engines.dialects import EngineSnapshot
+from kthena.engines.snapshot import EngineSnapshot
 from kthena.observability.debug import ENDPOINTS
 from kthena.redact import REDACTED
 from tests.unit.adminfixtures import (

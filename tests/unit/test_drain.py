@@ -7,7 +7,7 @@ import json
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from kthena.proxy.errors import ErrorType
+from kthena.errors import ErrorType
 from tests.unit.proxyfixtures import RouterHarness, sse_response
 
 COMPLETION = {"id": "c", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}

@@ -13,8 +13,8 @@ from twisted.web.client import ResponseFailed
 from kthena.config.resources import parse_pod
 from kthena.config.traffic import OutlierConfig
 from kthena.config.validate import Where
+from kthena.pods import PodEndpoint
 from kthena.proxy.outlier import OutlierDetector
-from kthena.store import PodEndpoint
 from tests.unit.proxyfixtures import RouterHarness, sse_response
 from tests.unit.routerfixtures import pod
 from tests.unit.test_proxy_resource import COMPLETION

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs
 
-from kthena.proxy.errors import ErrorType
+from kthena.errors import ErrorType
 from tests.unit.proxyfixtures import BASE_MODEL, RouterHarness, sse_response
 from tests.unit.test_proxy_resource import COMPLETION, DONE, USAGE_ONLY, assert_error, event
 

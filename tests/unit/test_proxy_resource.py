@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 
-from kthena.proxy.errors import ErrorType
+from kthena.errors import ErrorType
 from tests.unit.proxyfixtures import (
     BASE_MODEL,
     CLIENT_IP,

@@ -14,6 +14,7 @@ from kthena.config.router import parse_config
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
 from kthena.config.validate import ConfigError, Where
 from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
+from kthena.pods import PodEndpoint
 from kthena.prompt import render as render_prompt
 from kthena.scheduler.build import build_scheduler
 from kthena.scheduler.framework import Scheduler, SchedulingRequest
@@ -24,7 +25,7 @@ from kthena.scheduler.plugins.least_request import LeastRequest
 from kthena.scheduler.plugins.lora_affinity import LoraAffinity
 from kthena.scheduler.plugins.prefix_cache import PrefixCache, prefix_hashes
 from kthena.scheduler.plugins.random_score import RandomScore
-from kthena.store import Datastore, PodEndpoint, RouteMatch
+from kthena.store import Datastore, RouteMatch
 from tests.unit.routerfixtures import pod, route, server, simple_route
 
 

@@ -14,8 +14,8 @@ from typing import Any
 from zope.interface import implementer
 
 from kthena.interfaces import IScorePlugin
+from kthena.pods import PodEndpoint
 from kthena.scheduler.plugins.args import check_args
-from kthena.store import PodEndpoint
 
 
 @implementer(IScorePlugin)

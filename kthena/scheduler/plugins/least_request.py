@@ -13,8 +13,8 @@ from typing import Any
 from zope.interface import implementer
 
 from kthena.interfaces import IFilterPlugin, IScorePlugin
+from kthena.pods import PodEndpoint
 from kthena.scheduler.plugins.args import check_args
-from kthena.store import PodEndpoint
 
 WAITING_WEIGHT = 100
 

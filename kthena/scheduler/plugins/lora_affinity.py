@@ -11,8 +11,8 @@ from typing import Any
 from zope.interface import implementer
 
 from kthena.interfaces import IFilterPlugin
+from kthena.pods import PodEndpoint
 from kthena.scheduler.plugins.args import check_args
-from kthena.store import PodEndpoint
 
 
 @implementer(IFilterPlugin)

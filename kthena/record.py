@@ -10,8 +10,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kthena.proxy.errors import ErrorType
-from kthena.store import PodEndpoint, RouteMatch
+from kthena.errors import ErrorType
+from kthena.pods import PodEndpoint
+from kthena.store import RouteMatch
 
 if TYPE_CHECKING:
     from kthena.scheduler.framework import Decision
@@ -32,7 +33,7 @@ def request_id(given: bytes | None) -> str:
 
 
 @dataclass(eq=False, slots=True)
-class ProxyContext:
+class RequestRecord:
     """
     One request's record. Times are reactor seconds (the epoch on a real reactor).
 
