@@ -147,3 +147,102 @@ class IPostScheduleHook(Interface):
 
     def scheduled(request: Any, pod: PodEndpoint) -> None:
         """C{pod} served C{request} (its response began with a status below 500)."""
+
+
+class IReconfigurable(Interface):
+    """
+    A part of the router that follows config reloads. The reloader validates a new config
+    whole before any part sees it; each part then takes it in the service tree's order,
+    applies what can change while running and logs what needs a restart.
+    """
+
+    def reconfigure(config: Any) -> None:
+        """@param config: the new L{kthena.config.router.RouterConfig}."""
+
+
+class IRequestObserver(Interface):
+    """
+    Told of each request's life, from its record (L{kthena.record.RequestRecord}): the
+    metrics, the access log, the decision ring, and later the limiters and the fairness
+    history, all registered in one place. Called on the reactor thread; an observer must
+    not block and must not raise (a failure is logged and the others are still told).
+    """
+
+    def started(record: Any) -> None:
+        """The request was scheduled and goes to pods (not called for refused ones)."""
+
+    def attempt_started(record: Any) -> None:
+        """An attempt on C{record.pod} was sent."""
+
+    def attempt_ended(record: Any) -> None:
+        """That attempt ended (answered, failed, or its body relayed or cut)."""
+
+    def ended(record: Any) -> None:
+        """The request ended, whatever its outcome; exactly once per request."""
+
+
+class IExchange(Interface):
+    """
+    One client request and its response as the pipeline sees them: what came in, and how
+    to answer, whole or as a stream. The HTTP server under it (twisted.web today) can be
+    replaced without touching a stage.
+    """
+
+    method = Attribute("The request method, bytes.")
+    path = Attribute("The request path without the query, bytes.")
+    uri = Attribute("The request target as received (path and query), bytes.")
+    protocol = Attribute("The HTTP version, as text (C{HTTP/1.1}).")
+    headers = Attribute("The request headers (a L{twisted.web.http_headers.Headers}).")
+    client_host = Attribute("The client's address, text, or C{None}.")
+    too_large = Attribute("The body went over the size cap and was dropped.")
+    started = Attribute("The response head went out: no other status can be sent now.")
+
+    def header(name: bytes) -> bytes | None:
+        """A request header's first value."""
+
+    def body() -> bytes:
+        """The request body (kept in memory, capped)."""
+
+    def answer(status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """Send a whole JSON answer and end the response (nothing when the client left)."""
+
+    def begin(status: int, phrase: bytes, headers: Sequence[tuple[bytes, Sequence[bytes]]]) -> None:
+        """Set the response head; it goes out with the first C{write}."""
+
+    def write(data: bytes) -> None:
+        """Send part of the body (C{b""} sends the head alone)."""
+
+    def finish() -> None:
+        """End the response."""
+
+    def abort() -> None:
+        """Drop the client connection (a body that cannot say it is incomplete)."""
+
+    def register_producer(producer: Any) -> None:
+        """Let a push producer be paused and resumed by the client's reading."""
+
+    def unregister_producer() -> None:
+        """Undo L{register_producer} (nothing when the client left)."""
+
+    def when_gone(callback: Any) -> None:
+        """Call C{callback()} if the client disconnects before the response ended."""
+
+
+class IUpstream(Interface):
+    """The router's client towards pods, as the dispatcher uses it."""
+
+    def request(
+        pod: PodEndpoint, scheme: str, method: bytes, uri: bytes, headers: Any, body: bytes | None
+    ) -> Any:
+        """
+        Send C{method uri} to C{pod}.
+
+        @return: a Deferred firing with the pod's L{twisted.web.iweb.IResponse}; cancelling
+            it before the answer aborts the request.
+        """
+
+    def idle_connections(pod: PodEndpoint) -> int:
+        """Idle keep-alive connections pooled for C{pod}."""
+
+    def close() -> Any:
+        """Close the pooled connections; a Deferred that fires when they are."""

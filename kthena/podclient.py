@@ -70,7 +70,9 @@ class _NoDelayEndpoint:
 
 
 @implementer(IAgentEndpointFactory)
-class _PodEndpointFactory:
+class PodEndpoints:
+    """Endpoints to pods' addresses (C{connect_timeout} may change between requests)."""
+
     def __init__(self, reactor: IServerReactor, connect_timeout: float) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
@@ -86,11 +88,9 @@ class _PodEndpointFactory:
         return _NoDelayEndpoint(endpoint)
 
 
-def pod_agent(reactor: IServerReactor, connect_timeout: float, pool: HTTPConnectionPool) -> Agent:
+def pod_agent(reactor: IServerReactor, endpoints: PodEndpoints, pool: HTTPConnectionPool) -> Agent:
     """An Agent over C{pool} whose connections go straight to pods' addresses."""
-    agent: Agent = Agent.usingEndpointFactory(
-        reactor, _PodEndpointFactory(reactor, connect_timeout), pool=pool
-    )
+    agent: Agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return agent
 
 

@@ -16,7 +16,7 @@ from kthena.engines.state import PodState
 class OutlierState:
     """
     What the router's own attempts on a pod say of it (passive outlier detection, see
-    L{kthena.proxy.outlier}).
+    L{kthena.pipeline.outlier}).
 
     @ivar consecutive_failures: attempts in a row that failed (5xx, unreachable, cut).
     @ivar ejected_until: while set, the pod takes no traffic until this reactor time.

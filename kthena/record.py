@@ -50,6 +50,10 @@ class RequestRecord:
     @ivar input_estimate: input tokens estimated from the request before sending.
     @ivar prompt_tokens: from the pod's C{usage}, when it reported one.
     @ivar failed_attempts: (pod name, why) of each attempt that failed, in order.
+    @ivar user: who called (L{kthena.pipeline.identify}).
+    @ivar dispatched: the request went to pods (its observers were told it started).
+    @ivar unhealthy_fallback: no pod of the server was healthy: it was scheduled among
+        unhealthy ones.
     """
 
     request_id: str
@@ -58,6 +62,7 @@ class RequestRecord:
     started: float
     protocol: str = "HTTP/1.1"
     model: str | None = None
+    user: str | None = None
     stream: bool = False
     match: RouteMatch | None = None
     decision: Decision | None = None
@@ -75,6 +80,8 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     failed_attempts: list[tuple[str, str]] | None = None
+    dispatched: bool = False
+    unhealthy_fallback: bool = False
 
     @property
     def candidates(self) -> list[PodEndpoint]:

@@ -1,7 +1,24 @@
 """
-The embeddable router: L{makeRouterService} returns the L{MultiService} that runs one
-router (its listeners, config reloads and, in demo mode, its simulated pods), so that
-embedding kthena-router in another Twisted application is one call.
+The embeddable router: L{makeRouterService} returns the service tree that runs one router,
+so that embedding kthena-router in another Twisted application is one call.
+
+The tree is the lifecycle. Its children start in this order and stop in reverse, one
+after another (L{SequentialMultiService}):
+
+  1. simulators (the demo's in-process pods: up first, down last)
+  2. resources (the datastore: the config's routes, servers and pods)
+  3. pod scraper (each pod's metrics; stop: loop, scrapes in flight and pool end)
+  4. upstream (the client towards pods; stop: pooled connections close)
+  5. admin (C{/metrics}, C{/debug})
+  6. access log (stop: the buffer is flushed), and its SIGUSR1 reopener
+  7. data plane (the request pipeline; stop: the drain)
+  8. proxy listener (stop: the port closes first of all)
+  9. reloader (SIGHUP, file changes)
+
+A reload is a protocol of the tree: the new config is loaded and validated whole, then
+each reconfigurable child takes it in that order (the store first, so that the scraper
+sees the new pods and the data plane the new routes); what cannot change while running
+is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -10,123 +27,77 @@ import signal
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.interfaces import IReactorFromThreads
+from zope.interface import implementer
 
-from kthena.config.files import file_stamps
 from kthena.config.router import RouterConfig, SimulatorSpec, load_config
-from kthena.config.validate import ConfigError
 from kthena.engines.scraper import PodScraper
-from kthena.interfaces import IServerReactor
-from kthena.listening import ListeningService
-from kthena.observability.accesslog import ReopenOnSignal, access_log_for
+from kthena.interfaces import IReconfigurable, IScheduler, IServerReactor, IUpstream
+from kthena.lifecycle import SequentialMultiService, SignalService, restart_needed
+from kthena.observability.accesslog import access_log_for
 from kthena.observability.admin import AdminService, listener_info
-from kthena.observability.debug import ListenerInfo
-from kthena.proxy.core import RouterCore
+from kthena.observability.debug.common import ListenerInfo
+from kthena.observability.decisions import DecisionRing
+from kthena.observability.metrics import RouterMetrics
+from kthena.pipeline.plane import DataPlane
 from kthena.proxy.resource import ProxyResource
-from kthena.proxy.site import ProxySite
+from kthena.proxy.site import ProxyListener, ProxySite
+from kthena.proxy.upstream import Upstream
+from kthena.reload import ConfigReloader
+from kthena.scheduler.build import check_scheduler
 from kthena.sim.engine import EngineConfig
 from kthena.sim.service import SimConfig, SimService
-
-log = Logger()
-
-_RESTART_ONLY = ("listen", "admin_listen", "debug_listen", "observability", "simulators")
+from kthena.store import Datastore
 
 
-class ConfigReloader(Service):
+def load(path: str) -> RouterConfig:
     """
-    Reloads the config on SIGHUP and when any file it was read from changes; an invalid
-    new config is reported and the running one kept.
+    Read and validate a router config whole: the file and every resource file it names,
+    and the scheduler's plugins and their arguments.
+
+    @raise kthena.config.validate.ConfigError: with the file, document and field.
     """
-
-    def __init__(
-        self,
-        reactor: IServerReactor,
-        router: RouterService,
-        install_signal_handler: bool,
-    ) -> None:
-        self.reactor = reactor
-        self.router = router
-        self.install_signal_handler = install_signal_handler
-        self._stamps = file_stamps(router.config.files)
-        self._poll: LoopingCall | None = None
-        self._previous_handler: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        interval = self.router.config.reload_interval
-        if self.router.config_path is not None and interval > 0:
-            self._poll = LoopingCall(self._check_files)
-            self._poll.clock = self.reactor
-            self._poll.start(interval, now=False)
-        if self.install_signal_handler:
-            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._poll is not None and self._poll.running:
-            self._poll.stop()
-        if self.install_signal_handler:
-            signal.signal(signal.SIGHUP, self._previous_handler or signal.SIG_DFL)
-
-    def _on_sighup(self, signum: int, frame: object) -> None:
-        self.reactor.callFromThread(self.reload, "SIGHUP")  # type: ignore[attr-defined]
-
-    def _check_files(self) -> None:
-        stamps = file_stamps(self.router.config.files)
-        if stamps != self._stamps:
-            self.reload("a config file changed")
-
-    def reload(self, why: str) -> bool:
-        """
-        Load the config file again and apply it.
-
-        @return: whether the new config was applied.
-        """
-        path = self.router.config_path
-        if path is None:
-            log.warn("reload ({why}) ignored: the config was not read from a file", why=why)
-            return False
-        old = self.router.config
-        self._stamps = file_stamps(old.files)
-        try:
-            new = load_config(path)
-        except ConfigError as e:
-            log.error(
-                "reload ({why}) failed; keeping generation {generation}: {error}",
-                why=why,
-                generation=self.router.core.store.generation,
-                error=str(e),
-            )
-            return False
-        self._stamps = file_stamps(new.files)
-        changed = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
-        if changed:
-            log.warn(
-                "reload ({why}): {fields} changed and take effect at the next restart",
-                why=why,
-                fields=", ".join(changed),
-            )
-        self.router.apply(new)
-        log.info(
-            "reload ({why}) applied: generation {generation}, {routes} routes, "
-            "{servers} servers, {pods} pods",
-            why=why,
-            generation=self.router.core.store.generation,
-            routes=len(new.resources.routes),
-            servers=len(new.resources.servers),
-            pods=len(new.resources.pods),
-        )
-        return True
+    config = load_config(path)
+    check_scheduler(config.scheduler)
+    return config
 
 
-class RouterService(MultiService):
+@implementer(IReconfigurable)
+class ResourcesService(Service):
+    """The datastore in the tree: a reload replaces its resources first of all."""
+
+    name = "resources"
+
+    def __init__(self, store: Datastore) -> None:
+        self.store = store
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        self.store.replace(config.resources)
+
+
+@implementer(IReconfigurable)
+class Simulators(MultiService):
+    """The demo's in-process pods; changing them needs a restart."""
+
+    name = "simulators"
+
+    def __init__(self, specs: tuple[SimulatorSpec, ...], reactor: IServerReactor) -> None:
+        super().__init__()
+        self.specs = specs
+        for spec in specs:
+            _simulator(spec, reactor).setServiceParent(self)
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        restart_needed("simulators", self.specs, config.simulators)
+
+
+class RouterService(SequentialMultiService):
     """
-    One router. Stopping it drains: the proxy port closes, requests in flight get up to
-    C{drainTimeout} to finish, then whatever is left is cut and the pods' connections
-    closed; simulated pods (demo) stop last.
+    One router (see the module docstring for its tree).
+
+    @ivar plane: the data plane (the request pipeline and its parts).
+    @ivar metrics: every metric family of the spec, on C{registry}.
     """
 
     def __init__(
@@ -136,107 +107,100 @@ class RouterService(MultiService):
         registry: CollectorRegistry | None = None,
         config_path: str | None = None,
         install_signal_handlers: bool = False,
+        *,
+        upstream: IUpstream | None = None,
+        scheduler: IScheduler | None = None,
     ) -> None:
+        """
+        @param upstream: the client towards pods (an L{Upstream} when omitted).
+        @param scheduler: a fixed scheduler (tests); built from the config otherwise.
+        """
         super().__init__()
+        check_scheduler(config.scheduler)
         self.config = config
         self.config_path = config_path
         self.reactor = reactor
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.simulators = MultiService()
-        self.simulators.setServiceParent(self)
-        for spec in config.simulators:
-            _simulator_service(spec, reactor).setServiceParent(self.simulators)
-        self.core = RouterCore(reactor, config, registry=self.registry)
-        self.scraper: PodScraper | None = None
-        if config.pod_metrics.enabled:
-            self._start_scraping(config)
+        signals = IReactorFromThreads(reactor) if install_signal_handlers else None
+        self.store = Datastore()
+        self.store.replace(config.resources)
+        self.metrics = RouterMetrics(self.registry, reactor, config)
+        self.decisions = DecisionRing()
+        self.upstream = upstream if upstream is not None else Upstream(reactor, config.upstream)
         self.access_log = access_log_for(
-            config.observability.access_log, self.core.registry, reactor, config.source
+            config.observability.access_log, self.registry, reactor, config.source
         )
-        self.access_log_reopener: ReopenOnSignal | None = None
+        observers: list[Any] = [self.metrics, self.decisions]
         if self.access_log is not None:
-            self.access_log.setServiceParent(self)
-            self.core.request_hooks.append(self.access_log.record)
-            if install_signal_handlers:  # SIGUSR1: reopen the file after logrotate
-                self.access_log_reopener = ReopenOnSignal(
-                    reactor,  # type: ignore[arg-type]
-                    self.access_log,
-                    signal.SIGUSR1,
-                )
-                self.access_log_reopener.setServiceParent(self)
+            observers.append(self.access_log)
+        self.plane = DataPlane(
+            config,
+            reactor,
+            self.store,
+            self.upstream,
+            observers,
+            self.metrics.plugin_timer,
+            self.metrics.ejected,
+            scheduler,
+        )
+        self.metrics.read_gauges(
+            lambda: len(self.plane.inflight), self.plane.scheduling.prefix_entries
+        )
         site = ProxySite(
-            ProxyResource(self.core),
+            ProxyResource(self.plane.pipeline),
             config.max_body_bytes,
             reactor,
             config.downstream,
-            self.core.request_done,
+            self.plane.pipeline.refused,
         )
-        self.proxy = ListeningService(reactor, config.listen, site)
-        self.proxy.setServiceParent(self)
-        self.reloader = ConfigReloader(reactor, self, install_signal_handlers)
-        self.reloader.setServiceParent(self)
-        # /metrics and /debug (observability.metrics / .debug, adminListen, debugListen).
-        self.admin = AdminService(reactor, self.core, config, self._proxy_listeners)
-        self.admin.setServiceParent(self)
+        self.proxy = ProxyListener(reactor, config, site)
+        self.admin = AdminService(
+            reactor,
+            config,
+            self.registry,
+            self.plane,
+            self.decisions,
+            self.metrics,
+            self._proxy_listeners,
+        )
+        self.scraper: PodScraper | None = None
+        if config.pod_metrics.enabled:
+            self.scraper = PodScraper(reactor, self.store, config.pod_metrics)
+            self.plane.scrape_pods()
+            self.scraper.round_hooks.append(self._scraped)
+        self.reloader = ConfigReloader(reactor, self, config_path, load, signals)
+        self._add(Simulators(config.simulators, reactor), ResourcesService(self.store))
+        self._add(self.scraper, self.upstream, self.admin, self.access_log)
+        if self.access_log is not None and signals is not None:
+            # SIGUSR1: reopen the file after logrotate renamed it.
+            self._add(SignalService(signals, signal.SIGUSR1, self.access_log.reopen))
+        self._add(self.plane, self.proxy, self.reloader)
+
+    def _add(self, *children: object) -> None:
+        for child in children:
+            if child is not None:
+                IService(child).setServiceParent(self)
 
     def _proxy_listeners(self) -> list[ListenerInfo]:
         return [listener_info("proxy", self.proxy, ("/v1/*", "/healthz", "/readyz"))]
 
-    def _start_scraping(self, config: RouterConfig) -> None:
-        """Pods' own metrics feed the scheduler; the router is ready after one round."""
-        settings = config.pod_metrics
-        self.scraper = PodScraper(
-            self.reactor,
-            self.core.store,
-            interval=settings.interval,
-            timeout=settings.timeout,
-            concurrency=settings.concurrency,
-            models_every=max(1, round(settings.models_interval / settings.interval)),
-        )
-        self.scraper.setServiceParent(self)
-        self.core.scrape_pods()
-        self.scraper.round_hooks.append(self._scraped)
-
     def _scraped(self) -> None:
-        self.core.scraped = True
-        self.core.pods_observed()
+        """After each scrape round: ready (after the first), and the pod gauges."""
+        self.plane.readiness.scraped = True
+        self.metrics.observe_pods(self.plane)
 
-    def apply(self, config: RouterConfig) -> None:
-        known = set(self.core.store.pods)
-        self.core.apply(config)
-        if self.scraper is not None:  # new pods are scraped now, not at the next round
-            store = self.core.store
-            self.scraper.scrape([p for key, p in store.pods.items() if key not in known])
-        site = self.proxy.factory
-        if isinstance(site, ProxySite):
-            site.max_body_bytes = config.max_body_bytes
-            site.downstream = config.downstream
+    def generation(self) -> int:
+        return self.store.generation
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """A new config, validated whole: each reconfigurable child takes it, in order."""
+        for child in self:
+            if IReconfigurable.providedBy(child):
+                child.reconfigure(config)
         self.config = config
 
-    def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop())
 
-    async def _stop(self) -> None:
-        self.reloader.stopService()
-        await _maybe(self.proxy.stopService())
-        cut = await self.core.drain(self.config.drain_timeout)
-        if cut:
-            log.warn("drain timeout: cut {count} requests still in flight", count=cut)
-        if self.access_log_reopener is not None:
-            self.access_log_reopener.stopService()
-        if self.access_log is not None:  # after the drain: its records are flushed too
-            await _maybe(self.access_log.stopService())
-        await _maybe(self.admin.stopService())
-        Service.stopService(self)
-        await _maybe(self.simulators.stopService())
-
-
-async def _maybe(result: Deferred[Any] | None) -> None:
-    if result is not None:
-        await result
-
-
-def _simulator_service(spec: SimulatorSpec, reactor: IServerReactor) -> Service:
+def _simulator(spec: SimulatorSpec, reactor: IServerReactor) -> Service:
     config = SimConfig(
         engine=spec.engine,
         model=spec.model,
@@ -267,7 +231,8 @@ def makeRouterService(
     @param reactor: the reactor to run on (the global one when omitted).
     @param registry: the Prometheus registry its metrics go to (a new one when omitted).
     @param config_path: the file the config came from, to reload it on SIGHUP or change.
-    @param install_signal_handlers: handle SIGHUP (reload); for a process of its own.
+    @param install_signal_handlers: handle SIGHUP (reload) and SIGUSR1 (reopen the access
+        log); for a process of its own.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor

@@ -10,7 +10,6 @@ from importlib import resources
 from twisted.application.service import IService
 from twisted.python import usage
 
-from kthena.config.router import load_config
 from kthena.config.validate import ConfigError
 
 
@@ -44,11 +43,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from kthena.service import makeRouterService
+    from kthena.service import load, makeRouterService
 
     path = options["config"]
     try:
-        config = load_config(path)
+        config = load(path)
         return makeRouterService(  # may open files the config names (the access log)
             config,
             reactor,  # type: ignore[arg-type]

@@ -63,3 +63,21 @@ def respond_json(request: IRequest, status: int, value: object) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON_TYPE)
     return json_bytes(value)
+
+
+READ_METHODS = (b"GET", b"HEAD")
+
+
+def json_body(request: IRequest, status: int, value: object) -> bytes:
+    """Set the status and JSON headers; return the (indented, for people) body."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str).encode() + b"\n"
+
+
+def method_not_allowed(request: IRequest) -> bytes:
+    request.setHeader(b"allow", b"GET, HEAD")
+    method = request.method.decode("latin-1")
+    return json_body(request, 405, {"error": f"{method} is not allowed: the endpoint is read-only"})

@@ -24,13 +24,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kthena.config.validate import Where, boolean, integer, mapping, number, sequence, string
-from kthena.scheduler.plugins import PLUGINS
+
+
+@dataclass(frozen=True, slots=True)
+class PluginUse:
+    """Where a plugin is named in the section, and as what (for errors about it)."""
+
+    name: str
+    kind: str
+    where: Where
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """
+    The section's structure: plugin names, weights and arguments as written. Whether the
+    names are plugins, of the kind asked, with arguments they take, is the scheduler's
+    to check (L{kthena.scheduler.build.check_scheduler}): the config knows no plugin.
+
     @ivar args: each plugin's arguments by name (from C{pluginConfig}).
+    @ivar uses: every place a plugin is named, to check (not compared: two configs that
+        name the same plugins the same way are the same section).
     @ivar skip_scores_for_one_pod: when the filters leave one pod, ask no score plugin
         (ours, C{skipScoresForOnePod}; off by default: Kthena always runs them, and
         their timings are what operators watch).
@@ -45,12 +59,7 @@ class SchedulerConfig:
     )
     args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     skip_scores_for_one_pod: bool = False
-
-
-def _known(name: str, where: Where) -> str:
-    if name not in PLUGINS:
-        where.fail(f"unknown plugin {name!r}; known: {', '.join(sorted(PLUGINS))}")
-    return name
+    uses: tuple[PluginUse, ...] = field(default=(), compare=False)
 
 
 def _disabled(spec: Mapping[str, Any], where: Where) -> set[str]:
@@ -64,16 +73,14 @@ def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
         return SchedulerConfig()
     spec = mapping(value, where, ("pluginConfig", "plugins", "skipScoresForOnePod"))
     args: dict[str, Mapping[str, Any]] = {}
+    uses: list[PluginUse] = []
     c_where = where.at("pluginConfig")
     for i, item in enumerate(sequence(spec.get("pluginConfig"), c_where)):
         i_where = c_where.at(i)
         entry = mapping(item, i_where, ("name", "args"), required=("name",))
-        name = _known(string(entry["name"], i_where.at("name")), i_where.at("name"))
+        name = string(entry["name"], i_where.at("name"))
         args[name] = mapping(entry.get("args"), i_where.at("args"))
-        try:
-            PLUGINS[name](args[name])
-        except ValueError as e:
-            i_where.at("args").fail(str(e))
+        uses.append(PluginUse(name, "args", i_where))
     p_where = where.at("plugins")
     plugins = mapping(spec.get("plugins"), p_where, ("Filter", "Score"))
     defaults = SchedulerConfig()
@@ -82,14 +89,13 @@ def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
         f_where = p_where.at("Filter")
         f_spec = mapping(plugins["Filter"], f_where, ("enabled", "disabled"))
         disabled = _disabled(f_spec, f_where)
-        filters = tuple(
-            _known(string(n, f_where.at("enabled").at(i)), f_where.at("enabled").at(i))
-            for i, n in enumerate(sequence(f_spec.get("enabled"), f_where.at("enabled")))
-            if n not in disabled
-        )
-        for name in filters:
-            if not hasattr(PLUGINS[name]({}), "filter"):
-                f_where.fail(f"{name} is not a filter plugin")
+        chosen_filters = []
+        for i, n in enumerate(sequence(f_spec.get("enabled"), f_where.at("enabled"))):
+            name = string(n, f_where.at("enabled").at(i))
+            uses.append(PluginUse(name, "filter", f_where.at("enabled").at(i)))
+            if name not in disabled:
+                chosen_filters.append(name)
+        filters = tuple(chosen_filters)
     scores = defaults.scores
     if "Score" in plugins:
         s_where = p_where.at("Score")
@@ -99,9 +105,8 @@ def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
         for i, item in enumerate(sequence(s_spec.get("enabled"), s_where.at("enabled"))):
             e_where = s_where.at("enabled").at(i)
             entry = mapping(item, e_where, ("name", "weight"), required=("name",))
-            name = _known(string(entry["name"], e_where.at("name")), e_where.at("name"))
-            if not hasattr(PLUGINS[name]({}), "score"):
-                e_where.at("name").fail(f"{name} is not a score plugin")
+            name = string(entry["name"], e_where.at("name"))
+            uses.append(PluginUse(name, "score", e_where.at("name")))
             weight = entry.get("weight", 1)
             if isinstance(weight, int) and not isinstance(weight, bool):
                 weight = integer(weight, e_where.at("weight"), minimum=0)
@@ -115,4 +120,5 @@ def parse_scheduler(value: object, where: Where) -> SchedulerConfig:
         skip_scores_for_one_pod=boolean(
             spec.get("skipScoresForOnePod", False), where.at("skipScoresForOnePod")
         ),
+        uses=tuple(uses),
     )

@@ -12,57 +12,83 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
+from kthena.config.router import PodMetricsConfig, RouterConfig
 from kthena.engines.dialects import DIALECTS
 from kthena.failures import describe
-from kthena.interfaces import IServerReactor
-from kthena.podclient import BodyCollector, client_pool, pod_agent
+from kthena.interfaces import IReconfigurable, IServerReactor
+from kthena.podclient import BodyCollector, PodEndpoints, client_pool, pod_agent
 from kthena.pods import PodEndpoint
 from kthena.store import Datastore
 
 log = Logger()
 
+T = TypeVar("T")
+
 _ACCEPT = Headers({b"accept": [b"text/plain;version=0.0.4"]})
 
 
+@implementer(IReconfigurable)
 class PodScraper(Service):
     """
+    Stopping it stops the loop, cancels the scrapes in flight and closes its pool.
+
     @ivar rounds: completed scrape rounds (the router is ready after the first).
     @ivar round_hooks: called after every round (metrics, readiness).
     """
 
+    name = "pod scraper"
+
     def __init__(
-        self,
-        reactor: IServerReactor,
-        store: Datastore,
-        interval: float = 1.0,
-        timeout: float = 0.8,
-        concurrency: int = 32,
-        models_every: int = 5,
+        self, reactor: IServerReactor, store: Datastore, settings: PodMetricsConfig
     ) -> None:
         self.reactor = reactor
         self.store = store
-        self.interval = interval
-        self.timeout = timeout
-        self.models_every = models_every
         self.rounds = 0
         self.round_hooks: list[Callable[[], None]] = []
-        self._semaphore = DeferredSemaphore(concurrency)
         self._pool = client_pool(reactor, 1)
-        self._agent = pod_agent(reactor, timeout, self._pool)
+        self._endpoints = PodEndpoints(reactor, settings.timeout)
+        self._agent = pod_agent(reactor, self._endpoints, self._pool)
         self._loop: LoopingCall | None = None
+        self._requests: set[Deferred[Any]] = set()
+        self._known = set(store.pods)
+        self._settings(settings)
+
+    def _settings(self, settings: PodMetricsConfig) -> None:
+        self.interval = settings.interval
+        self.timeout = settings.timeout
+        self._endpoints.connect_timeout = settings.timeout
+        self.models_every = max(1, round(settings.models_interval / settings.interval))
+        self._semaphore = DeferredSemaphore(settings.concurrency)
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """New settings apply from the next round; pods new to the store are scraped now."""
+        interval = self.interval
+        self._settings(config.pod_metrics)
+        if self._loop is not None and self._loop.running and self.interval != interval:
+            self._loop.stop()
+            self._start_loop(now=False)
+        known, self._known = self._known, set(self.store.pods)
+        if self.running:
+            self.scrape([p for key, p in self.store.pods.items() if key not in known])
 
     def startService(self) -> None:
         super().startService()
+        self._start_loop(now=True)
+
+    def _start_loop(self, now: bool) -> None:
         self._loop = LoopingCall(self.scrape_round)
         self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=True).addErrback(
+        self._loop.start(self.interval, now=now).addErrback(
             lambda f: log.failure("the scrape loop stopped", f)
         )
 
@@ -70,6 +96,8 @@ class PodScraper(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        for request in list(self._requests):
+            request.cancel()
         d: Deferred[None] = self._pool.closeCachedConnections()
         return d
 
@@ -103,6 +131,10 @@ class PodScraper(Service):
             snapshot = dialect.parse(text.decode("utf-8", "replace"))
             if with_models:
                 pod.state.models, pod.state.loras = _models(await self._get(pod, b"/v1/models"))
+        except CancelledError:
+            if not self.running:  # stopped: not the pod's failure
+                return
+            raise
         except Exception as e:
             why = describe(e)
             if pod.state.consecutive_failures == 0:
@@ -115,16 +147,24 @@ class PodScraper(Service):
 
     async def _get(self, pod: PodEndpoint, path: bytes) -> bytes:
         url = f"http://{pod.authority}".encode("ascii") + path
-        d = self._agent.request(b"GET", url, _ACCEPT)
-        d.addTimeout(self.timeout, self.reactor)
-        response = await d
+        response: IResponse = await self._tracked(self._agent.request(b"GET", url, _ACCEPT))
         collector = BodyCollector(MAX_BODY)
         response.deliverBody(collector)
-        collector.done.addTimeout(self.timeout, self.reactor)
-        body: bytes = await collector.done
+        body: bytes = await self._tracked(collector.done)
         if response.code != 200:
             raise ValueError(f"{path.decode()} answered {response.code}")
         return body
+
+    def _tracked(self, d: Deferred[T]) -> Deferred[T]:
+        """C{d} with the scrape timeout, cancelled if the scraper stops first."""
+        d.addTimeout(self.timeout, self.reactor)
+        self._requests.add(d)
+        d.addBoth(self._untrack, d)
+        return d
+
+    def _untrack(self, result: T, d: Deferred[Any]) -> T:
+        self._requests.discard(d)
+        return result
 
 
 MAX_BODY = 8 * 1024 * 1024

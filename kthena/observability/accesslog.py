@@ -29,12 +29,10 @@ import json
 import math
 import os
 import random
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -48,7 +46,7 @@ from zope.interface import implementer
 from kthena.config.router import AccessLogConfig
 from kthena.config.validate import ConfigError
 from kthena.errors import ErrorType
-from kthena.interfaces import IAccessLogSink
+from kthena.interfaces import IAccessLogSink, IRequestObserver
 from kthena.record import RequestRecord
 
 log = Logger()
@@ -314,6 +312,7 @@ def sink_for(output: str, source: str = "<config>") -> IAccessLogSink:
 # -- the access log
 
 
+@implementer(IRequestObserver)
 class AccessLog(Service):
     """
     Formats each request's record on the reactor thread and writes it from a thread of
@@ -376,6 +375,18 @@ class AccessLog(Service):
         self._dropped_failed = dropped.labels("write_failed")
 
     # -- the reactor side
+
+    def started(self, record: RequestRecord) -> None:
+        pass
+
+    def attempt_started(self, record: RequestRecord) -> None:
+        pass
+
+    def attempt_ended(self, record: RequestRecord) -> None:
+        pass
+
+    def ended(self, record: RequestRecord) -> None:
+        self.record(record)
 
     def record(self, ctx: RequestRecord) -> None:
         """Log one ended request (sampled when it succeeded); never waits for the sink."""
@@ -520,28 +531,3 @@ def access_log_for(
     if not config.enabled:
         return None
     return AccessLog(config, sink_for(config.output, source), registry, reactor)
-
-
-class ReopenOnSignal(Service):
-    """
-    Reopens the access log's output on a signal (C{SIGUSR1}: logrotate's
-    C{postrotate kill -USR1}), hopping to the reactor thread first; restores the previous
-    handler when stopped.
-    """
-
-    def __init__(self, reactor: IReactorFromThreads, access_log: AccessLog, signum: int) -> None:
-        self.reactor = reactor
-        self.access_log = access_log
-        self.signum = signum
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(self.signum, self._on_signal)
-
-    def stopService(self) -> None:
-        super().stopService()
-        signal.signal(self.signum, self._previous or signal.SIG_DFL)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.reactor.callFromThread(self.access_log.reopen)

@@ -46,21 +46,19 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
-from kthena.interfaces import IServerReactor
+from kthena.interfaces import IReconfigurable, IServerReactor
+from kthena.lifecycle import restart_needed
 from kthena.listening import ListeningService
-from kthena.observability.debug import (
-    READ_METHODS,
-    DebugAccess,
-    DebugView,
-    ListenerInfo,
-    json_body,
-    make_debug_resource,
-    method_not_allowed,
-)
-from kthena.proxy.core import RouterCore
-from kthena.webutil import QuietSite
+from kthena.observability.debug.access import DebugAccess
+from kthena.observability.debug.app import make_debug_resource
+from kthena.observability.debug.common import DebugSources, ListenerInfo
+from kthena.observability.decisions import DecisionRing
+from kthena.observability.metrics import RouterMetrics
+from kthena.pipeline.plane import DataPlane
+from kthena.webutil import READ_METHODS, QuietSite, json_body, method_not_allowed
 
 log = Logger()
 
@@ -289,39 +287,44 @@ def listener_info(name: str, service: ListeningService, serves: Sequence[str]) -
     return ListenerInfo(name, service.description, tuple(serves), host, number)
 
 
+@implementer(IReconfigurable)
 class AdminService(MultiService):
     """
     The router's admin listener(s), per L{plan_listeners}; none when both metrics and
-    debug are disabled.
+    debug are disabled. Their endpoints, the metrics path and the debug access rules are
+    fixed at start: a reload that changes them is logged as needing a restart.
 
     @ivar listeners: each planned listener with its service.
-    @ivar debug_view: what C{/debug} answers from (C{None} when debug is disabled).
     """
+
+    name = "admin"
 
     def __init__(
         self,
         reactor: IServerReactor,
-        core: RouterCore,
         config: RouterConfig,
+        registry: CollectorRegistry,
+        plane: DataPlane,
+        decisions: DecisionRing,
+        metrics: RouterMetrics,
         other_listeners: Callable[[], Sequence[ListenerInfo]] = tuple,
         runner: Runner | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        self.core = core
+        self.config = config
         self.other_listeners = other_listeners
         obs = config.observability
         self.metrics_path = obs.metrics.path
         self.metrics_resource = MetricsResource(
-            core.registry, runner if runner is not None else thread_runner(reactor), reactor
+            registry, runner if runner is not None else thread_runner(reactor), reactor
         )
-        self.debug_view: DebugView | None = None
         self.debug_resource: IResource | None = None
         if obs.debug.enabled:
-            # Listeners and access rules are fixed at start (a reload changes neither).
-            access = DebugAccess(obs.debug)
-            self.debug_view = DebugView(core, self.all_listeners, access)
-            self.debug_resource = make_debug_resource(self.debug_view, access)
+            sources = DebugSources(
+                plane, decisions, metrics, DebugAccess(obs.debug), self.all_listeners
+            )
+            self.debug_resource = make_debug_resource(sources)
         self.listeners: list[tuple[AdminListenerPlan, ListeningService]] = []
         for plan in plan_listeners(config):
             root = self.root(plan, obs.metrics.path)
@@ -347,6 +350,13 @@ class AdminService(MultiService):
                 paths.append("/debug/")
             infos.append(listener_info(plan.name, service, paths))
         return infos
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        old = self.config
+        restart_needed("observability", old.observability, config.observability)
+        restart_needed("adminListen", old.admin_listen, config.admin_listen)
+        restart_needed("debugListen", old.debug_listen, config.debug_listen)
+        self.config = config
 
     def service(self, name: str) -> ListeningService | None:
         """The listener named C{admin} or C{debug}, when there is one."""

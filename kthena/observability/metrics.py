@@ -10,32 +10,23 @@ path) and series of routes, servers and models that leave the config are removed
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import math
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-    SummaryMetricFamily,
-)
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+from zope.interface import implementer
 
+from kthena.config.router import RouterConfig
+from kthena.interfaces import IReconfigurable, IRequestObserver
+from kthena.observability.families import FastFamily, FastHistogram, WindowSummary
+from kthena.pipeline.plane import DataPlane
 from kthena.record import RequestRecord
 
 if TYPE_CHECKING:
     from kthena.config.resources import ModelServer
+    from kthena.pipeline.health import ServerHealth
     from kthena.pods import PodEndpoint
-    from kthena.proxy.health import ServerHealth
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,232 +57,21 @@ MODEL_PATH = "/v1/models/{model}"
 """The C{path} label of C{GET /v1/models/<id>} (one label, not one per model)."""
 
 
-class FastFamily(Collector):
-    """
-    A counter, gauge or untyped family for the reactor's hot path: a dict of label values
-    to a number, no lock and no child objects (prometheus_client's take a lock and check
-    observability on every change, a few microseconds a request once a dozen are made).
-
-    Only the reactor thread changes values; the exposition (in a worker thread) copies the
-    dict in one step, which the GIL makes atomic. The untyped kind keeps a name exactly as
-    given: prometheus_client appends C{_total} to every Counter, and the specification
-    names C{kthena_pd_group_routing_decisions} without it.
-    """
-
-    def __init__(self, kind: str, name: str, documentation: str, labelnames: Sequence[str]):
-        assert kind in ("counter", "gauge", "unknown")
-        self.kind = kind
-        self.name = name
-        self.documentation = documentation
-        self._labelnames = tuple(labelnames)
-        self._values: dict[tuple[str, ...], float] = {}
-
-    def add(self, labelvalues: tuple[str, ...], amount: float = 1.0) -> None:
-        values = self._values
-        values[labelvalues] = values.get(labelvalues, 0.0) + amount
-
-    def set(self, labelvalues: tuple[str, ...], value: float) -> None:
-        self._values[labelvalues] = value
-
-    def value(self, labelvalues: tuple[str, ...]) -> float:
-        return self._values.get(labelvalues, 0.0)
-
-    def labels(self, *labelvalues: str, **labelkwargs: str) -> _Bound:
-        """prometheus_client's child API, for code outside the hot path."""
-        return _Bound(self, _label_tuple(self.name, self._labelnames, labelvalues, labelkwargs))
-
-    def remove(self, *labelvalues: str) -> None:
-        self._values.pop(labelvalues, None)
-
-    def prune(self, gone: Callable[[dict[str, str]], bool], keep_nonzero: bool = False) -> None:
-        """Remove every series whose labels C{gone} accepts (but not those still counting)."""
-        for labelvalues, value in list(self._values.items()):
-            labels = dict(zip(self._labelnames, labelvalues, strict=True))
-            if gone(labels) and not (keep_nonzero and value):
-                del self._values[labelvalues]
-
-    def _empty(self) -> Metric:
-        if self.kind == "counter":
-            return CounterMetricFamily(self.name, self.documentation, labels=self._labelnames)
-        if self.kind == "gauge":
-            return GaugeMetricFamily(self.name, self.documentation, labels=self._labelnames)
-        return Metric(self.name, self.documentation, "unknown")
-
-    def describe(self) -> Iterator[Metric]:
-        """The family without samples (lets the registry select it by name)."""
-        yield self._empty()
-
-    def collect(self) -> Iterator[Metric]:
-        family = self._empty()
-        for labelvalues, value in list(self._values.items()):
-            if self.kind == "unknown":
-                labels = dict(zip(self._labelnames, labelvalues, strict=True))
-                family.add_sample(self.name, labels, value)
-            else:
-                family.add_metric(list(labelvalues), value)  # type: ignore[attr-defined]
-        yield family
+def _names(config: RouterConfig) -> tuple[set[str], set[tuple[str, str]]]:
+    """The model names and (route, server) pairs a config routes to, for metric labels."""
+    models: set[str] = set()
+    destinations: set[tuple[str, str]] = set()
+    for route in config.resources.routes:
+        models.update((route.model_name, *route.lora_adapters))
+        for rule in route.rules:
+            for target in rule.targets:
+                server = f"{route.meta.namespace}/{target.model_server_name}"
+                destinations.add((route.meta.key, server))
+    models.discard("")
+    return models, destinations
 
 
-@dataclass(frozen=True, slots=True)
-class _Bound:
-    family: FastFamily
-    values: tuple[str, ...]
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.family.add(self.values, amount)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.family.add(self.values, -amount)
-
-    def set(self, value: float) -> None:
-        self.family.set(self.values, value)
-
-
-def _label_tuple(
-    name: str, names: tuple[str, ...], values: tuple[str, ...], kwargs: dict[str, str]
-) -> tuple[str, ...]:
-    if kwargs:
-        if values or set(kwargs) != set(names):
-            raise ValueError(f"{name} takes labels {names}")
-        return tuple(kwargs[n] for n in names)
-    if len(values) != len(names):
-        raise ValueError(f"{name} takes labels {names}")
-    return values
-
-
-class FastHistogram(Collector):
-    """
-    A histogram for the reactor's hot path (several observations per request): no lock
-    and no child objects, just a bucket index and two list increments per observation.
-
-    Only the reactor thread observes; the exposition (in a worker thread) copies each
-    series' list in one step, which the GIL makes atomic, and derives C{_count} from the
-    buckets, so a scrape never shows a count its buckets do not add up to.
-    """
-
-    def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self._labelnames = tuple(labelnames)
-        self._bounds = tuple(sorted(float(b) for b in buckets))
-        self._series: dict[tuple[str, ...], list[float]] = {}
-
-    def observe(self, labelvalues: tuple[str, ...], value: float) -> None:
-        series = self._series.get(labelvalues)
-        if series is None:
-            # One slot per bound, one for +Inf, and the sum last.
-            series = self._series[labelvalues] = [0.0] * (len(self._bounds) + 2)
-        series[bisect.bisect_left(self._bounds, value)] += 1
-        series[-1] += value
-
-    def labels(self, *labelvalues: str, **labelkwargs: str) -> _BoundHistogram:
-        """prometheus_client's child API, for code outside the hot path."""
-        return _BoundHistogram(
-            self, _label_tuple(self.name, self._labelnames, labelvalues, labelkwargs)
-        )
-
-    def remove(self, *labelvalues: str) -> None:
-        self._series.pop(labelvalues, None)
-
-    def prune(self, gone: Callable[[dict[str, str]], bool]) -> None:
-        """Remove every series whose labels C{gone} accepts."""
-        for labelvalues in list(self._series):
-            if gone(dict(zip(self._labelnames, labelvalues, strict=True))):
-                del self._series[labelvalues]
-
-    def describe(self) -> Iterator[Metric]:
-        """The family without samples (lets the registry select it by name)."""
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
-        bounds = [*(floatToGoString(b) for b in self._bounds), "+Inf"]
-        for values, series in list(self._series.items()):
-            snapshot = list(series)
-            cumulative = list(itertools.accumulate(snapshot[:-1]))
-            family.add_metric(
-                list(values), buckets=list(zip(bounds, cumulative, strict=True)),
-                sum_value=snapshot[-1],
-            )  # fmt: skip
-        yield family
-
-
-@dataclass(frozen=True, slots=True)
-class _BoundHistogram:
-    histogram: FastHistogram
-    values: tuple[str, ...]
-
-    def observe(self, value: float) -> None:
-        self.histogram.observe(self.values, value)
-
-
-class WindowSummary(Collector):
-    """
-    A summary with real quantiles over a sliding window (prometheus_client's Summary
-    has none): the last C{window} seconds, at most C{max_samples} observations per series.
-    """
-
-    QUANTILES = (0.5, 0.9, 0.99)
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        clock: Any,
-        window: float = 60.0,
-        max_samples: int = 2048,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self.clock = clock
-        self.window = window
-        self.max_samples = max_samples
-        self._series: dict[tuple[str, ...], tuple[deque[tuple[float, float]], list[float]]] = {}
-        self._lock = threading.Lock()
-
-    def observe(self, value: float, *labelvalues: str) -> None:
-        now = self.clock.seconds()
-        with self._lock:
-            series = self._series.get(labelvalues)
-            if series is None:
-                series = self._series[labelvalues] = (deque(maxlen=self.max_samples), [0.0, 0.0])
-            samples, totals = series
-            samples.append((now, value))
-            totals[0] += value
-            totals[1] += 1
-
-    def describe(self) -> Iterator[Metric]:
-        """The family without samples (lets the registry select it by name)."""
-        yield SummaryMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = SummaryMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        horizon = self.clock.seconds() - self.window
-        with self._lock:
-            snapshot = [(k, list(s), t[0], t[1]) for k, (s, t) in self._series.items()]
-        for values, samples, total, count in snapshot:
-            recent = sorted(v for at, v in samples if at >= horizon)
-            family.add_metric(list(values), count_value=int(count), sum_value=total)
-            for q in self.QUANTILES:
-                family.add_sample(
-                    self.name,
-                    {**dict(zip(self.labelnames, values, strict=True)), "quantile": str(q)},
-                    _quantile(recent, q),
-                )
-        yield family
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return math.nan
-    rank = max(0, math.ceil(q * len(ordered)) - 1)
-    return ordered[min(rank, len(ordered) - 1)]
-
-
+@implementer(IRequestObserver, IReconfigurable)
 class RouterMetrics:
     """
     The spec's families. Request families are fed by L{request_started},
@@ -300,15 +80,18 @@ class RouterMetrics:
     """
 
     def __init__(
-        self, registry: CollectorRegistry, clock: Any, destination_labels: bool = False
+        self, registry: CollectorRegistry, clock: Any, config: RouterConfig | None = None
     ) -> None:
         """
-        @param destination_labels: add current Kthena's four destination labels
-            (C{model_route}, C{backend_type}, C{backend_name}, C{upstream_model}) to the
-            request, duration, token and active-upstream families
-            (C{observability.metrics.destinationLabels}).
+        @param config: the first config generation: the paths labelled as themselves,
+            and whether current Kthena's four destination labels (C{model_route},
+            C{backend_type}, C{backend_name}, C{upstream_model}) go on the request,
+            duration, token and active-upstream families
+            (C{observability.metrics.destinationLabels}, fixed until a restart).
         """
+        config = config or RouterConfig()
         self.registry = registry
+        destination_labels = config.observability.metrics.destination_labels
         self.destination_labels = destination_labels
         r = registry
         extra = DESTINATION_LABELS if destination_labels else ()
@@ -445,16 +228,20 @@ class RouterMetrics:
             "a block cached on N pods counts N times", registry=r,
         )  # fmt: skip
         self._pod_series: dict[int, set[tuple[str, ...]]] = {}
-        self._paths = ROUTER_PATHS
+        self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
+        self._names = _names(config)
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """A new generation: its paths; the series of models and routes that left go."""
+        self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
+        old_models, old_destinations = self._names
+        self._names = new_models, new_destinations = _names(config)
+        self.forget(old_models - new_models, old_destinations - new_destinations)
 
     def read_gauges(self, active: Callable[[], int], prefix_entries: Callable[[], int]) -> None:
         """Where the gauges read at scrape time come from (the router's calls, scheduler)."""
         self.active_requests.set_function(active)
         self.prefix_cache_entries.set_function(prefix_entries)
-
-    def known_paths(self, inference_paths: Iterable[str]) -> None:
-        """The paths labelled as themselves (a config generation's); others are C{other}."""
-        self._paths = ROUTER_PATHS | frozenset(inference_paths)
 
     def path_label(self, path: str) -> str:
         if path in self._paths:
@@ -476,12 +263,14 @@ class RouterMetrics:
         """The model, when a route knows it; C{unknown} otherwise (bounded)."""
         return ctx.model if ctx.match is not None and ctx.model else UNKNOWN
 
-    def request_started(self, ctx: RequestRecord) -> None:
-        self.active_downstream.add((self.model_label(ctx),))
-
-    def request_ended(self, ctx: RequestRecord) -> None:
-        """A proxied request (one L{request_started} saw) left the router."""
-        self.active_downstream.add((self.model_label(ctx),), -1)
+    def started(self, record: RequestRecord) -> None:
+        """The request goes to pods: in flight, and one load-balancing decision."""
+        model = self.model_label(record)
+        self.active_downstream.add((model,))
+        decision = record.decision
+        if decision is not None and decision.candidates:
+            algorithm = getattr(decision, "algorithm", "custom")
+            self.lb_decisions.add((algorithm, model, decision.candidates[0].key))
 
     def _destination(self, ctx: RequestRecord) -> tuple[str, ...]:
         """C{(model_route, backend_type, backend_name, upstream_model)}, or C{()} when
@@ -503,17 +292,17 @@ class RouterMetrics:
         assert match is not None
         return (match.route.meta.key, match.server.meta.key, *self._destination(ctx)[1:])
 
-    def upstream_started(self, ctx: RequestRecord) -> None:
-        self.active_upstream.add(self._upstream(ctx))
+    def attempt_started(self, record: RequestRecord) -> None:
+        self.active_upstream.add(self._upstream(record))
 
-    def upstream_ended(self, ctx: RequestRecord) -> None:
-        self.active_upstream.add(self._upstream(ctx), -1)
+    def attempt_ended(self, record: RequestRecord) -> None:
+        self.active_upstream.add(self._upstream(record), -1)
 
-    def unhealthy_fallback(self, server: str) -> None:
-        self.unhealthy_fallbacks.add((server,))
-
-    def decided(self, algorithm: str, model: str, target: str) -> None:
-        self.lb_decisions.add((algorithm, model, target))
+    def observe_pods(self, plane: DataPlane) -> None:
+        """After a scrape round: the model-server and load-balancing gauges."""
+        servers = [(s, plane.health.server(s)) for s in plane.store.resources.servers]
+        pools = {k: plane.upstream.idle_connections(p) for k, p in plane.store.pods.items()}
+        self.pods_observed(PodsView(servers, pools))
 
     def pods_observed(self, view: PodsView) -> None:
         """
@@ -565,9 +354,13 @@ class RouterMetrics:
         """Time one scheduler plugin call (the scheduler's timer)."""
         self.plugin_duration.observe((model, plugin, kind), seconds)
 
-    def request_done(self, ctx: RequestRecord) -> None:
+    def ended(self, ctx: RequestRecord) -> None:
         """Count a request that ended, whatever the outcome (once per request)."""
         model = self.model_label(ctx)
+        if ctx.dispatched:
+            self.active_downstream.add((model,), -1)
+        if ctx.unhealthy_fallback and ctx.match is not None:
+            self.unhealthy_fallbacks.add((ctx.match.server.meta.key,))
         path = self.path_label(ctx.path)
         status = str(ctx.status)
         destination = self._destination(ctx)

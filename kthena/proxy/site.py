@@ -12,8 +12,13 @@ from io import BytesIO
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
 from twisted.web.server import Request
+from zope.interface import implementer
 
+from kthena.config.router import RouterConfig
 from kthena.config.traffic import DownstreamConfig
+from kthena.interfaces import IReconfigurable, IServerReactor
+from kthena.lifecycle import restart_needed
+from kthena.listening import ListeningService
 from kthena.proxy.channel import ProxyChannel
 from kthena.record import RequestRecord
 from kthena.webutil import QuietSite
@@ -83,3 +88,22 @@ class ProxySite(QuietSite):
     def clock(self) -> IReactorTime:
         clock: IReactorTime = self.reactor
         return clock
+
+
+@implementer(IReconfigurable)
+class ProxyListener(ListeningService):
+    """
+    The proxy's listener and its site: a reload changes the body cap and the client
+    deadlines for new requests; a new C{listen} endpoint needs a restart.
+    """
+
+    name = "proxy listener"
+
+    def __init__(self, reactor: IServerReactor, config: RouterConfig, site: ProxySite) -> None:
+        super().__init__(reactor, config.listen, site)
+        self.site = site
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        restart_needed("listen", self.description, config.listen)
+        self.site.max_body_bytes = config.max_body_bytes
+        self.site.downstream = config.downstream

@@ -8,6 +8,7 @@ C{ReverseProxyResource} (HTTP/1.0, a connection per request, no backpressure).
 
 from __future__ import annotations
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IStreamClientEndpoint,
@@ -15,26 +16,49 @@ from twisted.internet.interfaces import (
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
+from kthena.config.router import RouterConfig
 from kthena.config.traffic import UpstreamConfig
-from kthena.interfaces import IServerReactor
-from kthena.podclient import BytesBody, client_pool, pod_agent
+from kthena.interfaces import IReconfigurable, IServerReactor, IUpstream
+from kthena.podclient import BytesBody, PodEndpoints, client_pool, pod_agent
 from kthena.pods import PodEndpoint
 
 _Origin = tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, URI, bytes]
 """What a pod's requests share: the pool key, the endpoint, the base URI, the Host value."""
 
 
-class Upstream:
-    """Sends requests to pods over pooled keep-alive connections."""
+@implementer(IUpstream, IReconfigurable)
+class Upstream(Service):
+    """
+    Sends requests to pods over pooled keep-alive connections; its pooled connections
+    close when the service stops (after the drain, in the router's tree).
+    """
+
+    name = "upstream"
 
     def __init__(self, reactor: IServerReactor, config: UpstreamConfig) -> None:
         self.reactor = reactor
         self.pool = client_pool(reactor, config.max_connections_per_pod)
+        self.endpoints = PodEndpoints(reactor, config.connect_timeout)
+        self.agent = pod_agent(reactor, self.endpoints, self.pool)
+        self._origins: dict[tuple[str, str], _Origin] = {}
+        self._settings(config)
+
+    def _settings(self, config: UpstreamConfig) -> None:
+        self.pool.maxPersistentPerHost = config.max_connections_per_pod
         # Twisted annotates this as int; any number of seconds works.
         self.pool.cachedConnectionTimeout = config.pool_idle_timeout  # type: ignore[assignment]
-        self.agent = pod_agent(reactor, config.connect_timeout, self.pool)
-        self._origins: dict[tuple[str, str], _Origin] = {}
+        if self.endpoints.connect_timeout != config.connect_timeout:
+            self.endpoints.connect_timeout = config.connect_timeout
+            self._origins.clear()  # they hold endpoints made with the old timeout
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        self._settings(config.upstream)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.close()
 
     def request(
         self,

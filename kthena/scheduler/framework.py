@@ -71,6 +71,7 @@ class Decision:
     @ivar weighted: each scored pod's weighted sum, in order.
     @ivar filtered: per filter plugin: the pods it removed.
     @ivar failed_filter: the filter that left no pod, if any.
+    @ivar algorithm: the scheduler's name for what ranked (the C{algorithm} label).
     """
 
     candidates: list[PodEndpoint]
@@ -80,6 +81,7 @@ class Decision:
     filtered: dict[str, list[str]] = field(default_factory=dict)
     failed_filter: str | None = None
     request: SchedulingRequest | None = None
+    algorithm: str = "custom"
 
     @property
     def totals(self) -> dict[str, float]:
@@ -150,7 +152,7 @@ class Scheduler:
 
     def schedule(self, request: SchedulingRequest) -> Decision:
         pods = list(request.pods)
-        decision = Decision(candidates=[], request=request)
+        decision = Decision(candidates=[], request=request, algorithm=self.algorithm)
         timer = self.timer
         model = request.model
         clock = time.perf_counter

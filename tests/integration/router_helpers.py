@@ -49,6 +49,7 @@ from kthena.service import RouterService, makeRouterService
 from kthena.sim.engine import EngineConfig
 from kthena.sim.service import SimConfig, SimService
 from tests.integration.conftest import spawn_twistd, stop_process
+from tests.unit.proxyfixtures import Ended
 from tests.unit.routerfixtures import Doc, pod
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -325,7 +326,7 @@ class Cluster:
     def hook(router: RouterService) -> list[RequestRecord]:
         """Every request's record, as the router ends it."""
         records: list[RequestRecord] = []
-        router.core.request_hooks.append(records.append)
+        router.plane.observers.add(Ended(records.append))
         return records
 
     async def close(self) -> None:

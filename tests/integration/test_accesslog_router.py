@@ -205,7 +205,7 @@ async def test_client_hanging_up_mid_stream_is_one_error_record(
         router, CHAT, chat_body("client-model", stream=True), hang_up_after=3
     )
     assert len(reply.token_times()) == 3
-    await cluster.wait_for(lambda: not router.core.calls, 3, "the router to end the call")
+    await cluster.wait_for(lambda: not router.plane.inflight, 3, "the router to end the call")
     await stopped(cluster, router)
 
     [record] = read_records(path)

@@ -89,7 +89,7 @@ async def test_counters_tokens_and_log_records_are_exact(cluster: Cluster, tmp_p
         return dict(errors)
 
     await deferToThread(traffic)
-    await cluster.wait_for(lambda: not router.core.calls, 5, "calls to end")
+    await cluster.wait_for(lambda: not router.plane.inflight, 5, "calls to end")
     sent = 4 + 3 + 3 + 2 + 3
     ok = 12
     assert sum(totals(router, "kthena_router_requests_total").values()) == sent

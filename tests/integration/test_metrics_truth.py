@@ -112,7 +112,7 @@ async def test_counters_histograms_and_tokens_add_up(cluster: Cluster) -> None:
         router, CHAT, chat_body("fast-model", stream=True, max_tokens=400), hang_up_after=2
     )
     assert not cut.done
-    await cluster.wait_for(lambda: not router.core.calls, 5, "the cut call to end")
+    await cluster.wait_for(lambda: not router.plane.inflight, 5, "the cut call to end")
     errors = by_label(router, "kthena_router_requests_total", "error_type")
     assert errors == {
         "successful_request": ok,
@@ -132,7 +132,7 @@ async def test_counters_histograms_and_tokens_add_up(cluster: Cluster) -> None:
         lambda: total(router, "kthena_router_active_upstream_requests") == 0, 5, "upstream 0"
     )
     assert total(router, "kthena_router_active_downstream_requests") == 0
-    assert all(pod.in_flight == 0 for pod in router.core.store.pods.values())
+    assert all(pod.in_flight == 0 for pod in router.store.pods.values())
 
 
 @inline
@@ -171,7 +171,7 @@ async def test_series_of_a_removed_route_go_away_on_reload(cluster: Cluster) -> 
     assert present(router, "kthena_router_requests_total", model="gone-model")
     assert present(router, "kthena_router_active_upstream_requests", model_route="default/gone")
     kept = [d for d in docs if d["metadata"]["name"] != "gone"]
-    router.apply(parse_config({"resources": kept}, "<reloaded>", Path.cwd(), []))
+    router.reconfigure(parse_config({"resources": kept}, "<reloaded>", Path.cwd(), []))
     assert not present(router, "kthena_router_requests_total", model="gone-model")
     assert not present(router, "kthena_router_tokens_total", model="gone-model")
     assert not present(router, "kthena_router_active_upstream_requests", model_route="default/gone")

@@ -155,11 +155,11 @@ async def test_client_hanging_up_mid_stream_stops_the_pod(cluster: Cluster) -> N
     assert reply.reason is not None
     assert not reply.reason.check(ResponseDone)
     await cluster.wait_for(
-        lambda: sim.engine.num_running == 0 and not router.core.calls,
+        lambda: sim.engine.num_running == 0 and not router.plane.inflight,
         timeout=3,
         what="the pod's running requests and the router's calls back to 0",
     )
-    assert all(p.in_flight == 0 for p in router.core.store.pods.values())
+    assert all(p.in_flight == 0 for p in router.store.pods.values())
     assert served(sim) == 0  # generation stopped, not completed
     assert records[-1].error_type is ErrorType.CLIENT_DISCONNECT
     # The router still serves.
@@ -480,7 +480,7 @@ async def test_refusals_are_openai_error_objects(cluster: Cluster) -> None:
     ok = await cluster.post(router, CHAT, chat_body("client-model", max_tokens=2))
     assert ok.status == 200
     assert served(sim) == 1
-    assert not router.core.calls
+    assert not router.plane.inflight
 
 
 @inline
@@ -495,7 +495,7 @@ async def test_timeout_answers_504_and_cancels_the_pod(cluster: Cluster) -> None
     assert elapsed < 2.5  # well before the pod would have answered
     assert records[-1].status == 504
     await cluster.wait_for(
-        lambda: sim.engine.num_running == 0 and not router.core.calls,
+        lambda: sim.engine.num_running == 0 and not router.plane.inflight,
         timeout=3,
         what="the timed-out request to be cancelled on the pod",
     )
@@ -592,7 +592,7 @@ async def test_stopping_drains_streams_and_refuses_new_requests(cluster: Cluster
     assert reply.done
     assert len(reply.token_times()) == 12
     await stopped
-    assert not router.core.calls
+    assert not router.plane.inflight
 
 
 @inline

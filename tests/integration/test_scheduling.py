@@ -67,12 +67,12 @@ def plugin_calls(router: RouterService, plugin: str, kind: str) -> float:
 
 
 async def ready(cluster: Cluster, router: RouterService) -> None:
-    await cluster.wait_for(lambda: router.core.scraped, 5, "the first scrape round")
+    await cluster.wait_for(lambda: router.plane.readiness.scraped, 5, "the first scrape round")
     await cluster.wait_for(
-        lambda: all(p.state.scraped_at is not None for p in router.core.store.pods.values()),
+        lambda: all(p.state.scraped_at is not None for p in router.store.pods.values()),
         5,
         "every pod scraped: "
-        + str([(p.name, p.state.last_error) for p in router.core.store.pods.values()]),
+        + str([(p.name, p.state.last_error) for p in router.store.pods.values()]),
     )
 
 
@@ -124,7 +124,7 @@ async def test_least_request_avoids_busy_pods(cluster: Cluster) -> None:
         )
         for sim in (sims[0], sims[0], sims[1], sims[1])
     ]
-    pods = router.core.store.pods
+    pods = router.store.pods
     await cluster.wait_for(
         lambda: (
             pods["default/busy-a"].state.running >= 2 and pods["default/busy-b"].state.running >= 2
@@ -163,7 +163,7 @@ async def test_gpu_usage_prefers_the_pod_with_free_kv_cache(cluster: Cluster) ->
     ]
     await cluster.wait_for(lambda: full.engine.num_running == 8, 5, "the busy pod to fill")
     await cluster.wait_for(
-        lambda: router.core.store.pods["default/full"].state.kv_usage > 0, 5, "a scrape"
+        lambda: router.store.pods["default/full"].state.kv_usage > 0, 5, "a scrape"
     )
     records = cluster.hook(router)
     for _ in range(20):
@@ -189,7 +189,7 @@ async def test_least_latency_prefers_the_fast_pool(cluster: Cluster) -> None:
     await ready(cluster, router)
     # Warm both pods directly so each has a TTFT to compare; a loaded machine can make
     # one period's figure noisy, so keep warming until the scrapes tell them apart.
-    pods = router.core.store.pods
+    pods = router.store.pods
 
     def apart() -> bool:
         return pods["default/slow"].state.ttft > 5 * pods["default/fast"].state.ttft > 0
@@ -225,7 +225,7 @@ async def test_lora_requests_only_reach_pods_with_the_adapter(cluster: Cluster) 
     )  # fmt: skip
     await ready(cluster, router)
     await cluster.wait_for(
-        lambda: "sql" in router.core.store.pods["default/adapted"].state.loras, 5, "adapters read"
+        lambda: "sql" in router.store.pods["default/adapted"].state.loras, 5, "adapters read"
     )
     records = cluster.hook(router)
     for _ in range(30):
@@ -278,7 +278,7 @@ async def test_a_pod_without_the_adapter_passes_it_on(
     assert all(why.endswith("does not serve the model (404)") for why in passed_on)
     if scores is not None:
         assert passed_on  # about two thirds of first attempts went to a pod without it
-    assert all(p.outlier.consecutive_failures == 0 for p in router.core.store.pods.values())
+    assert all(p.outlier.consecutive_failures == 0 for p in router.store.pods.values())
 
 
 @inline
@@ -286,7 +286,7 @@ async def test_the_pod_with_the_adapter_comes_first_once_known(cluster: Cluster)
     router = adapter_on_one_of_three(cluster, podMetrics=FAST_SCRAPES)
     await ready(cluster, router)
     await cluster.wait_for(
-        lambda: router.core.store.pods["default/adapted"].serves_adapter("lora-a"), 5, "models"
+        lambda: router.store.pods["default/adapted"].serves_adapter("lora-a"), 5, "models"
     )
     records = cluster.hook(router)
     for _ in range(28):
@@ -320,7 +320,7 @@ async def test_a_pod_failing_its_scrapes_is_taken_out_and_comes_back(cluster: Cl
         podMetrics={**FAST_SCRAPES, "unhealthyAfter": 2},
     )
     await ready(cluster, router)
-    flaky = router.core.store.pods["default/flaky"]
+    flaky = router.store.pods["default/flaky"]
     await cluster.request(sims[1], "PUT", "/sim/faults", {"metrics_down": True})
     await cluster.wait_for(lambda: flaky.state.consecutive_failures >= 2, 5, "two failed scrapes")
     records = cluster.hook(router)
@@ -347,7 +347,7 @@ async def test_no_healthy_pod_left_schedules_among_all_and_counts_it(cluster: Cl
     for sim in sims:
         await cluster.request(sim, "PUT", "/sim/faults", {"metrics_down": True})
     await cluster.wait_for(
-        lambda: all(p.state.consecutive_failures for p in router.core.store.pods.values()),
+        lambda: all(p.state.consecutive_failures for p in router.store.pods.values()),
         5,
         "both pods failing their scrapes",
     )
@@ -395,7 +395,7 @@ async def test_model_server_and_lb_gauges_follow_the_pods(cluster: Cluster) -> N
     await cluster.wait_for(lambda: gauges().get(depth, 0) >= 2, 5, "the queue depth scraped")
     # A pod that leaves the config takes its series with it.
     keep = [d for d in one_model(cluster, sims) if d["metadata"]["name"] != "pod-1"]
-    router.apply(parse_config({"resources": keep}, "<reloaded>", Path.cwd(), []))
+    router.reconfigure(parse_config({"resources": keep}, "<reloaded>", Path.cwd(), []))
     target = ("kthena_lb_target_health", (("model", "org/m"), ("target", "default/pod-1")))
     await cluster.wait_for(lambda: target not in gauges(), 5, "pod-1's series removed")
     for d in streams:
@@ -420,12 +420,12 @@ async def test_ready_after_the_first_round_and_new_pods_scraped_at_once(cluster:
         )
         # The first round waits for the silent pod's scrape to time out.
         assert (await cluster.request(router, "GET", "/readyz")).status == 503
-        await cluster.wait_for(lambda: router.core.scraped, 5, "the first round")
+        await cluster.wait_for(lambda: router.plane.readiness.scraped, 5, "the first round")
         assert (await cluster.request(router, "GET", "/readyz")).status == 200
     finally:
         silent.close()
-    router.apply(parse_config({"resources": one_model(cluster, sims)}, "<r>", Path.cwd(), []))
-    new = router.core.store.pods["default/pod-1"]
+    router.reconfigure(parse_config({"resources": one_model(cluster, sims)}, "<r>", Path.cwd(), []))
+    new = router.store.pods["default/pod-1"]
     # The next round is 10 s away: the new pod is scraped now.
     await cluster.wait_for(lambda: new.state.scraped_at is not None, 3, "the new pod scraped")
 
@@ -449,7 +449,7 @@ async def test_dead_pods_log_once_each_not_once_a_scrape(cluster: Cluster) -> No
             podMetrics=FAST_SCRAPES,
         )
         await cluster.sleep(1.0)
-    assert all(p.state.consecutive_failures >= 5 for p in router.core.store.pods.values())
+    assert all(p.state.consecutive_failures >= 5 for p in router.store.pods.values())
     texts = [formatEvent(e) for e in events]
     assert not [t for t in texts if "factory" in t.lower()], texts
     failures = [t for t in texts if "scraping pod" in t]
@@ -502,4 +502,4 @@ async def test_a_pod_failing_fast_gets_few_first_attempts(
     )
     assert sum(firsts.values()) == 100
     assert firsts["bad"] <= 10, firsts
-    assert router.core.store.pods["default/bad"].outlier.ejections >= 1
+    assert router.store.pods["default/bad"].outlier.ejections >= 1

@@ -23,7 +23,6 @@ from kthena.interfaces import IServerReactor
 from kthena.observability.admin import Runner
 from kthena.pods import PodEndpoint
 from kthena.proxy.site import ProxySite
-from kthena.proxy.upstream import Upstream
 from kthena.service import RouterService
 from kthena.webutil import QuietSite
 from tests.unit.proxyfixtures import (
@@ -131,17 +130,6 @@ def resources() -> list[Doc]:
     ]
 
 
-class PooledFakeUpstream(FakeUpstream):
-    """The fake upstream, with the pooled-connection count the debug views read."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.idle: dict[str, int] = {}
-
-    def idle_connections(self, pod: PodEndpoint) -> int:
-        return self.idle.get(pod.key, 0)
-
-
 class AdminHarness:
     """A router (not started) with its admin sites served in memory."""
 
@@ -160,11 +148,14 @@ class AdminHarness:
         }
         self.clock = MemoryReactorClock()
         self.config = parse_config(raw, "admin-test.yaml", Path("."), [])
-        self.service = RouterService(self.config, cast(IServerReactor, self.clock))
-        self.core = self.service.core
-        self.upstream = PooledFakeUpstream()
-        self.core.upstream = cast(Upstream, self.upstream)
-        self.core.scheduler = OrderedScheduler()
+        self.upstream = FakeUpstream()
+        self.service = RouterService(
+            self.config,
+            cast(IServerReactor, self.clock),
+            upstream=self.upstream,
+            scheduler=OrderedScheduler(),
+        )
+        self.plane = self.service.plane
         admin = self.service.admin
         admin.metrics_resource.max_share = 1.0  # no pacing (the clock never moves by itself)
         if runner is not None:
@@ -223,7 +214,7 @@ class AdminHarness:
         return client
 
     def pod(self, key: str) -> PodEndpoint:
-        return self.core.store.pods[key]
+        return self.service.store.pods[key]
 
 
 def completion(text: str = "hello") -> dict[str, Any]:

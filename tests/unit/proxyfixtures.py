@@ -8,11 +8,13 @@ for what the client received.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from prometheus_client import CollectorRegistry
+from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
@@ -26,14 +28,17 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, parse_config
-from kthena.interfaces import IScheduler, IServerReactor
+from kthena.interfaces import IRequestObserver, IScheduler, IServerReactor, IUpstream
+from kthena.lifecycle import SequentialMultiService
+from kthena.observability.metrics import RouterMetrics
+from kthena.pipeline.pipeline import Pipeline
+from kthena.pipeline.plane import DataPlane
 from kthena.pods import PodEndpoint
-from kthena.proxy.core import RouterCore
 from kthena.proxy.resource import ProxyResource
 from kthena.proxy.site import ProxySite
-from kthena.proxy.upstream import Upstream
 from kthena.record import RequestRecord
 from kthena.scheduler.framework import Decision, SchedulingRequest
+from kthena.store import Datastore
 from tests.unit.routerfixtures import Doc, pod, route, server
 
 BASE_MODEL = "m"
@@ -181,12 +186,21 @@ class UpstreamCall:
         self.result.errback(Failure(error))
 
 
-class FakeUpstream:
+@implementer(IUpstream)
+class FakeUpstream(Service):
     """Stands in for L{kthena.proxy.upstream.Upstream}: records every request."""
 
     def __init__(self) -> None:
         self.calls: list[UpstreamCall] = []
         self.closed = 0
+        self.idle: dict[str, int] = {}
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.close()
+
+    def idle_connections(self, pod: PodEndpoint) -> int:
+        return self.idle.get(pod.key, 0)
 
     def request(
         self,
@@ -222,13 +236,33 @@ class FakeUpstream:
 class RecordingResource(ProxyResource):
     """The proxy resource, keeping each request it rendered."""
 
-    def __init__(self, core: RouterCore) -> None:
-        super().__init__(core)
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__(pipeline)
         self.requests: list[Request] = []
 
-    def render(self, request: Request) -> bytes | int:
+    def render(self, request: Request) -> int:
         self.requests.append(request)
         return super().render(request)
+
+
+@implementer(IRequestObserver)
+class Ended:
+    """An observer calling C{hook} with each record at its end (its other events pass)."""
+
+    def __init__(self, hook: Callable[[RequestRecord], object]) -> None:
+        self.hook = hook
+
+    def started(self, record: RequestRecord) -> None:
+        pass
+
+    def attempt_started(self, record: RequestRecord) -> None:
+        pass
+
+    def attempt_ended(self, record: RequestRecord) -> None:
+        pass
+
+    def ended(self, record: RequestRecord) -> None:
+        self.hook(record)
 
 
 @dataclass
@@ -382,7 +416,11 @@ def router_config(traffic_policy: Doc | None = None, pods: int = 2, **top: Any) 
 
 
 class RouterHarness:
-    """A router's data plane in memory, with hooks recording every request's context."""
+    """
+    A router's data plane in memory, as the router's tree holds it: the upstream (a fake
+    the test answers) then the data plane, whose stop is the drain; its metrics, and an
+    observer recording every request's record (C{contexts}).
+    """
 
     def __init__(
         self,
@@ -399,29 +437,38 @@ class RouterHarness:
         self.clock = MemoryReactorClock()
         self.config = router_config(traffic_policy, pods, **top)
         self.scheduler = OrderedScheduler()
-        self.core = RouterCore(
-            cast(IServerReactor, self.clock),
+        self.upstream = FakeUpstream()
+        self.metrics = RouterMetrics(CollectorRegistry(), self.clock, self.config)
+        self.contexts: list[RequestRecord] = []
+        self.store = Datastore()
+        self.store.replace(self.config.resources)
+        self.plane = DataPlane(
             self.config,
+            cast(IServerReactor, self.clock),
+            self.store,
+            self.upstream,
+            [self.metrics, Ended(self.contexts.append)],
+            self.metrics.plugin_timer,
+            self.metrics.ejected,
             None if configured_scheduler else self.scheduler,
         )
-        self.upstream = FakeUpstream()
-        self.core.upstream = cast(Upstream, self.upstream)
-        self.contexts: list[RequestRecord] = []
-        self.core.request_hooks.append(self.contexts.append)
-        self.resource = RecordingResource(self.core)
+        self.tree = SequentialMultiService()
+        self.upstream.setServiceParent(self.tree)
+        self.plane.setServiceParent(self.tree)
+        self.resource = RecordingResource(self.plane.pipeline)
         self.site = ProxySite(
             self.resource,
             self.config.max_body_bytes,
             self.clock,
             self.config.downstream,
-            self.core.request_done,
+            self.plane.pipeline.refused,
         )
 
     def pod(self, name: str) -> PodEndpoint:
-        return self.core.store.pods[f"default/{name}"]
+        return self.store.pods[f"default/{name}"]
 
     def in_flight(self) -> dict[str, int]:
-        return {p.name: p.in_flight for p in self.core.store.pods.values()}
+        return {p.name: p.in_flight for p in self.store.pods.values()}
 
     def client(self) -> Client:
         return Client(self.site)

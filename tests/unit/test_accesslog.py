@@ -32,11 +32,11 @@ from kthena.config.router import AccessLogConfig, parse_config
 from kthena.config.validate import ConfigError
 from kthena.errors import ErrorType
 from kthena.interfaces import IAccessLogSink, IServerReactor
+from kthena.lifecycle import SignalService
 from kthena.observability.accesslog import (
     DROPPED_METRIC,
     AccessLog,
     FileSink,
-    ReopenOnSignal,
     StreamSink,
     access_log_for,
     durations,
@@ -365,7 +365,7 @@ def test_durations_of_a_proxied_request() -> None:
 
 def test_durations_of_a_refused_request() -> None:
     h = RouterHarness()
-    h.post(CHAT, {"model": "nope", "prompt": "x"})
+    h.post(CHAT, {"model": "nope", "messages": []})
     record = _record(h)
     assert record["status_code"] == 404
     assert record["duration_upstream_processing"] == 0
@@ -742,14 +742,14 @@ def test_sigusr1_reopens_on_the_reactor_thread() -> None:
     access_log = make_log(sink, clock)
     access_log.startService()
     before = signal.getsignal(signal.SIGUSR1)
-    reopener = ReopenOnSignal(clock, access_log, signal.SIGUSR1)
+    reopener = SignalService(clock, signal.SIGUSR1, access_log.reopen)
     reopener.startService()
     try:
         assert signal.getsignal(signal.SIGUSR1) != before
         os.kill(os.getpid(), signal.SIGUSR1)
         # The handler only hops to the reactor thread; the reopen happens from there.
         f, args, kwargs = clock.from_threads.get(timeout=WAIT)
-        assert (f, args, kwargs) == (access_log.reopen, (), {})
+        assert (f, args, kwargs) == (access_log.reopen, (), {})  # one service for both signals
         assert sink.reopened == 0
         f()
         wait_until(lambda: sink.reopened == 1, "the writer to reopen")
@@ -842,17 +842,15 @@ def test_router_service_wires_the_access_log(tmp_path: Path) -> None:
     access_log = router.access_log
     assert access_log is not None
     assert access_log.parent is router
-    assert access_log.record in router.core.request_hooks
+    assert access_log in router.plane.observers.observers
     assert isinstance(access_log.sink, FileSink)
-    assert router.core.registry.get_sample_value(DROPPED_METRIC, {"reason": "buffer_full"}) == 0
-    assert router.access_log_reopener is None  # no signal handlers unless asked
+    assert router.registry.get_sample_value(DROPPED_METRIC, {"reason": "buffer_full"}) == 0
+    assert not any(isinstance(s, SignalService) for s in router)  # not unless asked
     access_log.sink.close()
 
     off = _router(tmp_path, enabled=False)
     assert off.access_log is None
-    assert not any(
-        isinstance(getattr(f, "__self__", None), AccessLog) for f in off.core.request_hooks
-    )
+    assert not any(isinstance(o, AccessLog) for o in off.plane.observers.observers)
 
 
 def test_router_service_handles_sigusr1_when_asked(tmp_path: Path) -> None:
@@ -865,11 +863,11 @@ def test_router_service_handles_sigusr1_when_asked(tmp_path: Path) -> None:
         install_signal_handlers=True,
     )
     assert router.access_log is not None
-    reopener = router.access_log_reopener
-    assert reopener is not None
-    assert reopener.parent is router
+    (reopener,) = [s for s in router if isinstance(s, SignalService)]
     assert reopener.signum == signal.SIGUSR1
-    assert reopener.access_log is router.access_log
+    assert reopener.callback == router.access_log.reopen
+    children = list(router)
+    assert children.index(reopener) == children.index(router.access_log) + 1
     router.access_log.sink.close()
 
 
@@ -878,11 +876,11 @@ def test_every_request_through_the_harness_is_recorded_once() -> None:
     clock = ThreadedClock()
     sink = ListSink()
     access_log = make_log(sink, clock)
-    h.core.request_hooks.append(access_log.record)
+    h.plane.observers.add(access_log)
     access_log.startService()
     h.chat()
     h.upstream.last.respond_json(COMPLETION)
-    h.post(CHAT, {"model": "nope", "prompt": "x"})
+    h.post(CHAT, {"model": "nope", "messages": []})
     client = h.chat(stream=True)
     h.upstream.last.answer(sse_response())
     client.disconnect()

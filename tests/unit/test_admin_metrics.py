@@ -91,7 +91,7 @@ def test_kthenas_gauges_beyond_the_spec() -> None:
     admin.upstream.last.respond_json(completion())
     assert client.got().status == 200
     assert scraped_value(admin, "kthena_router_active_requests") == 0
-    admin.core.scheduler = build_scheduler(SchedulerConfig())  # Kthena's defaults
+    admin.plane.scheduling.scheduler = build_scheduler(SchedulerConfig())  # Kthena's defaults
     one_request(admin)
     assert scraped_value(admin, "kthena_router_prefix_cache_entries") == 1  # one short block
 
@@ -303,7 +303,7 @@ class Broken(Collector):
 
 def test_a_failed_render_is_a_500() -> None:
     admin = AdminHarness()
-    admin.core.registry.register(Broken())
+    admin.service.registry.register(Broken())
     response = admin.get("/metrics")
     assert response.status == 500
     assert response.json() == {"error": "rendering metrics failed"}

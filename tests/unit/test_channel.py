@@ -33,8 +33,7 @@ def test_slowloris_gets_408_after_the_head_deadline() -> None:
     assert (ctx.method, ctx.path, ctx.status) == ("POST", "/v1/chat/completions", 408)
     assert ctx.finished is not None and ctx.finished - ctx.started == 10
     assert (
-        h.core.metrics.requests.value(("unknown", "/v1/chat/completions", "408", "request_timeout"))
-        == 1
+        h.metrics.requests.value(("unknown", "/v1/chat/completions", "408", "request_timeout")) == 1
     )
     client.send(b": more\r\n\r\n")  # after the answer: ignored
     assert len(h.contexts) == 1
@@ -94,7 +93,7 @@ def test_an_over_long_request_line_is_414() -> None:
     ctx = h.context
     assert ctx.method == "GET"
     assert ctx.path.startswith("/v1/models/xxx") and len(ctx.path) == 256
-    assert h.core.metrics.path_label(ctx.path) == "/v1/models/{model}"
+    assert h.metrics.path_label(ctx.path) == "/v1/models/{model}"
 
 
 def test_oversized_headers_are_431() -> None:

@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionRefusedError
 from kthena.config.router import LOOPBACK_NETWORKS, parse_config
 from kthena.config.validate import ConfigError
 from kthena.engines.snapshot import EngineSnapshot
-from kthena.observability.debug import ENDPOINTS
+from kthena.observability.debug.app import ENDPOINTS
 from kthena.redact import REDACTED
 from tests.unit.adminfixtures import (
     AUTH_HEADER_VALUE,
@@ -219,7 +219,7 @@ def test_router_state(admin: AdminHarness) -> None:
     state = admin.json("/debug/router/state")
     assert state["uptime_seconds"] >= 0
     assert state["started_at"].endswith("Z")
-    assert (state["ready"], state["draining"]) == (admin.core.readiness()[0], False)
+    assert (state["ready"], state["draining"]) == (admin.plane.readiness.check()[0], False)
     assert state["config"]["generation"] == 1
     assert state["config"]["source"] == "admin-test.yaml"
     assert state["config"]["resources"] == {"modelroutes": 2, "modelservers": 4, "pods": 6}
@@ -418,7 +418,7 @@ def test_pods_show_their_last_scrape() -> None:
 
 def scraped(admin: AdminHarness) -> None:
     """Every serving pod answered a scrape just now."""
-    for endpoint in admin.core.store.pods.values():
+    for endpoint in admin.service.store.pods.values():
         endpoint.state.update(EngineSnapshot(), admin.clock.seconds())
 
 
@@ -459,14 +459,13 @@ def test_model_servers_and_their_status(admin: AdminHarness) -> None:
 def test_one_health_rule_in_every_view() -> None:
     """Every pod unreachable: the views, the gauges and readiness all say so; then not."""
     admin = AdminHarness(readiness="anyModel")
-    core = admin.core
-    core.scraped = True
-    for endpoint in core.store.pods.values():
+    admin.plane.readiness.scraped = True
+    for endpoint in admin.service.store.pods.values():
         for _ in range(3):
             endpoint.state.failed("ConnectionRefusedError: connection refused")
 
     def agree(healthy: bool) -> None:
-        core.pods_observed()
+        admin.service.metrics.observe_pods(admin.plane)
         base = admin.json("/debug/model-servers/base/status?namespace=default")
         assert (base["ready_pods"], base["health"]) == (
             (2, "degraded") if healthy else (0, "unhealthy")
@@ -474,7 +473,7 @@ def test_one_health_rule_in_every_view() -> None:
         assert [p["healthy"] for p in base["pods"]] == [healthy, healthy, False]
         backends = {b["pod"]: b for b in admin.json("/debug/routing/backends")["backends"]}
         assert backends["default/p0"]["healthy"] is healthy
-        metrics = core.metrics
+        metrics = admin.service.metrics
         assert metrics.server_health.labels("default/base", "default")._value.get() == healthy
         assert metrics.lb_target_health.labels("default/p0", "org/m")._value.get() == healthy
         readyz = Client(admin.proxy_site)
@@ -609,7 +608,7 @@ def test_debug_disabled_leaves_metrics_alone() -> None:
     body = admin.json("/debug/router/state", status=404)
     assert body == {"error": "nothing at /debug/router/state"}
     assert admin.get("/metrics").status == 200
-    assert admin.service.admin.debug_view is None
+    assert admin.service.admin.debug_resource is None
 
 
 def test_debug_on_a_port_of_its_own() -> None:

@@ -1,4 +1,7 @@
-"""RouterCore.drain: refuse new requests, wait for those in flight, cut the rest, close."""
+"""
+The drain (the data plane's stop, then the upstream's, as the router's tree has them):
+refuse new requests, wait for those in flight, cut the rest, close the pool.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ TIMEOUT = 30.0
 
 
 class Drain:
-    """A drain in progress, with what it returned."""
+    """A stop of the harness's tree in progress (the drain), and what it cut."""
 
-    def __init__(self, h: RouterHarness, timeout: float = TIMEOUT) -> None:
-        self.results: list[int] = []
+    def __init__(self, h: RouterHarness) -> None:
+        self.h = h
+        self.results: list[object] = []
         self.failures: list[Failure] = []
-        self.deferred = Deferred.fromCoroutine(h.core.drain(timeout))
+        h.tree.startService()
+        self.deferred = h.tree.stopService()
         self.deferred.addCallbacks(self.results.append, self.failures.append)
 
     @property
@@ -29,9 +34,9 @@ class Drain:
         return bool(self.results)
 
     @property
-    def cut(self) -> int:
+    def cut(self) -> int | None:
         assert self.done
-        return self.results[0]
+        return self.h.plane.cut
 
 
 def timers_at(h: RouterHarness, when: float) -> int:
@@ -42,7 +47,7 @@ def test_returns_at_once_without_calls() -> None:
     h = RouterHarness()
     drain = Drain(h)
     assert drain.cut == 0
-    assert h.core.draining
+    assert h.plane.readiness.draining
     assert h.upstream.closed == 1
     assert h.clock.getDelayedCalls() == []
 
@@ -50,7 +55,7 @@ def test_returns_at_once_without_calls() -> None:
 def test_waits_for_calls_to_end() -> None:
     h = RouterHarness()
     clients = [h.chat(), h.chat()]
-    assert len(h.core.calls) == 2
+    assert len(h.plane.inflight) == 2
     drain = Drain(h)
     assert not drain.done
     assert h.upstream.closed == 0
@@ -84,7 +89,7 @@ def test_cuts_calls_left_after_the_timeout() -> None:
     h.clock.advance(0.01)
     assert drain.cut == 2
     assert h.upstream.closed == 1
-    assert h.core.calls == set()
+    assert h.plane.inflight.records() == []
     # Before its headers: the pod request is cancelled and the client told why.
     assert h.upstream.calls[0].cancelled
     answer = waiting.got()
@@ -107,9 +112,9 @@ def test_cuts_calls_left_after_the_timeout() -> None:
 
 
 def test_cut_call_is_not_retried_on_another_pod() -> None:
-    h = RouterHarness({"retry": {"attempts": 2, "retryInterval": "0s"}})
+    h = RouterHarness({"retry": {"attempts": 2, "retryInterval": "0s"}}, drainTimeout="1s")
     client = h.chat()
-    drain = Drain(h, timeout=1)
+    drain = Drain(h)
     h.clock.advance(1)
     assert drain.cut == 1
     assert len(h.upstream.calls) == 1
@@ -118,31 +123,31 @@ def test_cut_call_is_not_retried_on_another_pod() -> None:
     assert answer.status == 503
     assert answer.json()["error"]["code"] == ErrorType.DRAINING.value
     assert h.context.error_type is ErrorType.DRAINING
-    assert h.core.calls == set()
+    assert h.plane.inflight.records() == []
 
 
 def test_closes_the_upstream_pool_after_cutting() -> None:
-    h = RouterHarness()
+    h = RouterHarness(drainTimeout="1s")
     h.chat()
     order: list[str] = []
     close = h.upstream.close
 
     def closing() -> Deferred[None]:
-        order.append(f"close with {len(h.core.calls)} calls")
+        order.append(f"close with {len(h.plane.inflight)} calls")
         return close()
 
     h.upstream.close = closing  # type: ignore[method-assign]
-    drain = Drain(h, timeout=1)
+    drain = Drain(h)
     h.clock.advance(1)
     assert drain.cut == 1
     assert order == ["close with 0 calls"]
 
 
 def test_cut_call_whose_pod_sent_no_byte_yet_and_ends_later() -> None:
-    h = RouterHarness()
+    h = RouterHarness(drainTimeout="1s")
     client = h.chat(stream=True)
     response = h.upstream.last.answer(sse_response())
-    drain = Drain(h, timeout=1)
+    drain = Drain(h)
     h.clock.advance(1)
     assert drain.cut == 1
     assert response.transport.stopped == 1

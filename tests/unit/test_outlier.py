@@ -13,8 +13,8 @@ from twisted.web.client import ResponseFailed
 from kthena.config.resources import parse_pod
 from kthena.config.traffic import OutlierConfig
 from kthena.config.validate import Where
+from kthena.pipeline.outlier import OutlierDetector
 from kthena.pods import PodEndpoint
-from kthena.proxy.outlier import OutlierDetector
 from tests.unit.proxyfixtures import RouterHarness, sse_response
 from tests.unit.routerfixtures import pod
 from tests.unit.test_proxy_resource import COMPLETION
@@ -125,7 +125,7 @@ def test_a_pod_failing_fast_stops_taking_first_attempts() -> None:
         h.clock.advance(0.5)
     share = firsts.count("p0") / len(firsts)
     assert share <= 0.10, share
-    metrics = h.core.metrics
+    metrics = h.metrics
     assert metrics.outlier_ejections.value(("default/p0",)) >= 2
     assert metrics.outlier_ejections.value(("default/p1",)) == 0
 
@@ -139,7 +139,7 @@ def test_connection_failures_and_cut_streams_count() -> None:
     response = h.upstream.last.answer(sse_response())
     response.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
     assert h.pod("p0").outlier.ejected_until is not None
-    assert h.core.schedulable(h.core.store.resources.servers[0]) == [h.pod("p1")]
+    assert h.plane.scheduling.schedulable(h.store.resources.servers[0]) == [h.pod("p1")]
 
 
 def test_ejected_pods_are_not_healthy() -> None:
@@ -147,9 +147,9 @@ def test_ejected_pods_are_not_healthy() -> None:
     h.chat()
     h.upstream.last.respond_json({}, code=503)
     h.upstream.last.respond_json(COMPLETION)
-    server = h.core.store.resources.servers[0]
-    health = h.core.health.server(server)
+    server = h.store.resources.servers[0]
+    health = h.plane.health.server(server)
     assert [p.name for p in health.healthy] == ["p1"]
     assert health.status == "degraded"
     h.clock.advance(30)
-    assert h.core.health.server(server).status == "healthy"
+    assert h.plane.health.server(server).status == "healthy"

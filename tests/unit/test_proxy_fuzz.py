@@ -56,7 +56,7 @@ def test_an_internal_error_is_a_500_counted_and_logged_once_per_cause() -> None:
     def broken(body: dict[str, Any]) -> int:
         raise KeyError("a bug")
 
-    h.core.estimator.estimate = broken  # type: ignore[method-assign]
+    h.plane.scheduling.estimator.estimate = broken  # type: ignore[method-assign]
     with capturedLogs() as events:
         responses = [h.chat().got() for _ in range(50)]
         h.clock.advance(61)
@@ -65,7 +65,7 @@ def test_an_internal_error_is_a_500_counted_and_logged_once_per_cause() -> None:
         error = assert_error(response, 500, ErrorType.INTERNAL)
         assert response.header("x-request-id") in error["message"]
     assert len(h.contexts) == 51
-    assert h.core.metrics.requests.value((BASE_MODEL, CHAT, "500", "internal")) == 51
+    assert h.metrics.requests.value((BASE_MODEL, CHAT, "500", "internal")) == 51
     failures = [e for e in events if e.get("log_failure") is not None]
     assert len(failures) == 1  # one traceback
     again = [e for e in events if "again" in str(e.get("log_format"))]
@@ -148,5 +148,5 @@ def test_any_json_body_gets_one_answer_one_count_one_record(body: object, path: 
     if response.status >= 400:
         assert_error(response, response.status, ctx.error_type)
         assert ctx.error_type is not ErrorType.INTERNAL, ctx.error_message
-    requests = h.core.metrics.requests
+    requests = h.metrics.requests
     assert sum(requests._values.values()) == 1

@@ -39,7 +39,7 @@ def test_paths_outside_the_inference_set_never_reach_a_pod(path: str) -> None:
     assert h.upstream.calls == []
     ctx = h.context
     assert (ctx.status, ctx.error_type, ctx.path) == (404, ErrorType.NOT_FOUND, path)
-    assert h.core.metrics.path_label(ctx.path) == "other"
+    assert h.metrics.path_label(ctx.path) == "other"
 
 
 def test_dot_segments_are_named_in_the_answer() -> None:
@@ -57,7 +57,7 @@ def test_inference_paths_are_proxied(path: str) -> None:
     assert h.upstream.last.uri == path.encode()
     h.upstream.last.respond_json(COMPLETION)
     assert client.got().status == 200
-    assert h.core.metrics.path_label(h.context.path) == path
+    assert h.metrics.path_label(h.context.path) == path
 
 
 def test_inference_paths_are_configurable() -> None:
@@ -89,7 +89,7 @@ def test_router_answers_are_counted_and_recorded() -> None:
         ("/v1/models", 200, ErrorType.SUCCESS),
         (f"/v1/models/{BASE_MODEL}", 200, ErrorType.SUCCESS),
     ]
-    requests = h.core.metrics.requests
+    requests = h.metrics.requests
     assert requests.value(("unknown", "/healthz", "200", "successful_request")) == 1
     assert requests.value(("unknown", "/v1/models", "200", "successful_request")) == 1
     # One label for every model id: bounded.

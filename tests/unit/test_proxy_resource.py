@@ -139,7 +139,7 @@ def test_scheduler_leaving_no_pod_is_503() -> None:
 
 def test_draining_refuses_with_connection_close() -> None:
     h = RouterHarness()
-    h.core.draining = True
+    h.plane.readiness.draining = True
     response = h.chat().got()
     assert_error(response, 503, ErrorType.DRAINING)
     assert response.header("connection") == "close"
@@ -175,7 +175,7 @@ def test_unknown_path_is_404() -> None:
     response = h.get("/nope").got()
     assert_error(response, 404, ErrorType.NOT_FOUND)
     ctx = h.context
-    label = h.core.metrics.path_label(ctx.path)
+    label = h.metrics.path_label(ctx.path)
     assert (ctx.status, ctx.error_type, label) == (404, ErrorType.NOT_FOUND, "other")
 
 
@@ -204,14 +204,14 @@ def test_models_lists_base_models_and_adapters() -> None:
     by_id = {m["id"]: m for m in value["data"]}
     # The route's creationTimestamp (2025-01-02T03:04:05Z), for the model and its adapter.
     assert by_id[BASE_MODEL]["created"] == by_id[LORA]["created"] == 1735787045
-    assert by_id[PLAIN_MODEL]["created"] == h.core.started
+    assert by_id[PLAIN_MODEL]["created"] == h.plane.started_at
 
 
 def test_healthz() -> None:
     h = RouterHarness()
     response = h.get("/healthz").got()
     assert (response.status, response.json()) == (200, {"message": "ok"})
-    h.core.draining = True
+    h.plane.readiness.draining = True
     assert h.get("/healthz").got().status == 200
 
 
@@ -229,12 +229,12 @@ def test_readyz_needs_every_model_to_have_a_healthy_pod() -> None:
 def test_readyz_with_any_model() -> None:
     h = RouterHarness(readiness="anyModel")
     assert h.get("/readyz").got().status == 200
-    h.core.scraped = False
+    h.plane.readiness.scraped = False
     response = h.get("/readyz").got()
     assert response.status == 503
     assert response.json()["message"] == "not ready: the first scrape of the pods is not done"
-    h.core.scraped = True
-    h.core.draining = True
+    h.plane.readiness.scraped = True
+    h.plane.readiness.draining = True
     response = h.get("/readyz").got()
     assert (response.status, response.json()) == (503, {"message": "draining"})
 
@@ -267,7 +267,7 @@ def test_json_completion_relayed_with_usage_recorded() -> None:
     assert (ctx.model, ctx.stream, ctx.attempts) == (BASE_MODEL, False, 1)
     assert ctx.first_byte is not None
     assert h.in_flight() == {"p0": 0, "p1": 0, "q0": 0}
-    assert h.core.calls == set()
+    assert h.plane.inflight.records() == []
 
 
 def test_model_rewritten_for_a_base_model() -> None:
@@ -594,7 +594,7 @@ def test_every_attempt_failing_is_kthenas_503() -> None:
     assert second.transport.stopped == 1  # its body is not relayed
     assert len(h.upstream.calls) == 2
     assert (h.context.status, h.context.upstream_status) == (503, 502)
-    assert h.core.metrics.requests.value((BASE_MODEL, "/v1/chat/completions", "503", "proxy")) == 1
+    assert h.metrics.requests.value((BASE_MODEL, "/v1/chat/completions", "503", "proxy")) == 1
     assert h.in_flight() == {"p0": 0, "p1": 0, "q0": 0}
 
 
@@ -617,7 +617,7 @@ def test_a_5xx_after_connection_failures_is_all_pods_failed() -> None:
 
 
 def prefix_entries(h: RouterHarness) -> int:
-    hooks: list[Any] = h.core.scheduler.hooks  # type: ignore[attr-defined]
+    hooks: list[Any] = h.plane.scheduling.scheduler.hooks  # type: ignore[attr-defined]
     return sum(len(hook) for hook in hooks)
 
 
@@ -753,7 +753,7 @@ def test_client_disconnect_before_headers_cancels_the_upstream() -> None:
     ctx = h.context
     assert (ctx.status, ctx.error_type) == (499, ErrorType.CLIENT_DISCONNECT)
     assert h.in_flight() == {"p0": 0, "p1": 0, "q0": 0}
-    assert h.core.calls == set()
+    assert h.plane.inflight.records() == []
 
 
 def test_client_disconnect_before_headers_is_not_retried() -> None:
@@ -783,7 +783,7 @@ def test_client_disconnect_after_headers_stops_the_relay() -> None:
     # The pod's connection then closes: nothing more happens.
     response.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
     assert len(h.contexts) == 1
-    assert h.core.calls == set()
+    assert h.plane.inflight.records() == []
 
 
 def test_client_disconnect_during_the_retry_interval_stops_retrying() -> None:

@@ -12,10 +12,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.server import Request
 
 from kthena.failures import IncompleteBodyError
-from kthena.proxy.relay import Relay
+from kthena.interfaces import IExchange
+from kthena.pipeline.relay import Relay
 from tests.unit.proxyfixtures import BodyTransport
 
 IDLE = 10.0
@@ -36,10 +36,10 @@ class FakeRequest:
     def finish(self) -> None:
         self.finished += 1
 
-    def registerProducer(self, producer: object, streaming: bool) -> None:
-        self.producers.append((producer, streaming))
+    def register_producer(self, producer: object) -> None:
+        self.producers.append((producer, True))
 
-    def unregisterProducer(self) -> None:
+    def unregister_producer(self) -> None:
         self.unregistered += 1
 
     @property
@@ -52,7 +52,7 @@ class Harness:
         self.clock = Clock()
         self.request = FakeRequest()
         self.transport = BodyTransport()
-        self.relay = Relay(cast(Request, self.request), self.clock, IDLE, sse, hide_usage, hold)
+        self.relay = Relay(cast(IExchange, self.request), self.clock, IDLE, sse, hide_usage, hold)
         self.results: list[Failure | None] = []
         self.errors: list[Failure] = []
         self.relay.done.addCallbacks(self.results.append, self.errors.append)

@@ -8,15 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from kthena.config.router import parse_config
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
 from kthena.config.validate import ConfigError, Where
 from kthena.interfaces import IFilterPlugin, IPostScheduleHook, IScheduler, IScorePlugin
+from kthena.pipeline.health import Health
+from kthena.pipeline.schedule import Scheduling
 from kthena.pods import PodEndpoint
 from kthena.prompt import render as render_prompt
-from kthena.scheduler.build import build_scheduler
+from kthena.ratelimit.estimate import CharsEstimator
+from kthena.scheduler.build import build_scheduler, check_scheduler
 from kthena.scheduler.framework import Scheduler, SchedulingRequest
 from kthena.scheduler.plugins import PLUGINS
 from kthena.scheduler.plugins.gpu_usage import GPUUsage
@@ -25,6 +29,7 @@ from kthena.scheduler.plugins.least_request import LeastRequest
 from kthena.scheduler.plugins.lora_affinity import LoraAffinity
 from kthena.scheduler.plugins.prefix_cache import PrefixCache, prefix_hashes
 from kthena.scheduler.plugins.random_score import RandomScore
+from kthena.service import load
 from kthena.store import Datastore, RouteMatch
 from tests.unit.routerfixtures import pod, route, server, simple_route
 
@@ -64,9 +69,9 @@ def request(
 
 
 def test_plugins_provide_their_interfaces() -> None:
-    for name, factory in PLUGINS.items():
-        plugin = factory({})
-        assert plugin.name == name  # type: ignore[attr-defined]
+    for name, cls in PLUGINS.items():
+        plugin = cls.from_args({})
+        assert plugin.name == name
         provided = [
             i for i in (IFilterPlugin, IScorePlugin, IPostScheduleHook) if i.providedBy(plugin)
         ]
@@ -295,9 +300,20 @@ def test_kthena_format() -> None:
     ],
 )
 def test_scheduler_config_errors(section: Any, message: str) -> None:
+    """The config reads the section; the scheduler checks its plugins (at load, whole)."""
     with pytest.raises(ConfigError) as e:
-        parse(section)
+        check_scheduler(parse(section))
     assert message in str(e.value)
+
+
+def test_a_router_config_is_loaded_with_its_plugins_checked(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("scheduler: {plugins: {Filter: {enabled: [gpu-usage]}}}\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(path))
+    assert str(e.value) == (
+        f"{path}: scheduler.plugins.Filter.enabled[0]: gpu-usage is not a filter plugin"
+    )
 
 
 def test_least_latency_ignores_noise_level_differences() -> None:
@@ -310,21 +326,17 @@ def test_least_latency_ignores_noise_level_differences() -> None:
 
 
 def test_the_scheduler_follows_a_reload() -> None:
-    from typing import cast
-
-    from twisted.internet.testing import MemoryReactorClock
-
-    from kthena.interfaces import IServerReactor
-    from kthena.proxy.core import RouterCore
-
     docs = [simple_route("r", "m", "srv"), server("srv", {"app": "a"})]
     first = parse_config({"resources": docs}, "t", Path("."), [])
-    core = RouterCore(cast(IServerReactor, MemoryReactorClock()), first)
-    assert core.scheduler.algorithm == "least-request+gpu-usage+least-latency+prefix-cache"  # type: ignore[attr-defined]
-    same = core.scheduler
-    core.apply(parse_config({"resources": docs}, "t", Path("."), []))
-    assert core.scheduler is same  # unchanged section: the prefix index is kept
-    core.apply(
+    store = Datastore()
+    store.replace(first.resources)
+    scheduling = Scheduling(store, Health(store, Clock(), None, None), CharsEstimator(), first)  # type: ignore[arg-type]
+    algorithm = scheduling.scheduler.algorithm  # type: ignore[attr-defined]
+    assert algorithm == "least-request+gpu-usage+least-latency+prefix-cache"
+    same = scheduling.scheduler
+    scheduling.reconfigure(parse_config({"resources": docs}, "t", Path("."), []))
+    assert scheduling.scheduler is same  # unchanged section: the prefix index is kept
+    scheduling.reconfigure(
         parse_config(
             {
                 "resources": docs,
@@ -335,8 +347,8 @@ def test_the_scheduler_follows_a_reload() -> None:
             [],
         )
     )
-    assert core.scheduler is not same
-    assert core.scheduler.algorithm == "random"  # type: ignore[attr-defined]
+    assert scheduling.scheduler is not same
+    assert scheduling.scheduler.algorithm == "random"  # type: ignore[attr-defined]
 
 
 def test_pods_serving_an_adapter_come_first_without_lora_affinity() -> None:

@@ -1,7 +1,7 @@
 """
 The byte-pushing relay: an upstream response body to the client, as it arrives.
 
-It is the client request's push producer, so a slow client pauses the pod's connection
+It is the client's push producer, so a slow client pauses the pod's connection
 and memory stays bounded; an idle timer, reset on every chunk, runs only while the relay
 reads (a client that paused it is not the pod stalling); for server-sent events it
 forwards whole events only, takes the C{usage} from the pod's usage chunk and hides that
@@ -25,10 +25,10 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from kthena.failures import IncompleteBodyError
+from kthena.interfaces import IExchange
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -78,7 +78,7 @@ class Relay(Protocol):
 
     def __init__(
         self,
-        request: Request,
+        exchange: IExchange,
         clock: IReactorTime,
         idle_timeout: float,
         sse: bool,
@@ -89,7 +89,7 @@ class Relay(Protocol):
         @param hold: write the body only once it ended and parsed as JSON (a JSON body of
             unknown length; see the module docstring).
         """
-        self.request = request
+        self.exchange = exchange
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.sse = sse
@@ -107,7 +107,7 @@ class Relay(Protocol):
     # -- IProtocol (upstream side)
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self, True)
+        self.exchange.register_producer(self)
         self._idle = self.clock.callLater(self.idle_timeout, self._idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -130,7 +130,7 @@ class Relay(Protocol):
                     self.hold = False
                     data = b"".join(self._body) + data
                 self._body = None
-        self.request.write(data)
+        self.exchange.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._stop_idle_timer()
@@ -144,7 +144,7 @@ class Relay(Protocol):
         if self._pending:
             tail = self._scan_events(self._pending)
             if tail:
-                self.request.write(tail)
+                self.exchange.write(tail)
             self._pending = b""
         if self._body is not None:
             body = b"".join(self._body)
@@ -153,7 +153,7 @@ class Relay(Protocol):
                 if isinstance(reason.value, PotentialDataLoss) and not _parses(body):
                     self.done.errback(IncompleteBodyError())
                     return
-                self.request.write(body)
+                self.exchange.write(body)
         self.done.callback(None)
 
     def _stop_idle_timer(self) -> None:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 
 from kthena.config.resources import ModelServer
-from kthena.config.router import PodMetricsConfig
+from kthena.config.router import PodMetricsConfig, RouterConfig
+from kthena.pipeline.outlier import OutlierDetector
 from kthena.pods import PodEndpoint
-from kthena.proxy.outlier import OutlierDetector
 from kthena.store import Datastore
 
 
@@ -108,3 +108,40 @@ class Health:
                     ok = ok or servers[key]
             models[name] = ok
         return [name for name, ok in models.items() if not ok]
+
+
+class Readiness:
+    """
+    Whether the router takes traffic (C{/readyz}), by the health rule and the config's
+    C{readiness}: not while draining, not before the first scrape round when pods are
+    scraped, and not while some model (C{allModels}) or every model (C{anyModel}) has
+    no healthy pod.
+
+    @ivar draining: set on shutdown; new requests are refused with 503.
+    @ivar scraped: the first scrape round is done (or pods are not scraped).
+    """
+
+    def __init__(self, health: Health, config: RouterConfig) -> None:
+        self.health = health
+        self.rule = config.readiness
+        self.draining = False
+        self.scraped = True
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        self.rule = config.readiness
+
+    def check(self) -> tuple[bool, str, list[str]]:
+        """Whether ready, why, and the models no healthy pod serves."""
+        if self.draining:
+            return False, "draining", []
+        if not self.scraped:
+            return False, "not ready: the first scrape of the pods is not done", []
+        without = self.health.models_without_healthy_pods()
+        if without and (
+            self.rule == "allModels" or len(without) == len(self.health.store.model_names())
+        ):
+            shown = ", ".join(without[:10]) + (
+                f" and {len(without) - 10} more" if len(without) > 10 else ""
+            )
+            return False, f"not ready: no healthy pod serves {shown}", without
+        return True, "ready", without

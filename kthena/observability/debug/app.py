@@ -1,0 +1,160 @@
+"""
+The C{/debug} resource: L{DebugGate} (access, read-only methods, UTF-8 paths) in front of a
+Klein app routing each endpoint to its view. Klein installs the global reactor when
+imported: it is imported inside L{make_debug_resource} only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+
+from kthena.observability.debug.access import DebugAccess
+from kthena.observability.debug.common import DebugError, DebugSources, _int_arg, _text_arg
+from kthena.observability.debug.config_dump import ConfigDump
+from kthena.observability.debug.routing import Routing
+from kthena.observability.debug.servers import Servers
+from kthena.observability.decisions import DECISIONS_KEPT
+from kthena.webutil import READ_METHODS, json_body, method_not_allowed
+
+log = Logger()
+
+ENDPOINTS = (
+    "/debug/config_dump/modelroutes",
+    "/debug/config_dump/modelservers",
+    "/debug/config_dump/pods",
+    "/debug/config_dump/namespaces/{namespace}/modelroutes/{name}",
+    "/debug/config_dump/namespaces/{namespace}/modelservers/{name}",
+    "/debug/config_dump/namespaces/{namespace}/pods/{name}",
+    "/debug/router/state",
+    "/debug/routing/table",
+    "/debug/routing/decisions?limit=N&model=M",
+    "/debug/routing/backends",
+    "/debug/model-servers",
+    "/debug/model-servers/{name}/status?namespace=NS",
+    "/debug/model-servers/{name}/metrics?namespace=NS",
+)
+
+NOT_YET = (
+    "/inference-extension/pools",
+    "/inference-extension/pools/<pool>/endpoints",
+    "/inference-extension/decisions",
+    "/pd-groups",
+    "/pd-groups/<group_key>/status",
+    "/kv-cache/connectors",
+)
+"""Endpoints the specification lists that arrive with later issues: 501 until then."""
+
+
+class DebugGate(Resource):
+    """
+    In front of the Klein app: refuses (403) clients L{DebugAccess} does not let in,
+    and (405) any method but GET and HEAD, before any route is looked at.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: IResource, access: DebugAccess) -> None:
+        super().__init__()
+        self.app = app
+        self.access = access
+
+    def render(self, request: IRequest) -> bytes | int:
+        refusal = self.access.refusal(request)
+        if refusal is not None:
+            return json_body(request, 403, {"error": refusal})
+        if request.method not in READ_METHODS:
+            return method_not_allowed(request)
+        try:
+            b"/".join(request.postpath or ()).decode("utf-8")
+        except UnicodeDecodeError:
+            return json_body(request, 400, {"error": "the URL is not UTF-8"})
+        result: bytes | int = self.app.render(request)
+        return result
+
+
+def _answer(request: IRequest, build: Callable[[], object]) -> bytes:
+    try:
+        value = build()
+    except DebugError as e:
+        return json_body(request, e.status, e.body)
+    return json_body(request, 200, value)
+
+
+def make_debug_resource(sources: DebugSources) -> IResource:
+    """
+    The C{/debug} resource: L{DebugGate} in front of a Klein app over the view families.
+    """
+    config, routing, servers = ConfigDump(sources), Routing(sources), Servers(sources)
+    from klein import Klein
+    from werkzeug.exceptions import HTTPException
+
+    app = Klein()
+
+    def get(path: str, endpoint: str, build: Callable[..., object]) -> None:
+        def handler(request: IRequest, **params: str) -> bytes:
+            return _answer(request, lambda: build(request, **params))
+
+        app.route(path, endpoint=endpoint, strict_slashes=False)(handler)
+
+    get("/", "index", lambda r: {"endpoints": list(ENDPOINTS)})
+    get("/config_dump/modelroutes", "modelroutes", lambda r: config.modelroutes())
+    get("/config_dump/modelservers", "modelservers", lambda r: config.modelservers())
+    get("/config_dump/pods", "pods", lambda r: config.pods())
+    get(
+        "/config_dump/namespaces/<namespace>/<kind>/<name>",
+        "config_object",
+        lambda r, namespace, kind, name: config.config_object(namespace, kind, name),
+    )
+    get("/router/state", "router_state", lambda r: routing.router_state())
+    get("/routing/table", "routing_table", lambda r: routing.routing_table())
+    get(
+        "/routing/decisions",
+        "decisions",
+        lambda r: routing.decisions(_int_arg(r, b"limit", DECISIONS_KEPT), _text_arg(r, b"model")),
+    )
+    get("/routing/backends", "backends", lambda r: routing.backends())
+    get("/model-servers", "model_servers", lambda r: servers.model_servers())
+    get(
+        "/model-servers/<name>/status",
+        "server_status",
+        lambda r, name: servers.server_status(
+            servers.find_server(name, _text_arg(r, b"namespace"))
+        ),
+    )
+    get(
+        "/model-servers/<name>/metrics",
+        "server_metrics",
+        lambda r, name: servers.server_metrics(
+            servers.find_server(name, _text_arg(r, b"namespace"))
+        ),
+    )
+
+    def not_yet(request: IRequest, **params: str) -> bytes:
+        return json_body(
+            request, 501, {"error": "not implemented yet: arrives with the PD and Gateway issues"}
+        )
+
+    for i, path in enumerate(NOT_YET):
+        app.route(path, endpoint=f"not_yet_{i}", strict_slashes=False)(not_yet)
+
+    @app.handle_errors(HTTPException)
+    def http_error(request: IRequest, failure: Any) -> bytes:
+        code = int(getattr(failure.value, "code", None) or 404)
+        if code == 405:
+            return method_not_allowed(request)
+        if code != 404:
+            # A redirect or anything else werkzeug would answer: one clear 404 instead.
+            code = 404
+        return json_body(request, code, {"error": f"no debug endpoint at {request.path.decode()}"})
+
+    @app.handle_errors(Exception)
+    def crashed(request: IRequest, failure: Any) -> bytes:
+        log.failure("debug endpoint {path} failed", failure, path=request.path)
+        return json_body(request, 500, {"error": "internal error; see the router's log"})
+
+    return DebugGate(app.resource(), sources.access)

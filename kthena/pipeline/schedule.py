@@ -1,0 +1,120 @@
+"""
+Stage 5, schedule: the matched server's pods that may take the request (the healthy ones;
+all that serve when none is healthy, better a slow answer than none), the input-token
+estimate, then the scheduler's plugins: filters, weighted scores, ranked candidates. The
+decision (every candidate's score per plugin) goes into the record.
+
+The scheduler is rebuilt when its config section changes, and otherwise kept, so that a
+reload does not forget what the prefix index learned.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from kthena.config.resources import ModelServer
+from kthena.config.router import RouterConfig
+from kthena.errors import ErrorType, ProxyError
+from kthena.interfaces import IScheduler, ITokenEstimator
+from kthena.pipeline.health import Health
+from kthena.pipeline.parse import Parsed
+from kthena.pods import PodEndpoint
+from kthena.record import RequestRecord
+from kthena.scheduler.build import build_scheduler
+from kthena.scheduler.framework import SchedulingRequest, Timer
+from kthena.store import Datastore, RouteMatch
+
+log = Logger()
+
+
+class Scheduling:
+    """
+    @ivar scheduler: the current generation's scheduler.
+    """
+
+    def __init__(
+        self,
+        store: Datastore,
+        health: Health,
+        estimator: ITokenEstimator,
+        config: RouterConfig,
+        timer: Timer | None = None,
+        scheduler: IScheduler | None = None,
+    ) -> None:
+        """
+        @param scheduler: a fixed scheduler (tests); built from the config otherwise.
+        """
+        self.store = store
+        self.health = health
+        self.estimator = estimator
+        self.timer = timer
+        self._fixed = scheduler is not None
+        self.scheduler: IScheduler = scheduler or build_scheduler(config.scheduler, timer)
+        self._section = config.scheduler
+        self._known = set(store.pods)
+        self._degraded: set[str] = set()
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """A new generation (after the store took its resources)."""
+        if config.scheduler != self._section and not self._fixed:
+            self.scheduler = build_scheduler(config.scheduler, self.timer)
+        else:
+            self.scheduler.forget_pods(self._known - set(self.store.pods))
+        self._section = config.scheduler
+        self._known = set(self.store.pods)
+
+    def schedulable(
+        self, server: ModelServer, record: RequestRecord | None = None
+    ) -> list[PodEndpoint]:
+        """
+        The server's pods that may take a request now (see the module docstring); falling
+        back to unhealthy pods is logged once per server and marked in the record.
+        """
+        pods = self.store.server_pods(server)
+        if not pods:
+            return pods
+        healthy = self.health.healthy(pods)
+        key = server.meta.key
+        if healthy:
+            self._degraded.discard(key)
+            return healthy
+        if key not in self._degraded:
+            self._degraded.add(key)
+            log.warn(
+                "no healthy pod serves {server}: scheduling among all {count} of them",
+                server=key,
+                count=len(pods),
+            )
+        if record is not None:
+            record.unhealthy_fallback = True
+        return pods
+
+    def schedule(
+        self, record: RequestRecord, parsed: Parsed, match: RouteMatch
+    ) -> list[PodEndpoint]:
+        """
+        The candidates, best first.
+
+        @raise ProxyError: 503 when the server has no pod, or the filters left none.
+        """
+        pods = self.schedulable(match.server, record)
+        if not pods:
+            raise ProxyError(503, ErrorType.NO_PODS, f"no ready pod serves {match.server.meta.key}")
+        record.input_estimate = self.estimator.estimate(parsed.body)
+        decision = self.scheduler.schedule(
+            SchedulingRequest(parsed.model, match, pods, parsed.body)
+        )
+        record.decision = decision
+        candidates: list[PodEndpoint] = decision.candidates
+        if not candidates:
+            raise ProxyError(503, ErrorType.SCHEDULING, f"no pod to take it: {decision.why()}")
+        return candidates
+
+    def prefix_entries(self) -> int:
+        """The current scheduler's prefix-index entries (read from the metrics thread)."""
+        return self.scheduler.prefix_entries()
+
+    def served(self, record: RequestRecord, pod: PodEndpoint) -> None:
+        """C{pod} answered 2xx: the post-schedule hooks (the prefix index) learn from it."""
+        if record.decision is not None:
+            self.scheduler.scheduled(record.decision, pod)
