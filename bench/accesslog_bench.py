@@ -141,8 +141,10 @@ def record_cost() -> tuple[float, float]:
     from prometheus_client import CollectorRegistry
     from twisted.internet.task import Clock
 
-    from kthena.config.router import AccessLogConfig, parse_config
-    from kthena.observability.accesslog import AccessLog, format_json
+    from kthena.config.observability import AccessLogConfig
+    from kthena.config.router import parse_config
+    from kthena.observability.accesslog import AccessLog
+    from kthena.observability.records import format_json
     from kthena.record import RequestRecord
     from kthena.store import Datastore
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import enum
 
-from twisted.web.iweb import IRequest
-
-from kthena.webutil import respond_json
-
 
 class ErrorType(enum.Enum):
     """Why a request ended as it did. The values are metric label values: never add one
@@ -75,10 +71,3 @@ def error_object(status: int, error_type: ErrorType, message: str) -> dict[str, 
             "code": error_type.value,
         }
     }
-
-
-def respond_error(request: IRequest, error: ProxyError) -> bytes:
-    """Set status and headers on C{request}; return the JSON error body."""
-    return respond_json(
-        request, error.status, error_object(error.status, error.error_type, error.message)
-    )

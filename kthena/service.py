@@ -130,22 +130,7 @@ class RouterService(SequentialMultiService):
         self.access_log = access_log_for(
             config.observability.access_log, self.registry, reactor, config.source
         )
-        observers: list[Any] = [self.metrics, self.decisions]
-        if self.access_log is not None:
-            observers.append(self.access_log)
-        self.plane = DataPlane(
-            config,
-            reactor,
-            self.store,
-            self.upstream,
-            observers,
-            self.metrics.plugin_timer,
-            self.metrics.ejected,
-            scheduler,
-        )
-        self.metrics.read_gauges(
-            lambda: len(self.plane.inflight), self.plane.scheduling.prefix_entries
-        )
+        self.plane = self._data_plane(scheduler)
         site = ProxySite(
             ProxyResource(self.plane.pipeline),
             config.max_body_bytes,
@@ -175,6 +160,24 @@ class RouterService(SequentialMultiService):
             # SIGUSR1: reopen the file after logrotate renamed it.
             self._add(SignalService(signals, signal.SIGUSR1, self.access_log.reopen))
         self._add(self.plane, self.proxy, self.reloader)
+
+    def _data_plane(self, scheduler: IScheduler | None) -> DataPlane:
+        """The pipeline, its observers registered here, in one place."""
+        observers: list[Any] = [self.metrics, self.decisions]
+        if self.access_log is not None:
+            observers.append(self.access_log)
+        plane = DataPlane(
+            self.config,
+            self.reactor,
+            self.store,
+            self.upstream,
+            observers,
+            self.metrics.plugin_timer,
+            self.metrics.ejected,
+            scheduler,
+        )
+        self.metrics.read_gauges(lambda: len(plane.inflight), plane.scheduling.prefix_entries)
+        return plane
 
     def _add(self, *children: object) -> None:
         for child in children:

@@ -9,31 +9,16 @@ sink (L{IAccessLogSink}: stdout, stderr, a file). A slow or blocked sink never s
 proxy: when the buffer is full the line is dropped and counted in
 C{kthena_router_access_log_dropped_total}.
 
-Timings (milliseconds), from the phases of L{RequestRecord}:
-
-  - C{duration_request_processing}: from the request complete at the router to the first
-    upstream attempt sent (parsing, routing, scheduling); for requests the router answers
-    itself, the whole of it.
-  - C{duration_upstream_processing}: from the first attempt sent to the end of the last
-    attempt's body; it covers failed attempts, retry intervals and, for streams, the
-    whole stream relayed event by event.
-  - C{duration_response_processing}: from then to the end of the response (the last
-    write, an error event or an error answer after the attempts failed).
-  - C{duration_total}: the sum of the three, each rounded to whole milliseconds, so that
-    they always add up.
+The records' shapes and timings: L{kthena.observability.records}.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from twisted.application.service import Service
@@ -43,10 +28,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kthena.config.router import AccessLogConfig
+from kthena.config.observability import AccessLogConfig
 from kthena.config.validate import ConfigError
 from kthena.errors import ErrorType
 from kthena.interfaces import IAccessLogSink, IRequestObserver
+from kthena.observability.records import FORMATTERS
 from kthena.record import RequestRecord
 
 log = Logger()
@@ -61,171 +47,6 @@ buffer is half full, or the log is stopping or reopening): the reactor and the w
 share one GIL, and waking the writer for every line would cost the proxy more than the
 line itself.
 """
-
-
-# -- formatting (reactor thread)
-
-
-_second: tuple[float, str] = (math.nan, "")
-"""The last whole second formatted (strftime costs more than the rest of a record)."""
-
-
-def timestamp(seconds: float) -> str:
-    """RFC 3339 UTC with microseconds: C{2024-01-15T10:30:45.123456Z}."""
-    global _second  # noqa: PLW0603 (a one-entry cache; a race only recomputes it)
-    fraction, whole = math.modf(seconds)
-    micros = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    cached, prefix = _second
-    if whole != cached:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _second = (whole, prefix)
-    return f"{prefix}.{micros:06d}Z"
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000 + 0.5) if seconds > 0 else 0
-
-
-def durations(ctx: RequestRecord) -> tuple[int, int, int, int]:
-    """
-    @return: total, request, upstream and response processing, in whole milliseconds;
-        the total is the sum of the three others.
-    """
-    started = ctx.started
-    end = ctx.finished
-    if end is None:  # not ended through the usual paths: take the latest time known
-        end = max(t for t in (started, ctx.upstream_started, ctx.upstream_ended) if t is not None)
-    upstream_started = ctx.upstream_started
-    if upstream_started is None:
-        request, upstream, response = _ms(end - started), 0, 0
-    else:
-        upstream_ended = ctx.upstream_ended if ctx.upstream_ended is not None else end
-        request = _ms(upstream_started - started)
-        upstream = _ms(upstream_ended - upstream_started)
-        response = _ms(end - upstream_ended)
-    return request + upstream + response, request, upstream, response
-
-
-def _error(ctx: RequestRecord) -> tuple[str, str] | None:
-    if ctx.error_type is ErrorType.SUCCESS:
-        return None
-    return ctx.error_type.value, ctx.error_message or ""
-
-
-def json_record(ctx: RequestRecord) -> dict[str, Any]:
-    """
-    The JSON record: the specification's fields in its order, then current Kthena's
-    destination fields; as Kthena, a field that is not known (no model, no route, no pod,
-    no tokens, no attempt) is left out rather than written as C{null} or C{0}.
-    """
-    total, request, upstream, response = durations(ctx)
-    match = ctx.match
-    record: dict[str, Any] = {
-        "timestamp": timestamp(ctx.started),
-        "method": ctx.method,
-        "path": ctx.path,
-        "protocol": ctx.protocol,
-        "status_code": ctx.status,
-    }
-    optional: tuple[tuple[str, object], ...] = (
-        ("model_name", ctx.model),
-        ("model_route", match.route.meta.key if match is not None else None),
-        ("model_server", match.server.meta.key if match is not None else None),
-        ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
-        ("request_id", ctx.request_id),
-        ("backend_type", "model_server" if match is not None else None),
-        ("backend_name", match.server.meta.key if match is not None else None),
-        ("upstream_model", match.upstream_model(ctx.model or "") if match is not None else None),
-        ("upstream_status_code", ctx.upstream_status),
-        ("upstream_attempts", ctx.attempts),
-        ("input_tokens", ctx.input_tokens),
-        ("output_tokens", ctx.output_tokens),
-    )
-    for key, value in optional:
-        if value:
-            record[key] = value
-    record["duration_total"] = total
-    record["duration_request_processing"] = request
-    record["duration_upstream_processing"] = upstream
-    record["duration_response_processing"] = response
-    error = _error(ctx)
-    if error is not None:
-        record["error"] = {"type": error[0], "message": error[1]}
-    return record
-
-
-_JSON = json.JSONEncoder(ensure_ascii=False)
-"""One encoder for every record (C{json.dumps} with options builds one per call)."""
-
-
-def format_json(ctx: RequestRecord) -> str:
-    """
-    One JSON object on one line. C{": "} and C{", "} separators, so that the
-    specification's C{grep '"type": "timeout"'} finds what it looks for.
-    """
-    return _JSON.encode(json_record(ctx))
-
-
-def _quoted(value: str) -> str:
-    """A double-quoted string with C{"}, C{\\} and control characters escaped."""
-    return _JSON.encode(value)
-
-
-_NEEDS_QUOTES = frozenset(' "\\=')
-
-
-def _bare_or_quoted(value: str) -> str:
-    """As is when it reads unambiguously in C{key=value}; quoted otherwise."""
-    if value and value.isprintable() and _NEEDS_QUOTES.isdisjoint(value):
-        return value
-    return _quoted(value)
-
-
-def _in_quotes(value: str) -> str:
-    """A piece of the quoted request line, escaped like a quoted value."""
-    if value.isprintable() and '"' not in value and "\\" not in value:
-        return value
-    return _quoted(value)[1:-1]
-
-
-def format_text(ctx: RequestRecord) -> str:
-    """
-    C{[ts] "METHOD /path PROTO" status [error=type:"message"] key=value ...
-    [upstream=status/attempts] [tokens=in/out] timings=Tms(request+upstream+response)}:
-    keys only when known, C{upstream} when a pod was tried (the last pod's status, C{-}
-    when none answered), tokens only when any were counted, values quoted when they hold
-    spaces, quotes or control characters.
-    """
-    total, request, upstream, response = durations(ctx)
-    parts = [
-        f"[{timestamp(ctx.started)}] "
-        f'"{_in_quotes(ctx.method)} {_in_quotes(ctx.path)} {_in_quotes(ctx.protocol)}" '
-        f"{ctx.status}"
-    ]
-    error = _error(ctx)
-    if error is not None:
-        parts.append(f"error={_bare_or_quoted(error[0])}:{_quoted(error[1])}")
-    match = ctx.match
-    known = (
-        ("model_name", ctx.model),
-        ("model_route", match.route.meta.key if match is not None else None),
-        ("model_server", match.server.meta.key if match is not None else None),
-        ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
-        ("request_id", ctx.request_id),
-    )
-    parts.extend(f"{key}={_bare_or_quoted(value)}" for key, value in known if value)
-    if ctx.attempts:
-        parts.append(f"upstream={ctx.upstream_status or '-'}/{ctx.attempts}")
-    inputs, outputs = ctx.input_tokens, ctx.output_tokens
-    if inputs or outputs:
-        parts.append(f"tokens={inputs}/{outputs}")
-    parts.append(f"timings={total}ms({request}+{upstream}+{response})")
-    return " ".join(parts)
-
-
-FORMATTERS: dict[str, Callable[[RequestRecord], str]] = {"json": format_json, "text": format_text}
 
 
 # -- sinks (writer thread)

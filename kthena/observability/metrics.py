@@ -10,8 +10,7 @@ path) and series of routes, servers and models that leave the config are removed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,26 +19,12 @@ from zope.interface import implementer
 from kthena.config.router import RouterConfig
 from kthena.interfaces import IReconfigurable, IRequestObserver
 from kthena.observability.families import FastFamily, FastHistogram, WindowSummary
+from kthena.observability.pod_gauges import PodGauges
 from kthena.pipeline.plane import DataPlane
 from kthena.record import RequestRecord
 
 if TYPE_CHECKING:
-    from kthena.config.resources import ModelServer
-    from kthena.pipeline.health import ServerHealth
     from kthena.pods import PodEndpoint
-
-
-@dataclass(frozen=True, slots=True)
-class PodsView:
-    """
-    What the pod gauges are set from.
-
-    @ivar servers: each model server and its health (its pods, the healthy ones).
-    @ivar pool_sizes: idle pooled connections per pod key.
-    """
-
-    servers: Sequence[tuple[ModelServer, ServerHealth]]
-    pool_sizes: dict[str, int]
 
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -91,10 +76,22 @@ class RouterMetrics:
         """
         config = config or RouterConfig()
         self.registry = registry
+        self.clock = clock
         destination_labels = config.observability.metrics.destination_labels
         self.destination_labels = destination_labels
-        r = registry
         extra = DESTINATION_LABELS if destination_labels else ()
+        self._request_families(extra)
+        self._limit_families()
+        self._pod_families()
+        self._pd_families()
+        self._router_families()
+        self.pods = PodGauges(registry)
+        self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
+        self._names = _names(config)
+
+    def _request_families(self, extra: tuple[str, ...]) -> None:
+        """The request, token and plugin families (the destination labels: C{extra})."""
+        r = self.registry
         self.requests = self._fast(
             "counter", "kthena_router_requests",
             "Total number of HTTP requests processed by the router",
@@ -136,6 +133,10 @@ class RouterMetrics:
             "Processing time per scheduler plugin", ("model", "plugin", "type"), PLUGIN_BUCKETS,
         )  # fmt: skip
         r.register(self.plugin_duration)
+
+    def _limit_families(self) -> None:
+        """Rate limits and the fairness queue."""
+        r = self.registry
         self.rate_limit_exceeded = Counter(
             "kthena_router_rate_limit_exceeded",
             "Number of requests rejected due to rate limiting", ("model", "limit_type", "path"),
@@ -150,37 +151,17 @@ class RouterMetrics:
             "Time requests spend in fairness queue before processing", ("model", "user_id"),
             buckets=FAIRNESS_BUCKETS, registry=r,
         )  # fmt: skip
-        self.server_health = Gauge(
-            "kthena_model_server_health_status",
-            "Model server health: 1 when at least one of its pods is healthy, else 0",
-            ("model_server", "namespace"), registry=r,
-        )  # fmt: skip
-        self.server_queue_depth = Gauge(
-            "kthena_model_server_queue_depth",
-            "Requests waiting in the model server's engines", ("model_server", "model"),
-            registry=r,
-        )  # fmt: skip
-        self.server_gpu_utilization = Gauge(
-            "kthena_model_server_gpu_utilization",
-            "GPU utilization of the model server's pods (0-100)", ("model_server", "gpu_id"),
-            registry=r,
-        )  # fmt: skip
-        self.server_memory = Gauge(
-            "kthena_model_server_memory_usage_bytes",
-            "Memory used by the model server's pods", ("model_server", "type"), registry=r,
-        )  # fmt: skip
+
+    def _pod_families(self) -> None:
+        """Load-balancing decisions (the pod gauges are L{PodGauges}'s)."""
         self.lb_decisions = self._fast(
             "counter", "kthena_lb_decisions", "Load-balancing decisions",
             ("algorithm", "model", "target"),
         )  # fmt: skip
-        self.lb_target_health = Gauge(
-            "kthena_lb_target_health", "1 when the target pod may take traffic, else 0",
-            ("target", "model"), registry=r,
-        )  # fmt: skip
-        self.lb_pool_size = Gauge(
-            "kthena_lb_connection_pool_size", "Pooled connections to the target pod",
-            ("target",), registry=r,
-        )  # fmt: skip
+
+    def _pd_families(self) -> None:
+        """Prefill/decode groups and KV-cache connectors."""
+        r = self.registry
         self.pd_requests = Counter(
             "kthena_pd_group_requests", "Requests sent to PD group members",
             ("group_key", "role", "model"), registry=r,
@@ -205,9 +186,13 @@ class RouterMetrics:
         self.kv_cache_latency = WindowSummary(
             "kthena_kv_cache_latency_seconds",
             "KV-cache connector operation latency (quantiles over the last minute)",
-            ("connector_type", "operation"), clock,
+            ("connector_type", "operation"), self.clock,
         )  # fmt: skip
         r.register(self.kv_cache_latency)
+
+    def _router_families(self) -> None:
+        """Ours and Kthena's beyond the spec."""
+        r = self.registry
         self.unhealthy_fallbacks = self._fast(
             "counter", "kthena_router_unhealthy_fallbacks",
             "Requests scheduled among unhealthy pods because no pod of the server was healthy",
@@ -227,9 +212,6 @@ class RouterMetrics:
             "Total prefix-cache occupancy: (prefix block, pod) entries stored across all pods; "
             "a block cached on N pods counts N times", registry=r,
         )  # fmt: skip
-        self._pod_series: dict[int, set[tuple[str, ...]]] = {}
-        self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
-        self._names = _names(config)
 
     def reconfigure(self, config: RouterConfig) -> None:
         """A new generation: its paths; the series of models and routes that left go."""
@@ -299,56 +281,10 @@ class RouterMetrics:
         self.active_upstream.add(self._upstream(record), -1)
 
     def observe_pods(self, plane: DataPlane) -> None:
-        """After a scrape round: the model-server and load-balancing gauges."""
-        servers = [(s, plane.health.server(s)) for s in plane.store.resources.servers]
-        pools = {k: plane.upstream.idle_connections(p) for k, p in plane.store.pods.items()}
-        self.pods_observed(PodsView(servers, pools))
-
-    def pods_observed(self, view: PodsView) -> None:
-        """
-        Set the model-server and load-balancing gauges from the pods' latest state, and
-        remove the series of pods and servers that are gone (after each scrape round).
-        """
-        series: dict[Any, dict[tuple[str, ...], float]] = {
-            self.server_health: {},
-            self.server_queue_depth: {},
-            self.server_gpu_utilization: {},
-            self.server_memory: {},
-            self.lb_target_health: {},
-            self.lb_pool_size: {},
-        }
-        for server, health in view.servers:
-            key = server.meta.key
-            pods, healthy = health.pods, health.healthy
-            usable = health.status != "unhealthy"
-            series[self.server_health][(key, server.meta.namespace)] = float(usable)
-            model = server.model or key
-            series[self.server_queue_depth][(key, model)] = sum(p.state.waiting for p in pods)
-            per_gpu: dict[str, list[float]] = {}
-            gpu_bytes = 0.0
-            system_bytes = 0.0
-            for p in pods:
-                for gpu, value in p.state.gpu_utilization.items():
-                    per_gpu.setdefault(gpu, []).append(value)
-                gpu_bytes += sum(p.state.gpu_memory_used.values())
-                system_bytes += p.state.system_memory
-                series[self.lb_target_health][(p.key, model)] = float(p in healthy)
-            for gpu, utilizations in per_gpu.items():
-                series[self.server_gpu_utilization][(key, gpu)] = sum(utilizations) / len(
-                    utilizations
-                )
-            series[self.server_memory][(key, "gpu")] = gpu_bytes
-            series[self.server_memory][(key, "system")] = system_bytes
-        self.outlier_ejections.prune(lambda labels: labels["target"] not in view.pool_sizes)
-        for pod_key, idle in view.pool_sizes.items():
-            series[self.lb_pool_size][(pod_key,)] = float(idle)
-        for family, values in series.items():
-            seen = self._pod_series.setdefault(id(family), set())
-            for labels, value in values.items():
-                family.labels(*labels).set(value)
-            for labels in seen - values.keys():
-                family.remove(*labels)
-            self._pod_series[id(family)] = set(values)
+        """After a scrape round: the pod gauges; ejection counts of pods that left go."""
+        self.pods.observe(plane)
+        pods = plane.store.pods
+        self.outlier_ejections.prune(lambda labels: labels["target"] not in pods)
 
     def plugin_timer(self, model: str, plugin: str, kind: str, seconds: float) -> None:
         """Time one scheduler plugin call (the scheduler's timer)."""

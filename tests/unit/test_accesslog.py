@@ -28,7 +28,8 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from kthena.config.router import AccessLogConfig, parse_config
+from kthena.config.observability import AccessLogConfig
+from kthena.config.router import parse_config
 from kthena.config.validate import ConfigError
 from kthena.errors import ErrorType
 from kthena.interfaces import IAccessLogSink, IServerReactor
@@ -39,11 +40,13 @@ from kthena.observability.accesslog import (
     FileSink,
     StreamSink,
     access_log_for,
+    sink_for,
+)
+from kthena.observability.records import (
     durations,
     format_json,
     format_text,
     json_record,
-    sink_for,
     timestamp,
 )
 from kthena.pods import PodEndpoint

@@ -12,7 +12,8 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
 
-from kthena.config.router import LOOPBACK_NETWORKS, parse_config
+from kthena.config.observability import LOOPBACK_NETWORKS
+from kthena.config.router import parse_config
 from kthena.config.validate import ConfigError
 from kthena.engines.snapshot import EngineSnapshot
 from kthena.observability.debug.app import ENDPOINTS
@@ -474,8 +475,8 @@ def test_one_health_rule_in_every_view() -> None:
         backends = {b["pod"]: b for b in admin.json("/debug/routing/backends")["backends"]}
         assert backends["default/p0"]["healthy"] is healthy
         metrics = admin.service.metrics
-        assert metrics.server_health.labels("default/base", "default")._value.get() == healthy
-        assert metrics.lb_target_health.labels("default/p0", "org/m")._value.get() == healthy
+        assert metrics.pods.server_health.labels("default/base", "default")._value.get() == healthy
+        assert metrics.pods.lb_target_health.labels("default/p0", "org/m")._value.get() == healthy
         readyz = Client(admin.proxy_site)
         readyz.request("GET", "/readyz")
         assert readyz.got().status == (200 if healthy else 503)

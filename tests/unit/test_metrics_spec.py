@@ -101,7 +101,7 @@ def exposition(metrics: RouterMetrics) -> dict[str, Metric]:
 
 
 def _collector(metrics: RouterMetrics, family: SpecFamily) -> Any:
-    for value in vars(metrics).values():
+    for value in [*vars(metrics).values(), *vars(metrics.pods).values()]:
         name = getattr(value, "_name", None) or getattr(value, "name", None)
         if name == family.family:
             return value

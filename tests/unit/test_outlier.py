@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
-from kthena.config.resources import parse_pod
+from kthena.config.documents import parse_pod
 from kthena.config.traffic import OutlierConfig
 from kthena.config.validate import Where
 from kthena.pipeline.outlier import OutlierDetector

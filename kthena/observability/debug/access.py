@@ -13,7 +13,7 @@ import ipaddress
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.iweb import IRequest
 
-from kthena.config.router import DebugConfig, Network
+from kthena.config.observability import DebugConfig, Network
 
 
 def _peer_ip(address: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -85,54 +85,65 @@ def _answer(request: IRequest, build: Callable[[], object]) -> bytes:
     return json_body(request, 200, value)
 
 
+def _routes(sources: DebugSources) -> list[tuple[str, str, Callable[..., object]]]:
+    """Each endpoint: its Klein path, its name, and what builds its answer."""
+    config, routing, servers = ConfigDump(sources), Routing(sources), Servers(sources)
+
+    def server(request: IRequest, name: str) -> Any:
+        return servers.find_server(name, _text_arg(request, b"namespace"))
+
+    return [
+        ("/", "index", lambda r: {"endpoints": list(ENDPOINTS)}),
+        ("/config_dump/modelroutes", "modelroutes", lambda r: config.modelroutes()),
+        ("/config_dump/modelservers", "modelservers", lambda r: config.modelservers()),
+        ("/config_dump/pods", "pods", lambda r: config.pods()),
+        (
+            "/config_dump/namespaces/<namespace>/<kind>/<name>",
+            "config_object",
+            lambda r, namespace, kind, name: config.config_object(namespace, kind, name),
+        ),
+        ("/router/state", "router_state", lambda r: routing.router_state()),
+        ("/routing/table", "routing_table", lambda r: routing.routing_table()),
+        (
+            "/routing/decisions",
+            "decisions",
+            lambda r: routing.decisions(
+                _int_arg(r, b"limit", DECISIONS_KEPT), _text_arg(r, b"model")
+            ),
+        ),
+        ("/routing/backends", "backends", lambda r: routing.backends()),
+        ("/model-servers", "model_servers", lambda r: servers.model_servers()),
+        (
+            "/model-servers/<name>/status",
+            "server_status",
+            lambda r, name: servers.server_status(server(r, name)),
+        ),
+        (
+            "/model-servers/<name>/metrics",
+            "server_metrics",
+            lambda r, name: servers.server_metrics(server(r, name)),
+        ),
+    ]
+
+
+def _handler(build: Callable[..., object]) -> Callable[..., bytes]:
+    def handler(request: IRequest, **params: str) -> bytes:
+        return _answer(request, lambda: build(request, **params))
+
+    return handler
+
+
 def make_debug_resource(sources: DebugSources) -> IResource:
     """
     The C{/debug} resource: L{DebugGate} in front of a Klein app over the view families.
     """
-    config, routing, servers = ConfigDump(sources), Routing(sources), Servers(sources)
     from klein import Klein
     from werkzeug.exceptions import HTTPException
 
     app = Klein()
 
-    def get(path: str, endpoint: str, build: Callable[..., object]) -> None:
-        def handler(request: IRequest, **params: str) -> bytes:
-            return _answer(request, lambda: build(request, **params))
-
-        app.route(path, endpoint=endpoint, strict_slashes=False)(handler)
-
-    get("/", "index", lambda r: {"endpoints": list(ENDPOINTS)})
-    get("/config_dump/modelroutes", "modelroutes", lambda r: config.modelroutes())
-    get("/config_dump/modelservers", "modelservers", lambda r: config.modelservers())
-    get("/config_dump/pods", "pods", lambda r: config.pods())
-    get(
-        "/config_dump/namespaces/<namespace>/<kind>/<name>",
-        "config_object",
-        lambda r, namespace, kind, name: config.config_object(namespace, kind, name),
-    )
-    get("/router/state", "router_state", lambda r: routing.router_state())
-    get("/routing/table", "routing_table", lambda r: routing.routing_table())
-    get(
-        "/routing/decisions",
-        "decisions",
-        lambda r: routing.decisions(_int_arg(r, b"limit", DECISIONS_KEPT), _text_arg(r, b"model")),
-    )
-    get("/routing/backends", "backends", lambda r: routing.backends())
-    get("/model-servers", "model_servers", lambda r: servers.model_servers())
-    get(
-        "/model-servers/<name>/status",
-        "server_status",
-        lambda r, name: servers.server_status(
-            servers.find_server(name, _text_arg(r, b"namespace"))
-        ),
-    )
-    get(
-        "/model-servers/<name>/metrics",
-        "server_metrics",
-        lambda r, name: servers.server_metrics(
-            servers.find_server(name, _text_arg(r, b"namespace"))
-        ),
-    )
+    for path, endpoint, build in _routes(sources):
+        app.route(path, endpoint=endpoint, strict_slashes=False)(_handler(build))
 
     def not_yet(request: IRequest, **params: str) -> bytes:
         return json_body(

@@ -81,10 +81,10 @@ class Servers(Views):
         metrics = self.metrics
         families = (
             metrics.active_upstream,
-            metrics.server_health,
-            metrics.server_queue_depth,
-            metrics.server_gpu_utilization,
-            metrics.server_memory,
+            metrics.pods.server_health,
+            metrics.pods.server_queue_depth,
+            metrics.pods.server_gpu_utilization,
+            metrics.pods.server_memory,
         )
         samples = []
         for family in families:

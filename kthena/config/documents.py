@@ -1,0 +1,369 @@
+"""
+Reading resource documents (C{ModelRoute}, C{ModelServer}, C{Pod}) into their types
+(L{kthena.config.resources}): everything Kthena's CRD schema and webhook check, and what
+its router would only discover at request time (half-weighted targets, bad regexes,
+targets naming a missing server), with errors that name the file, the document and the
+field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from kthena.config.resources import (
+    DEFAULT_ENGINE_PORTS,
+    ENGINES,
+    KTHENA_API,
+    KV_CONNECTORS,
+    PORT_ANNOTATION,
+    RATE_UNITS,
+    Metadata,
+    ModelMatch,
+    ModelRoute,
+    ModelServer,
+    PDGroup,
+    Pod,
+    RateLimit,
+    Resource,
+    ResourceSet,
+    Retry,
+    Rule,
+    StringMatch,
+    TargetModel,
+)
+from kthena.config.validate import (
+    Where,
+    choice,
+    duration,
+    integer,
+    labels,
+    mapping,
+    optional_string,
+    regex,
+    selector,
+    sequence,
+    string,
+)
+
+_METADATA_FIELDS = frozenset(
+    {
+        "name",
+        "namespace",
+        "labels",
+        "annotations",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "generateName",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+    }
+)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def _metadata(value: object, where: Where, order: int) -> Metadata:
+    meta = mapping(value, where, _METADATA_FIELDS, required=("name",))
+    name = string(meta["name"], where.at("name"))
+    if not _DNS_LABEL.match(name):
+        where.at("name").fail(f"must be a lower-case DNS name, not {name!r}")
+    namespace = string(meta.get("namespace", "default"), where.at("namespace"))
+    created = meta.get("creationTimestamp")
+    return Metadata(
+        name=name,
+        namespace=namespace,
+        labels=labels(meta.get("labels"), where.at("labels")),
+        annotations=labels(meta.get("annotations"), where.at("annotations")),
+        created=None if created is None else str(created),
+        deleting=meta.get("deletionTimestamp") is not None,
+        order=order,
+    )
+
+
+def _string_match(value: object, where: Where) -> StringMatch:
+    spec = mapping(value, where, ("exact", "prefix", "regex"))
+    if not spec:  # Kthena: a StringMatch with no matcher set matches everything
+        return StringMatch("any", "")
+    if len(spec) != 1:
+        where.fail("must set one of exact, prefix, regex (or none, to match anything)")
+    ((kind, raw),) = spec.items()
+    if kind == "regex":
+        return StringMatch(kind, str(raw), regex(raw, where.at(kind)))
+    return StringMatch(kind, string(raw, where.at(kind), empty=True))
+
+
+def _model_match(value: object, where: Where) -> ModelMatch | None:
+    if value is None:
+        return None
+    spec = mapping(value, where, ("headers", "uri", "body"))
+    headers = tuple(
+        (string(name, where.at("headers")).lower(), _string_match(m, where.at("headers").at(name)))
+        for name, m in mapping(spec.get("headers"), where.at("headers")).items()
+    )
+    uri = None if spec.get("uri") is None else _string_match(spec["uri"], where.at("uri"))
+    body = mapping(spec.get("body"), where.at("body"), ("model",))
+    body_model = optional_string(body.get("model"), where.at("body").at("model"))
+    return ModelMatch(headers, uri, body_model)
+
+
+def _rule(value: object, where: Where) -> Rule:
+    spec = mapping(value, where, ("name", "modelMatch", "targetModels"), required=("targetModels",))
+    targets_where = where.at("targetModels")
+    raw_targets = sequence(spec["targetModels"], targets_where, max_items=16)
+    if not raw_targets:
+        targets_where.fail("needs at least one target")
+    targets: list[TargetModel] = []
+    for i, raw in enumerate(raw_targets):
+        t_where = targets_where.at(i)
+        target = mapping(raw, t_where, ("modelServerName", "weight"), required=("modelServerName",))
+        weight = target.get("weight")
+        targets.append(
+            TargetModel(
+                string(target["modelServerName"], t_where.at("modelServerName")),
+                None
+                if weight is None
+                else integer(weight, t_where.at("weight"), minimum=0, maximum=100),
+            )
+        )
+    weighted = {t.weight is not None for t in targets}
+    if len(weighted) > 1:
+        targets_where.fail("weight must be set on every target or on none")
+    if weighted == {True} and sum(t.weight or 0 for t in targets) == 0:
+        targets_where.fail("weights add up to 0, so no target could ever be chosen")
+    return Rule(
+        name=string(spec.get("name", ""), where.at("name"), empty=True),
+        match=_model_match(spec.get("modelMatch"), where.at("modelMatch")),
+        targets=tuple(targets),
+    )
+
+
+def _rate_limit(value: object, where: Where) -> RateLimit | None:
+    if value is None:
+        return None
+    spec = mapping(value, where, ("inputTokensPerUnit", "outputTokensPerUnit", "unit", "global"))
+    global_ = mapping(spec.get("global"), where.at("global"), ("redis",))
+    redis = mapping(global_.get("redis"), where.at("global").at("redis"), ("address",))
+    address = redis.get("address")
+
+    def per_unit(key: str) -> int | None:
+        raw = spec.get(key)
+        return None if raw is None else integer(raw, where.at(key), minimum=1)
+
+    return RateLimit(
+        input_tokens_per_unit=per_unit("inputTokensPerUnit"),
+        output_tokens_per_unit=per_unit("outputTokensPerUnit"),
+        unit=choice(spec.get("unit", "second"), where.at("unit"), tuple(RATE_UNITS)),
+        redis_address=None
+        if address is None
+        else string(address, where.at("global").at("redis").at("address")),
+    )
+
+
+def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> ModelRoute:
+    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
+    where = where.named(f"ModelRoute {meta.key}")
+    s_where = where.at("spec")
+    spec = mapping(
+        doc.get("spec"),
+        s_where,
+        ("modelName", "loraAdapters", "parentRefs", "rules", "rateLimit"),
+        required=("rules",),
+    )
+    model_name = string(spec.get("modelName", ""), s_where.at("modelName"), empty=True)
+    loras = tuple(
+        string(x, s_where.at("loraAdapters").at(i))
+        for i, x in enumerate(
+            sequence(spec.get("loraAdapters"), s_where.at("loraAdapters"), max_items=10)
+        )
+    )
+    if not model_name and not loras:
+        s_where.fail("modelName and loraAdapters cannot both be empty")
+    sequence(spec.get("parentRefs"), s_where.at("parentRefs"))
+    raw_rules = sequence(spec["rules"], s_where.at("rules"), max_items=16)
+    if not raw_rules:
+        s_where.at("rules").fail("needs at least one rule")
+    return ModelRoute(
+        meta=meta,
+        model_name=model_name,
+        lora_adapters=loras,
+        rules=tuple(_rule(r, s_where.at("rules").at(i)) for i, r in enumerate(raw_rules)),
+        rate_limit=_rate_limit(spec.get("rateLimit"), s_where.at("rateLimit")),
+        spec=spec,
+    )
+
+
+def _pd_group(value: object, where: Where) -> PDGroup | None:
+    if value is None:
+        return None
+    group = mapping(
+        value,
+        where,
+        ("groupKey", "prefillLabels", "decodeLabels"),
+        required=("groupKey", "prefillLabels", "decodeLabels"),
+    )
+    return PDGroup(
+        group_key=string(group["groupKey"], where.at("groupKey")),
+        prefill_labels=selector(group["prefillLabels"], where.at("prefillLabels")),
+        decode_labels=selector(group["decodeLabels"], where.at("decodeLabels")),
+    )
+
+
+def _retry(value: object, where: Where) -> Retry | None:
+    if value is None:
+        return None
+    raw = mapping(value, where, ("attempts", "retryInterval"))
+    return Retry(
+        attempts=integer(raw.get("attempts", 0), where.at("attempts"), minimum=0, maximum=100),
+        interval=duration(raw.get("retryInterval", "100ms"), where.at("retryInterval")),
+    )
+
+
+def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> ModelServer:
+    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
+    where = where.named(f"ModelServer {meta.key}")
+    s_where = where.at("spec")
+    spec = mapping(
+        doc.get("spec"),
+        s_where,
+        (
+            "model",
+            "inferenceEngine",
+            "workloadSelector",
+            "workloadPort",
+            "trafficPolicy",
+            "kvConnector",
+        ),
+        required=("inferenceEngine", "workloadSelector"),
+    )
+    engine = choice(spec["inferenceEngine"], s_where.at("inferenceEngine"), ENGINES)
+    sel_where = s_where.at("workloadSelector")
+    workload = mapping(spec["workloadSelector"], sel_where, ("matchLabels", "pdGroup"))
+    selector_labels = selector(workload.get("matchLabels"), sel_where.at("matchLabels"))
+    p_where = s_where.at("workloadPort")
+    port_spec = mapping(spec.get("workloadPort"), p_where, ("port", "protocol"))
+    port = port_spec.get("port", DEFAULT_ENGINE_PORTS[engine])
+    t_where = s_where.at("trafficPolicy")
+    policy = mapping(spec.get("trafficPolicy"), t_where, ("timeout", "retry"))
+    timeout = policy.get("timeout")
+    kv = mapping(spec.get("kvConnector"), s_where.at("kvConnector"), ("type",))
+    model = spec.get("model")
+    return ModelServer(
+        meta=meta,
+        model=None if model is None else string(model, s_where.at("model")),
+        engine=engine,
+        match_labels=selector_labels,
+        pd_group=_pd_group(workload.get("pdGroup"), sel_where.at("pdGroup")),
+        port=integer(port, p_where.at("port"), minimum=1, maximum=65535),
+        protocol=choice(
+            port_spec.get("protocol", "http"), p_where.at("protocol"), ("http", "https")
+        ),
+        timeout=None if timeout is None else duration(timeout, t_where.at("timeout")),
+        retry=_retry(policy.get("retry"), t_where.at("retry")),
+        kv_connector=None
+        if spec.get("kvConnector") is None
+        else choice(kv.get("type", "http"), s_where.at("kvConnector").at("type"), KV_CONNECTORS),
+        spec=spec,
+    )
+
+
+def parse_pod(doc: Mapping[str, Any], where: Where, order: int) -> Pod:
+    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
+    where = where.named(f"Pod {meta.key}")
+    # Accepted as is (pods come from outside); only the debug views read it (nodeName).
+    pod_spec = mapping(doc.get("spec"), where.at("spec"))
+    st_where = where.at("status")
+    status = mapping(doc.get("status"), st_where)
+    ip = status.get("podIP")
+    ready = False
+    for i, cond in enumerate(sequence(status.get("conditions"), st_where.at("conditions"))):
+        c_where = st_where.at("conditions").at(i)
+        c = mapping(cond, c_where)
+        if c.get("type") == "Ready":
+            ready = string(c.get("status"), c_where.at("status")) == "True"
+    port_text = meta.annotations.get(PORT_ANNOTATION)
+    port = None
+    if port_text is not None:
+        a_where = where.at("metadata").at("annotations").at(PORT_ANNOTATION)
+        if not port_text.isdigit():
+            a_where.fail(f"must be a port number, not {port_text!r}")
+        port = integer(int(port_text), a_where, minimum=1, maximum=65535)
+    if ip is not None:
+        ip = string(ip, st_where.at("podIP"))
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            st_where.at("podIP").fail(f"must be an IP address, not {ip!r}")
+    return Pod(
+        meta=meta,
+        ip=ip,
+        phase=string(status.get("phase", "Pending"), st_where.at("phase")),
+        ready=ready,
+        port=port,
+        status=status,
+        spec=pod_spec,
+    )
+
+
+_PARSERS: dict[tuple[str, str], Callable[[Mapping[str, Any], Where, int], Resource]] = {
+    (KTHENA_API, "ModelRoute"): parse_model_route,
+    (KTHENA_API, "ModelServer"): parse_model_server,
+    ("v1", "Pod"): parse_pod,
+}
+
+
+def parse_document(doc: object, where: Where, order: int) -> Resource:
+    """One resource document, by its apiVersion and kind."""
+    body = mapping(doc, where)
+    api = body.get("apiVersion")
+    kind = body.get("kind")
+    parser = _PARSERS.get((api, kind))  # type: ignore[arg-type]
+    if parser is None:
+        known = ", ".join(f"{k} ({a})" for a, k in _PARSERS)
+        where.fail(f"unsupported apiVersion/kind {api}/{kind}; supported: {known}")
+    mapping(body, where, ("apiVersion", "kind", "metadata", "spec", "status"))
+    return parser(body, where, order)
+
+
+def build_resource_set(resources: Iterable[tuple[Resource, Where]]) -> ResourceSet:
+    """
+    Check names are unique per kind and every route target names an existing server in
+    the route's namespace.
+
+    @raise ConfigError: naming the offending document.
+    """
+    seen: dict[tuple[str, str], Where] = {}
+    routes: list[ModelRoute] = []
+    servers: list[ModelServer] = []
+    pods: list[Pod] = []
+    for resource, found_at in resources:
+        where = found_at.named(f"{resource.kind} {resource.meta.key}")
+        key = (resource.kind, resource.meta.key)
+        if key in seen:
+            where.fail(
+                f"{resource.kind} {resource.meta.key} is defined twice (first in "
+                f"{seen[key].describe()})"
+            )
+        seen[key] = where
+        if isinstance(resource, ModelRoute):
+            routes.append(resource)
+        elif isinstance(resource, ModelServer):
+            servers.append(resource)
+        else:
+            pods.append(resource)
+    server_keys = {s.meta.key for s in servers}
+    for route in routes:
+        where = seen[("ModelRoute", route.meta.key)]
+        for i, rule in enumerate(route.rules):
+            for j, target in enumerate(rule.targets):
+                if f"{route.meta.namespace}/{target.model_server_name}" not in server_keys:
+                    where.at(f"spec.rules[{i}].targetModels[{j}].modelServerName").fail(
+                        f"no ModelServer {target.model_server_name!r} in namespace "
+                        f"{route.meta.namespace!r}"
+                    )
+    return ResourceSet(tuple(routes), tuple(servers), tuple(pods))
