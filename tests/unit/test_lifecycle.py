@@ -1,0 +1,179 @@
+"""
+The service tree is the lifecycle: children start in order and stop in reverse, one after
+another, and a stopped router leaves no timer, loop, pool, thread or listener behind,
+whatever its config (the demo, scraping on or off, the access log on or off or to a
+file, the debug endpoints on a listener of their own). Reloads go to each
+reconfigurable child in the tree's order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+
+from kthena.config.router import parse_config
+from kthena.interfaces import IReconfigurable, IServerReactor
+from kthena.lifecycle import SequentialMultiService
+from kthena.service import RouterService, load
+from kthena.tap import demo_config_path
+from tests.unit.routerfixtures import Doc, pod, server, simple_route
+
+DOCS: list[Doc] = [
+    simple_route("r", "m", "srv"),
+    server("srv", {"app": "a"}),
+    pod("p0", "10.0.0.1", {"app": "a"}),
+    pod("p1", "10.0.0.2", {"app": "a"}),
+]
+
+
+def shape(tmp_path: Path, name: str) -> Any:
+    if name == "demo":
+        return load(demo_config_path())
+    top: dict[str, Any] = {
+        "listen": "tcp:8080",
+        "observability": {"accessLog": {"enabled": False}},
+        "resources": DOCS,
+    }
+    if name == "no scraping":
+        top["podMetrics"] = {"enabled": False}
+    elif name == "access log to a file":
+        top["observability"] = {"accessLog": {"output": str(tmp_path / "access.log")}}
+    elif name == "debug on a listener of its own":
+        top["observability"] = {"accessLog": {"enabled": False}, "debug": {"port": 9091}}
+    return parse_config(top, str(tmp_path / "router.yaml"), tmp_path, [])
+
+
+SHAPES = [
+    "demo",
+    "scraping",
+    "no scraping",
+    "access log to a file",
+    "debug on a listener of its own",
+]
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kthena-access-log"]
+
+
+def _settle(clock: MemoryReactorClock, d: Deferred[Any], seconds: float = 20.0) -> None:
+    """Run the clock (and let the access log's writer thread finish) until C{d} fires."""
+    deadline = time.monotonic() + seconds
+    while not d.called:
+        if time.monotonic() > deadline:
+            pytest.fail("the router did not stop")
+        clock.advance(0.05)
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_a_stopped_router_leaves_nothing_behind(tmp_path: Path, name: str) -> None:
+    (tmp_path / "router.yaml").write_text("{}")
+    clock = MemoryReactorClock()
+    config = shape(tmp_path, name)
+    router = RouterService(
+        config, cast(IServerReactor, clock), config_path=str(tmp_path / "router.yaml")
+    )
+    router.privilegedStartService()
+    router.startService()
+    assert all(child.running for child in router)
+    for _ in range(30):  # scrape rounds, scrapes timing out, reload polls
+        clock.advance(0.5)
+    stopped = router.stopService()
+    _settle(clock, stopped)
+    assert not any(child.running for child in router)
+    assert clock.getDelayedCalls() == []
+    assert _writer_threads() == []
+    assert router.proxy.port is None
+    assert all(listener.port is None for _, listener in router.admin.listeners)
+    upstream: Any = router.upstream
+    assert upstream.pool._connections == {}
+    if router.scraper is not None:
+        assert router.scraper._requests == set()
+        assert router.scraper._pool._connections == {}
+
+
+class Recorder(Service):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.append(f"start {self.name}")
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.log.append(f"stopping {self.name}")
+        d: Deferred[None] = Deferred()
+        self.pending = d
+        return d
+
+
+def test_children_stop_in_reverse_one_after_another() -> None:
+    log: list[str] = []
+    tree = SequentialMultiService()
+    first, second = Recorder("first", log), Recorder("second", log)
+    first.setServiceParent(tree)
+    second.setServiceParent(tree)
+    tree.startService()
+    stopped = tree.stopService()
+    assert log == ["start first", "start second", "stopping second"]  # first waits
+    second.pending.callback(None)
+    assert log[-1] == "stopping first"
+    assert not stopped.called
+    first.pending.callback(None)
+    assert stopped.called
+
+
+def test_the_router_tree_in_order() -> None:
+    config = parse_config({"resources": DOCS}, "t.yaml", Path("."), [])
+    router = RouterService(config, cast(IServerReactor, MemoryReactorClock()))
+    assert [getattr(child, "name", None) for child in router] == [
+        "simulators",
+        "resources",
+        "pod scraper",
+        "upstream",
+        "admin",
+        None,  # the access log (to stdout)
+        "data plane",
+        "proxy listener",
+        "reloader",
+    ]
+
+
+def test_a_reload_reaches_each_reconfigurable_child_in_order(monkeypatch: Any) -> None:
+    config = parse_config({"resources": DOCS}, "t.yaml", Path("."), [])
+    router = RouterService(config, cast(IServerReactor, MemoryReactorClock()))
+    seen: list[str] = []
+    for child in router:
+        if IReconfigurable.providedBy(child):
+            original = child.reconfigure
+
+            def spy(new: Any, child: Any = child, original: Any = original) -> None:
+                seen.append(child.name)
+                original(new)
+
+            monkeypatch.setattr(child, "reconfigure", spy)
+    new = parse_config({"resources": DOCS[:3], "maxBodyBytes": 5}, "t.yaml", Path("."), [])
+    router.reconfigure(new)
+    assert seen == [
+        "simulators",
+        "resources",
+        "pod scraper",
+        "upstream",
+        "admin",
+        "data plane",
+        "proxy listener",
+        "reloader",
+    ]
+    assert set(router.store.pods) == {"default/p0"}  # the store first, then the rest
+    assert router.proxy.site.max_body_bytes == 5
+    assert router.config is new
