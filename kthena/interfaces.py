@@ -204,7 +204,8 @@ class IExchange(Interface):
         """The request body (kept in memory, capped)."""
 
     def answer(status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        """Send a whole JSON answer and end the response (nothing when the client left)."""
+        """Send a whole JSON answer (its head replaces any staged by begin) and end the response
+        (nothing when the client left)."""
 
     def begin(status: int, phrase: bytes, headers: Sequence[tuple[bytes, Sequence[bytes]]]) -> None:
         """Set the response head; it goes out with the first C{write}."""

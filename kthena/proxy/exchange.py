@@ -56,6 +56,8 @@ class WebExchange:
         if self.gone:
             return
         request = self.request
+        # A head staged by begin() (the pod's, whose body then broke) is not this answer's.
+        request.responseHeaders = Headers()
         request.setResponseCode(status)
         request.setHeader(b"content-type", JSON_TYPE)
         request.setHeader(b"content-length", b"%d" % len(body))

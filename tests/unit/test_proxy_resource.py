@@ -867,6 +867,28 @@ def test_json_of_unknown_length_cut_by_the_close_is_a_502() -> None:
     assert h.pod("p0").outlier.consecutive_failures == 1
 
 
+def test_an_error_answer_carries_none_of_the_pods_headers() -> None:
+    # The pod's head was staged, not sent, when its body broke: the router's own 502 must
+    # not go out labelled with the pod's encoding, cookies or length.
+    h = RouterHarness()
+    client = h.chat()
+    body = json.dumps(COMPLETION).encode()
+    pod_headers = {
+        "content-type": ["application/json"],
+        "content-encoding": ["gzip"],
+        "set-cookie": ["session=pod"],
+        "x-pod": ["p0"],
+    }
+    response = h.upstream.last.answer(FakeResponse(200, pod_headers))
+    response.send(body[:20])
+    response.end(Failure(PotentialDataLoss()))
+    wire = client.got()
+    assert_error(wire, 502, ErrorType.STREAM_INTERRUPTED)
+    names = {name for name, _ in wire.headers}
+    assert not names & {"content-encoding", "set-cookie", "x-pod"}, wire.headers
+    assert wire.header("x-request-id") == h.context.request_id
+
+
 def test_json_of_unknown_length_whole_is_relayed() -> None:
     h = RouterHarness()
     client = h.chat()
