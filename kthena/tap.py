@@ -43,12 +43,13 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from kthena.heap import FrozenHeap
     from kthena.service import load, makeRouterService
 
     path = options["config"]
     try:
         config = load(path)
-        return makeRouterService(  # may open files the config names (the access log)
+        router = makeRouterService(  # may open files the config names (the access log)
             config,
             reactor,  # type: ignore[arg-type]
             config_path=path,
@@ -56,3 +57,5 @@ def makeService(options: Options) -> IService:
         )
     except ConfigError as e:
         raise SystemExit(f"kthena-router: invalid config: {e}") from e
+    FrozenHeap().setServiceParent(router)
+    return router

@@ -6,7 +6,7 @@ charging real usage and the fairness history).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -18,24 +18,41 @@ from kthena.record import RequestRecord
 log = Logger()
 
 
+_EVENTS = ("started", "attempt_started", "attempt_ended", "ended")
+
+
 @implementer(IRequestObserver)
 class Observers:
-    """Every registered observer, told in order; one that raises is logged, not fatal."""
+    """
+    Every registered observer, told in order; one that raises is logged, not fatal.
+
+    Each event keeps the observers' bound methods in a list of its own, made when an
+    observer is added: telling a dozen of them per request is then a plain loop.
+    """
 
     def __init__(self, observers: Iterable[IRequestObserver] = ()) -> None:
-        self.observers = list(observers)
+        self.observers: list[IRequestObserver] = []
+        self._told: dict[str, list[Callable[[RequestRecord], object]]] = {
+            event: [] for event in _EVENTS
+        }
+        for observer in observers:
+            self.add(observer)
 
-    def add(self, observer: IRequestObserver) -> None:
-        self.observers.append(observer)
+    def add(self, observer: IRequestObserver, first: bool = False) -> None:
+        """Tell C{observer} of every request from now on (before the others if C{first})."""
+        at = 0 if first else len(self.observers)
+        self.observers.insert(at, observer)
+        for event, told in self._told.items():
+            told.insert(at, getattr(observer, event))
 
     def _tell(self, event: str, record: RequestRecord) -> None:
-        for observer in self.observers:
+        for tell in self._told[event]:
             try:
-                getattr(observer, event)(record)
+                tell(record)
             except Exception:
                 log.failure(
                     "observer {observer} failed on {event} of {request_id}",
-                    observer=observer.__class__.__name__,
+                    observer=type(getattr(tell, "__self__", tell)).__name__,
                     event=event,
                     request_id=record.request_id,
                 )

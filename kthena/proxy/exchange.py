@@ -33,7 +33,7 @@ class WebExchange:
         self.too_large: bool = getattr(request, "too_large", False)
         self.gone = False
         self._gone_callbacks: list[Callable[[], None]] = []
-        request.notifyFinish().addErrback(self._lost)
+        request.notifyFinish().addCallbacks(self._finished, self._lost)
 
     @property
     def client_host(self) -> str | None:
@@ -98,7 +98,14 @@ class WebExchange:
     def when_gone(self, callback: Callable[[], None]) -> None:
         self._gone_callbacks.append(callback)
 
+    def _finished(self, result: None) -> None:
+        # The callbacks hold the request's run, which holds this exchange: let go now,
+        # so that a request's objects are freed by reference counting, not by the
+        # cyclic garbage collector (twice the collections under load otherwise).
+        self._gone_callbacks.clear()
+
     def _lost(self, reason: Failure) -> None:
         self.gone = True
-        for callback in self._gone_callbacks:
+        callbacks, self._gone_callbacks = self._gone_callbacks, []
+        for callback in callbacks:
             callback()

@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pipeline stages", ("kthena.record", "kthena.ratelimit", "kthena.pipeline")),
     ("proxy", ("kthena.proxy",)),
     ("observability", ("kthena.observability",)),
-    ("service", ("kthena.service", "kthena.reload")),
+    ("service", ("kthena.service", "kthena.reload", "kthena.heap")),
     ("tap", ("kthena.tap",)),
 ]
 

@@ -222,7 +222,7 @@ def test_an_observer_that_raises_does_not_unsettle_the_request() -> None:
         def __getattr__(self, name: str) -> Callable[[RequestRecord], None]:
             return _raise(StageBugError(name))
 
-    h.plane.observers.observers.insert(0, Broken())  # type: ignore[arg-type]
+    h.plane.observers.add(Broken(), first=True)  # type: ignore[arg-type]
     client = h.chat()
     h.upstream.last.respond_json(COMPLETION)
     assert client.got().status == 200
