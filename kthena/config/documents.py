@@ -68,6 +68,20 @@ _METADATA_FIELDS = frozenset(
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
+def _document(
+    doc: Mapping[str, Any],
+    where: Where,
+    order: int,
+    keys: tuple[str, ...],
+    required: tuple[str, ...],
+) -> tuple[Metadata, Where, Where, Mapping[str, Any]]:
+    """A Kthena document's metadata, where it is (named by kind and key), and its spec."""
+    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
+    where = where.named(f"{doc.get('kind')} {meta.key}")
+    s_where = where.at("spec")
+    return meta, where, s_where, mapping(doc.get("spec"), s_where, keys, required=required)
+
+
 def _metadata(value: object, where: Where, order: int) -> Metadata:
     meta = mapping(value, where, _METADATA_FIELDS, required=("name",))
     name = string(meta["name"], where.at("name"))
@@ -166,12 +180,10 @@ def _rate_limit(value: object, where: Where) -> RateLimit | None:
 
 
 def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> ModelRoute:
-    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
-    where = where.named(f"ModelRoute {meta.key}")
-    s_where = where.at("spec")
-    spec = mapping(
-        doc.get("spec"),
-        s_where,
+    meta, where, s_where, spec = _document(
+        doc,
+        where,
+        order,
         ("modelName", "loraAdapters", "parentRefs", "rules", "rateLimit"),
         required=("rules",),
     )
@@ -225,22 +237,14 @@ def _retry(value: object, where: Where) -> Retry | None:
 
 
 def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> ModelServer:
-    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
-    where = where.named(f"ModelServer {meta.key}")
-    s_where = where.at("spec")
-    spec = mapping(
-        doc.get("spec"),
-        s_where,
-        (
-            "model",
-            "inferenceEngine",
-            "workloadSelector",
-            "workloadPort",
-            "trafficPolicy",
-            "kvConnector",
-        ),
+    meta, where, s_where, spec = _document(
+        doc,
+        where,
+        order,
+        ("model", "inferenceEngine", "workloadSelector", "workloadPort", "trafficPolicy",
+         "kvConnector"),
         required=("inferenceEngine", "workloadSelector"),
-    )
+    )  # fmt: skip
     engine = choice(spec["inferenceEngine"], s_where.at("inferenceEngine"), ENGINES)
     sel_where = s_where.at("workloadSelector")
     workload = mapping(spec["workloadSelector"], sel_where, ("matchLabels", "pdGroup"))

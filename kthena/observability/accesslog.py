@@ -31,8 +31,9 @@ from zope.interface import implementer
 from kthena.config.observability import AccessLogConfig
 from kthena.config.validate import ConfigError
 from kthena.errors import ErrorType
-from kthena.interfaces import IAccessLogSink, IRequestObserver
+from kthena.interfaces import IAccessLogSink
 from kthena.observability.records import FORMATTERS
+from kthena.pipeline.settle import Observer
 from kthena.record import RequestRecord
 
 log = Logger()
@@ -133,8 +134,7 @@ def sink_for(output: str, source: str = "<config>") -> IAccessLogSink:
 # -- the access log
 
 
-@implementer(IRequestObserver)
-class AccessLog(Service):
+class AccessLog(Service, Observer):
     """
     Formats each request's record on the reactor thread and writes it from a thread of
     its own. L{record} is the hook for L{kthena.proxy.core.RouterCore.request_hooks}.
@@ -196,15 +196,6 @@ class AccessLog(Service):
         self._dropped_failed = dropped.labels("write_failed")
 
     # -- the reactor side
-
-    def started(self, record: RequestRecord) -> None:
-        pass
-
-    def attempt_started(self, record: RequestRecord) -> None:
-        pass
-
-    def attempt_ended(self, record: RequestRecord) -> None:
-        pass
 
     def ended(self, record: RequestRecord) -> None:
         self.record(record)

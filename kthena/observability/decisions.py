@@ -8,16 +8,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
-from zope.interface import implementer
-
-from kthena.interfaces import IRequestObserver
+from kthena.pipeline.settle import Observer
 from kthena.record import RequestRecord
 
 DECISIONS_KEPT = 256
 
 
-@implementer(IRequestObserver)
-class DecisionRing:
+class DecisionRing(Observer):
     def __init__(self, size: int = DECISIONS_KEPT) -> None:
         self.size = size
         self._records: deque[RequestRecord] = deque(maxlen=size)
@@ -33,12 +30,3 @@ class DecisionRing:
 
     def started(self, record: RequestRecord) -> None:
         self._records.append(record)
-
-    def attempt_started(self, record: RequestRecord) -> None:
-        pass
-
-    def attempt_ended(self, record: RequestRecord) -> None:
-        pass
-
-    def ended(self, record: RequestRecord) -> None:
-        pass

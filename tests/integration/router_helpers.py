@@ -51,6 +51,7 @@ from kthena.sim.service import SimConfig, SimService
 from tests.integration.conftest import spawn_twistd, stop_process
 from tests.unit.proxyfixtures import Ended
 from tests.unit.routerfixtures import Doc, pod
+from tests.unit.samples import sample_sum
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -441,12 +442,7 @@ class Cluster:
 
 def sim_sample(sim: SimService, name: str) -> float:
     """A simulator's metric (e.g. C{vllm:request_success_total}), summed over label sets."""
-    total = 0.0
-    for family in sim.api.registry.collect():
-        for sample in family.samples:
-            if sample.name == name:
-                total += sample.value
-    return total
+    return sample_sum(sim.api.registry, name)
 
 
 def served(sim: SimService) -> int:

@@ -28,11 +28,12 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, parse_config
-from kthena.interfaces import IRequestObserver, IScheduler, IServerReactor, IUpstream
+from kthena.interfaces import IScheduler, IServerReactor, IUpstream
 from kthena.lifecycle import SequentialMultiService
 from kthena.observability.metrics import RouterMetrics
 from kthena.pipeline.pipeline import Pipeline
 from kthena.pipeline.plane import DataPlane
+from kthena.pipeline.settle import Observer
 from kthena.pods import PodEndpoint
 from kthena.proxy.resource import ProxyResource
 from kthena.proxy.site import ProxySite
@@ -245,21 +246,11 @@ class RecordingResource(ProxyResource):
         return super().render(request)
 
 
-@implementer(IRequestObserver)
-class Ended:
-    """An observer calling C{hook} with each record at its end (its other events pass)."""
+class Ended(Observer):
+    """An observer calling C{hook} with each record at its end."""
 
     def __init__(self, hook: Callable[[RequestRecord], object]) -> None:
         self.hook = hook
-
-    def started(self, record: RequestRecord) -> None:
-        pass
-
-    def attempt_started(self, record: RequestRecord) -> None:
-        pass
-
-    def attempt_ended(self, record: RequestRecord) -> None:
-        pass
 
     def ended(self, record: RequestRecord) -> None:
         self.hook(record)

@@ -20,6 +20,7 @@ from kthena.pipeline import identify, parse
 from kthena.pipeline import pipeline as pipeline_module
 from kthena.record import RequestRecord
 from tests.unit.proxyfixtures import RouterHarness, sse_response
+from tests.unit.samples import sample_sum
 from tests.unit.test_proxy_resource import COMPLETION, DONE, assert_error, delta, event
 
 REQUESTS = "kthena_router_requests_total"
@@ -30,12 +31,7 @@ class StageBugError(Exception):
 
 
 def requests_counted(h: RouterHarness) -> float:
-    total = 0.0
-    for family in h.metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == REQUESTS:
-                total += sample.value
-    return total
+    return sample_sum(h.metrics.registry, REQUESTS)
 
 
 def assert_settled_once(h: RouterHarness, status: int, error_type: ErrorType) -> RequestRecord:
