@@ -73,6 +73,55 @@ class ITokenEstimator(Interface):
         """
 
 
+class IBucketBackend(Interface):
+    """
+    Where token buckets live: in the router (L{kthena.ratelimit.buckets.LocalBuckets}) or
+    in Redis, shared by every router process (L{kthena.ratelimit.redis}). The rules are
+    in L{kthena.ratelimit.buckets}.
+    """
+
+    name = Attribute("C{local} or C{redis}: for the debug view and the logs.")
+
+    def check(demands: Sequence[Any]) -> Any:
+        """
+        All of C{demands} (L{kthena.ratelimit.buckets.Demand}) met, each taking its
+        C{take}, or none touched.
+
+        @return: a Deferred of C{None} (passed) or a L{kthena.ratelimit.buckets.Refusal};
+            it fails when the backend cannot answer (Redis down, the check's timeout).
+        """
+
+    def settle(charges: Sequence[Any]) -> Any:
+        """
+        Change each bucket's level by what a response really used: C{(BucketSpec,
+        amount)} pairs, a charge when positive (the level may go below zero), a refund
+        when negative (never above capacity).
+
+        @return: a Deferred of C{None}; it fails when the backend cannot answer.
+        """
+
+    def levels(buckets: Sequence[Any]) -> Any:
+        """
+        @return: a Deferred of each bucket's level now, C{None} for one never used
+            (full), for the debug view.
+        """
+
+
+class IIdentifier(Interface):
+    """
+    Who is calling (for per-user limits, fairness and the access log): a verified JWT
+    subject, a trusted header set by an authenticating gateway, or anonymous.
+    """
+
+    def identify(exchange: IExchange) -> Any:
+        """
+        @return: the caller's L{kthena.identity.Identity}, or a Deferred of it (while
+            the keys for an unknown C{kid} are fetched).
+        @raise kthena.errors.ProxyError: 401 when authentication is required and the
+            token is missing, expired or invalid (a Deferred fails the same way).
+        """
+
+
 class IEngineDialect(Interface):
     """How one inference engine family names what the router reads from C{/metrics}."""
 

@@ -44,7 +44,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("simulator", ("kthena.sim",)),
     ("engines", ("kthena.engines",)),
     ("scheduler", ("kthena.scheduler",)),
-    ("pipeline stages", ("kthena.record", "kthena.ratelimit", "kthena.pipeline")),
+    (
+        "pipeline stages",
+        (
+            "kthena.record",
+            "kthena.ratelimit",
+            "kthena.identity",
+            "kthena.fairness",
+            "kthena.pipeline",
+        ),
+    ),
     ("proxy", ("kthena.proxy",)),
     ("observability", ("kthena.observability",)),
     ("service", ("kthena.service", "kthena.reload", "kthena.heap")),

@@ -1,0 +1,1 @@
+"""Who is calling: verified JWT subjects, trusted headers, or anonymous."""
