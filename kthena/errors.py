@@ -54,20 +54,39 @@ _OPENAI_TYPES = {
 
 
 class ProxyError(Exception):
-    """A request the router answers itself, with a status, an outcome and a message."""
+    """
+    A request the router answers itself, with a status, an outcome and a message.
 
-    def __init__(self, status: int, error_type: ErrorType, message: str) -> None:
+    @ivar code: the error object's C{code} when it is not the outcome's label value
+        (OpenAI's C{rate_limit_exceeded} for a 429 whose outcome is C{rate_limit}).
+    @ivar headers: response headers that go with the answer (C{Retry-After},
+        C{WWW-Authenticate}).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        error_type: ErrorType,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
+        self.code = code
+        self.headers = headers
 
 
-def error_object(status: int, error_type: ErrorType, message: str) -> dict[str, object]:
+def error_object(
+    status: int, error_type: ErrorType, message: str, code: str | None = None
+) -> dict[str, object]:
     return {
         "error": {
             "message": message,
             "type": _OPENAI_TYPES.get(status, "server_error"),
-            "code": error_type.value,
+            "code": code or error_type.value,
         }
     }

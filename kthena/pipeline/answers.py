@@ -40,8 +40,8 @@ def answer_error(
         exchange,
         record,
         error.status,
-        error_object(error.status, error.error_type, error.message),
-        headers,
+        error_object(error.status, error.error_type, error.message, error.code),
+        (*error.headers, *headers),
     )
 
 
@@ -59,7 +59,7 @@ def end_with_error(
     record.error_type = error.error_type
     record.error_message = error.message
     if sse:
-        body = error_object(error.status, error.error_type, error.message)
+        body = error_object(error.status, error.error_type, error.message, error.code)
         exchange.write(b"data: " + json_bytes(body) + b"\n\n")
         exchange.finish()
     else:
