@@ -54,6 +54,10 @@ class RequestRecord:
     @ivar dispatched: the request went to pods (its observers were told it started).
     @ivar unhealthy_fallback: no pod of the server was healthy: it was scheduled among
         unhealthy ones.
+    @ivar limit_type: the limit that refused the request (C{input_tokens},
+        C{output_tokens}, C{requests}), for the C{rate_limit_exceeded} count.
+    @ivar limited: what the rate limiter took at admission (a
+        L{kthena.ratelimit.limiter.Charge}), until it is settled.
     """
 
     request_id: str
@@ -82,6 +86,8 @@ class RequestRecord:
     failed_attempts: list[tuple[str, str]] | None = None
     dispatched: bool = False
     unhealthy_fallback: bool = False
+    limit_type: str | None = None
+    limited: object = None
 
     @property
     def candidates(self) -> list[PodEndpoint]:

@@ -44,6 +44,7 @@ from kthena.pipeline.plane import DataPlane
 from kthena.proxy.resource import ProxyResource
 from kthena.proxy.site import ProxyListener, ProxySite
 from kthena.proxy.upstream import Upstream
+from kthena.ratelimit.service import RateLimits
 from kthena.reload import ConfigReloader
 from kthena.scheduler.build import check_scheduler
 from kthena.sim.engine import EngineConfig
@@ -130,6 +131,7 @@ class RouterService(SequentialMultiService):
         self.access_log = access_log_for(
             config.observability.access_log, self.registry, reactor, config.source
         )
+        self.limits = RateLimits(reactor, config, self.metrics.backend_error)
         self.plane = self._data_plane(scheduler)
         site = ProxySite(
             ProxyResource(self.plane.pipeline),
@@ -159,11 +161,11 @@ class RouterService(SequentialMultiService):
         if self.access_log is not None and signals is not None:
             # SIGUSR1: reopen the file after logrotate renamed it.
             self._add(SignalService(signals, signal.SIGUSR1, self.access_log.reopen))
-        self._add(self.plane, self.proxy, self.reloader)
+        self._add(self.limits, self.plane, self.proxy, self.reloader)
 
     def _data_plane(self, scheduler: IScheduler | None) -> DataPlane:
         """The pipeline, its observers registered here, in one place."""
-        observers: list[Any] = [self.metrics, self.decisions]
+        observers: list[Any] = [self.metrics, self.decisions, self.limits.limiter]
         if self.access_log is not None:
             observers.append(self.access_log)
         plane = DataPlane(
@@ -171,6 +173,7 @@ class RouterService(SequentialMultiService):
             self.reactor,
             self.store,
             self.upstream,
+            self.limits,
             observers,
             self.metrics.plugin_timer,
             self.metrics.ejected,

@@ -13,20 +13,19 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from kthena.config.limits import parse_rate_limit
 from kthena.config.resources import (
     DEFAULT_ENGINE_PORTS,
     ENGINES,
     KTHENA_API,
     KV_CONNECTORS,
     PORT_ANNOTATION,
-    RATE_UNITS,
     Metadata,
     ModelMatch,
     ModelRoute,
     ModelServer,
     PDGroup,
     Pod,
-    RateLimit,
     Resource,
     ResourceSet,
     Retry,
@@ -157,28 +156,6 @@ def _rule(value: object, where: Where) -> Rule:
     )
 
 
-def _rate_limit(value: object, where: Where) -> RateLimit | None:
-    if value is None:
-        return None
-    spec = mapping(value, where, ("inputTokensPerUnit", "outputTokensPerUnit", "unit", "global"))
-    global_ = mapping(spec.get("global"), where.at("global"), ("redis",))
-    redis = mapping(global_.get("redis"), where.at("global").at("redis"), ("address",))
-    address = redis.get("address")
-
-    def per_unit(key: str) -> int | None:
-        raw = spec.get(key)
-        return None if raw is None else integer(raw, where.at(key), minimum=1)
-
-    return RateLimit(
-        input_tokens_per_unit=per_unit("inputTokensPerUnit"),
-        output_tokens_per_unit=per_unit("outputTokensPerUnit"),
-        unit=choice(spec.get("unit", "second"), where.at("unit"), tuple(RATE_UNITS)),
-        redis_address=None
-        if address is None
-        else string(address, where.at("global").at("redis").at("address")),
-    )
-
-
 def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> ModelRoute:
     meta, where, s_where, spec = _document(
         doc,
@@ -205,7 +182,7 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
         model_name=model_name,
         lora_adapters=loras,
         rules=tuple(_rule(r, s_where.at("rules").at(i)) for i, r in enumerate(raw_rules)),
-        rate_limit=_rate_limit(spec.get("rateLimit"), s_where.at("rateLimit")),
+        rate_limit=parse_rate_limit(spec.get("rateLimit"), s_where.at("rateLimit")),
         spec=spec,
     )
 

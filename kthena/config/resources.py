@@ -89,15 +89,30 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimit:
+class Limits:
+    """Limits per unit: Kthena's input and output tokens, and our requests."""
+
     input_tokens_per_unit: int | None
     output_tokens_per_unit: int | None
+    requests_per_unit: int | None
     unit: str
-    redis_address: str | None
 
     @property
     def unit_seconds(self) -> float:
         return RATE_UNITS[self.unit]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit(Limits):
+    """
+    A ModelRoute's C{rateLimit}: limits for the route as a whole and, under C{perUser},
+    the same limits for each caller separately; in Redis (C{global.redis}) when shared
+    by several routers, else in the router.
+    """
+
+    redis_address: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    per_user: Limits | None = None
 
 
 @dataclass(frozen=True, slots=True)

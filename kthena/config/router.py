@@ -18,6 +18,7 @@ from typing import Any
 
 from kthena.config.documents import build_resource_set, parse_document
 from kthena.config.files import yaml_documents
+from kthena.config.limits import RateLimitSettings, parse_rate_limits
 from kthena.config.observability import ObservabilityConfig, parse_observability
 from kthena.config.resources import Resource, ResourceSet
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
@@ -101,6 +102,7 @@ class RouterConfig:
     resources: ResourceSet = field(default_factory=ResourceSet)
     simulators: tuple[SimulatorSpec, ...] = ()
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     source: str = "<defaults>"
     files: tuple[str, ...] = ()
 
@@ -121,6 +123,7 @@ _TOP = (
     "resources",
     "simulators",
     "scheduler",
+    "rateLimits",
 )
 
 
@@ -279,6 +282,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         resources=resources,
         simulators=sims,
         scheduler=parse_scheduler(spec.get("scheduler"), where.at("scheduler")),
+        rate_limits=parse_rate_limits(spec.get("rateLimits"), where.at("rateLimits")),
         source=source,
         files=(source, *files),
     )

@@ -142,6 +142,11 @@ class RouterMetrics:
             "Number of requests rejected due to rate limiting", ("model", "limit_type", "path"),
             registry=r,
         )  # fmt: skip
+        self.rate_limit_backend_errors = Counter(
+            "kthena_router_rate_limit_backend_errors",
+            "Calls to a rate-limit backend (Redis) that failed or timed out",
+            ("backend", "operation"), registry=r,
+        )  # fmt: skip
         self.fairness_queue_size = Gauge(
             "kthena_router_fairness_queue_size",
             "Current fairness queue size for pending requests", ("model", "user_id"), registry=r,
@@ -286,6 +291,10 @@ class RouterMetrics:
         pods = plane.store.pods
         self.outlier_ejections.prune(lambda labels: labels["target"] not in pods)
 
+    def backend_error(self, backend: str, operation: str) -> None:
+        """A rate-limit backend call failed (the limiter's outage tracker)."""
+        self.rate_limit_backend_errors.labels(backend, operation).inc()
+
     def plugin_timer(self, model: str, plugin: str, kind: str, seconds: float) -> None:
         """Time one scheduler plugin call (the scheduler's timer)."""
         self.plugin_duration.observe((model, plugin, kind), seconds)
@@ -301,6 +310,8 @@ class RouterMetrics:
         status = str(ctx.status)
         destination = self._destination(ctx)
         self.requests.add((model, path, status, ctx.error_type.value, *destination))
+        if ctx.limit_type is not None:
+            self.rate_limit_exceeded.labels(model, ctx.limit_type, path).inc()
         if ctx.finished is not None:
             self.request_duration.observe(
                 (model, path, status, *destination), max(0.0, ctx.finished - ctx.started)

@@ -1,14 +1,28 @@
 """
-Stage 4, admit: whether the request may go on now. The token and request limits (429)
-and the fairness queue (wait, 504 on timeout) go here; until they arrive every request
-is admitted at once.
+Stage 4, admit: whether the request may go on now. The route's token and request limits
+(429 with C{Retry-After}; L{kthena.ratelimit}) are checked here, with the input estimate;
+the fairness queue (wait, 504 on timeout) goes here too.
 """
 
 from __future__ import annotations
 
+from kthena.interfaces import ITokenEstimator
+from kthena.pipeline.parse import Parsed
+from kthena.ratelimit.service import RateLimits
 from kthena.record import RequestRecord
 
 
 class Admission:
-    async def admit(self, record: RequestRecord) -> None:
+    def __init__(self, limits: RateLimits, estimator: ITokenEstimator) -> None:
+        self.limiter = limits.limiter
+        self.estimator = estimator
+
+    async def admit(self, record: RequestRecord, parsed: Parsed) -> None:
         """Return when C{record} may go on; raise L{kthena.errors.ProxyError} if not."""
+        assert record.match is not None
+        if record.match.route.meta.key not in self.limiter.routes:
+            return
+        estimate = record.input_estimate = self.estimator.estimate(parsed.body)
+        pending = self.limiter.check(record, estimate)
+        if pending is not None:
+            await pending

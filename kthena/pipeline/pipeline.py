@@ -163,7 +163,7 @@ class Pipeline:
         parsed = parse.parse(exchange, record, self.max_body_bytes)
         identify.identify(exchange, record)
         match = self.routing.route(exchange, record, parsed)
-        await self.admission.admit(record)
+        await self.admission.admit(record, parsed)
         candidates = self.scheduling.schedule(record, parsed, match)
         out = outgoing(exchange, record, parsed, match, self.dispatcher.skip)
         run.call = Call(exchange, record, match, candidates, out)

@@ -40,6 +40,7 @@ from kthena.pipeline.schedule import Scheduling
 from kthena.pipeline.settle import Observers, Settlement
 from kthena.pods import PodEndpoint
 from kthena.ratelimit.estimate import CharsEstimator
+from kthena.ratelimit.service import RateLimits
 from kthena.scheduler.framework import Timer
 from kthena.store import Datastore
 
@@ -69,6 +70,7 @@ class DataPlane(Service):
         reactor: IServerReactor,
         store: Datastore,
         upstream: IUpstream,
+        limits: RateLimits,
         observers: Iterable[IRequestObserver] = (),
         timer: Timer | None = None,
         on_eject: Callable[[PodEndpoint], None] = _nobody,
@@ -91,9 +93,9 @@ class DataPlane(Service):
         self.readiness = Readiness(self.health, config)
         self.inflight = InFlight()
         self.cut: int | None = None
-        self.scheduling = Scheduling(
-            store, self.health, estimator or CharsEstimator(), config, timer, scheduler
-        )
+        estimator = estimator or CharsEstimator()
+        self.limits = limits
+        self.scheduling = Scheduling(store, self.health, estimator, config, timer, scheduler)
         self.dispatcher = Dispatcher(
             upstream, self.outliers, store, self.scheduling, self.observers, reactor, config
         )
@@ -101,7 +103,7 @@ class DataPlane(Service):
             reactor,
             config,
             Routing(store),
-            Admission(),
+            Admission(limits, estimator),
             self.scheduling,
             self.dispatcher,
             self.observers,

@@ -100,7 +100,8 @@ class Scheduling:
         pods = self.schedulable(match.server, record)
         if not pods:
             raise ProxyError(503, ErrorType.NO_PODS, f"no ready pod serves {match.server.meta.key}")
-        record.input_estimate = self.estimator.estimate(parsed.body)
+        if record.input_estimate is None:  # admission estimates it for limited routes
+            record.input_estimate = self.estimator.estimate(parsed.body)
         decision = self.scheduler.schedule(
             SchedulingRequest(parsed.model, match, pods, parsed.body)
         )

@@ -100,7 +100,7 @@ class LocalBuckets:
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self._levels: dict[str, tuple[float, float]] = {}  # key -> (level, at)
+        self._levels: dict[str, tuple[float, float, BucketSpec]] = {}  # key -> (level, at, spec)
 
     def level(self, bucket: BucketSpec, now: float | None = None) -> float:
         """The level now (refilled since it was last changed)."""
@@ -109,7 +109,7 @@ class LocalBuckets:
         kept = self._levels.get(bucket.key)
         if kept is None:
             return bucket.capacity
-        level, at = kept
+        level, at, _ = kept
         return min(bucket.capacity, level + max(0.0, now - at) * bucket.per_second)
 
     def check_now(self, demands: Sequence[Demand]) -> Refusal | None:
@@ -121,7 +121,7 @@ class LocalBuckets:
                 return Refusal(index, level, retry_after(demand.bucket, level, demand.need))
         for demand, level in zip(demands, levels, strict=True):
             if demand.take:
-                self._levels[demand.bucket.key] = (level - demand.take, now)
+                self._levels[demand.bucket.key] = (level - demand.take, now, demand.bucket)
         return None
 
     def check(self, demands: Sequence[Demand]) -> Deferred[Refusal | None]:
@@ -132,7 +132,7 @@ class LocalBuckets:
         for bucket, amount in charges:
             if amount:
                 level = min(bucket.capacity, self.level(bucket, now) - amount)
-                self._levels[bucket.key] = (level, now)
+                self._levels[bucket.key] = (level, now, bucket)
 
     def settle(self, charges: Sequence[tuple[BucketSpec, float]]) -> Deferred[None]:
         self.settle_now(charges)
@@ -142,7 +142,23 @@ class LocalBuckets:
         now = self.clock.seconds()
         return succeed([self.level(b, now) if b.key in self._levels else None for b in buckets])
 
-    def forget(self, keys: set[str]) -> None:
-        """Drop buckets whose limits left the config."""
-        for key in keys & self._levels.keys():
+    def sweep(self) -> int:
+        """
+        Forget the buckets that are full again (a per-user bucket of a caller gone
+        quiet, the bucket of a limit that left the config): a full bucket and a missing
+        one are the same. Keeps memory bounded by the callers active within a unit.
+
+        @return: how many were forgotten.
+        """
+        now = self.clock.seconds()
+        full = [
+            key
+            for key, (_, _, spec) in self._levels.items()
+            if self.level(spec, now) >= spec.capacity
+        ]
+        for key in full:
             del self._levels[key]
+        return len(full)
+
+    def __len__(self) -> int:
+        return len(self._levels)

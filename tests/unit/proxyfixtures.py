@@ -28,7 +28,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, parse_config
-from kthena.interfaces import IScheduler, IServerReactor, IUpstream
+from kthena.interfaces import IReconfigurable, IScheduler, IServerReactor, IUpstream
 from kthena.lifecycle import SequentialMultiService
 from kthena.observability.metrics import RouterMetrics
 from kthena.pipeline.pipeline import Pipeline
@@ -37,6 +37,7 @@ from kthena.pipeline.settle import Observer
 from kthena.pods import PodEndpoint
 from kthena.proxy.resource import ProxyResource
 from kthena.proxy.site import ProxySite
+from kthena.ratelimit.service import RateLimits
 from kthena.record import RequestRecord
 from kthena.scheduler.framework import Decision, SchedulingRequest
 from kthena.store import Datastore
@@ -367,8 +368,11 @@ class Client:
 def resources(
     traffic_policy: Doc | None = None,
     pods: int = 2,
+    rate_limit: Doc | None = None,
 ) -> list[Doc]:
+    """@param rate_limit: the C{rateLimit} of the routes of C{m} and C{lonely}."""
     spec: Doc = {"trafficPolicy": traffic_policy} if traffic_policy is not None else {}
+    limit: Doc = {"rateLimit": rate_limit} if rate_limit is not None else {}
     return [
         route(
             "m",
@@ -376,6 +380,7 @@ def resources(
                 "modelName": BASE_MODEL,
                 "loraAdapters": [LORA],
                 "rules": [{"name": "default", "targetModels": [{"modelServerName": "base"}]}],
+                **limit,
             },
             created="2025-01-02T03:04:05Z",
         ),
@@ -391,6 +396,7 @@ def resources(
             {
                 "modelName": EMPTY_MODEL,
                 "rules": [{"name": "default", "targetModels": [{"modelServerName": "empty"}]}],
+                **limit,
             },
         ),
         server("base", {"app": "m"}, model=UPSTREAM_MODEL, **spec),
@@ -401,8 +407,10 @@ def resources(
     ]
 
 
-def router_config(traffic_policy: Doc | None = None, pods: int = 2, **top: Any) -> RouterConfig:
-    raw = {"resources": resources(traffic_policy, pods), **top}
+def router_config(
+    traffic_policy: Doc | None = None, pods: int = 2, rate_limit: Doc | None = None, **top: Any
+) -> RouterConfig:
+    raw = {"resources": resources(traffic_policy, pods, rate_limit), **top}
     return parse_config(raw, "t.yaml", Path("."), [])
 
 
@@ -419,6 +427,7 @@ class RouterHarness:
         pods: int = 2,
         *,
         configured_scheduler: bool = False,
+        rate_limit: Doc | None = None,
         **top: Any,
     ) -> None:
         """
@@ -426,25 +435,28 @@ class RouterHarness:
             defaults unless C{scheduler} is given), not by pod name.
         """
         self.clock = MemoryReactorClock()
-        self.config = router_config(traffic_policy, pods, **top)
+        self.config = router_config(traffic_policy, pods, rate_limit, **top)
         self.scheduler = OrderedScheduler()
         self.upstream = FakeUpstream()
         self.metrics = RouterMetrics(CollectorRegistry(), self.clock, self.config)
         self.contexts: list[RequestRecord] = []
         self.store = Datastore()
         self.store.replace(self.config.resources)
+        self.limits = RateLimits(self.clock, self.config, self.metrics.backend_error)
         self.plane = DataPlane(
             self.config,
             cast(IServerReactor, self.clock),
             self.store,
             self.upstream,
-            [self.metrics, Ended(self.contexts.append)],
+            self.limits,
+            [self.metrics, self.limits.limiter, Ended(self.contexts.append)],
             self.metrics.plugin_timer,
             self.metrics.ejected,
             None if configured_scheduler else self.scheduler,
         )
         self.tree = SequentialMultiService()
         self.upstream.setServiceParent(self.tree)
+        self.limits.setServiceParent(self.tree)
         self.plane.setServiceParent(self.tree)
         self.resource = RecordingResource(self.plane.pipeline)
         self.site = ProxySite(
@@ -457,6 +469,14 @@ class RouterHarness:
 
     def pod(self, name: str) -> PodEndpoint:
         return self.store.pods[f"default/{name}"]
+
+    def reload(self, config: RouterConfig) -> None:
+        """A new config generation, as the router's tree hands it on."""
+        self.store.replace(config.resources)
+        for child in self.tree:
+            if IReconfigurable.providedBy(child):
+                child.reconfigure(config)
+        self.config = config
 
     def in_flight(self) -> dict[str, int]:
         return {p.name: p.in_flight for p in self.store.pods.values()}

@@ -104,7 +104,7 @@ def test_expiry_is_kthenas() -> None:
     assert per(10, "month").expire == 7_776_000
 
 
-def test_levels_and_forget() -> None:
+def test_levels() -> None:
     clock = Clock()
     buckets = LocalBuckets(clock)
     a, b = per(10, key="a"), per(10, key="b")
@@ -112,5 +112,27 @@ def test_levels_and_forget() -> None:
     levels: list[object] = []
     buckets.levels([a, b]).addCallback(levels.extend)
     assert levels == [7, None]
-    buckets.forget({"a"})
-    assert buckets.level(a) == 10
+
+
+def test_a_sweep_forgets_only_buckets_full_again() -> None:
+    clock = Clock()
+    buckets = LocalBuckets(clock)
+    a, b = per(60, key="a"), per(60, key="b")  # a token a second
+    buckets.check_now([Demand(a, 10, 10)])
+    buckets.check_now([Demand(b, 30, 30)])
+    clock.advance(10)
+    assert buckets.sweep() == 1
+    assert len(buckets) == 1
+    assert buckets.level(b) == 40
+    clock.advance(20)
+    assert buckets.sweep() == 1 and len(buckets) == 0
+
+
+def test_a_changed_limit_applies_to_the_level_it_finds() -> None:
+    clock = Clock()
+    buckets = LocalBuckets(clock)
+    small, large = per(10, key="k"), per(100, key="k")
+    buckets.check_now([Demand(small, 10, 10)])
+    assert buckets.level(large) == 0
+    clock.advance(6)  # the new rate: 100 a minute
+    assert buckets.level(large) == pytest.approx(10)

@@ -143,6 +143,7 @@ def test_the_router_tree_in_order() -> None:
         "upstream",
         "admin",
         None,  # the access log (to stdout)
+        "rate limits",
         "data plane",
         "proxy listener",
         "reloader",
@@ -170,6 +171,7 @@ def test_a_reload_reaches_each_reconfigurable_child_in_order(monkeypatch: Any) -
         "pod scraper",
         "upstream",
         "admin",
+        "rate limits",
         "data plane",
         "proxy listener",
         "reloader",

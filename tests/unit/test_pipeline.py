@@ -127,7 +127,7 @@ class HeldAdmission:
     def __init__(self) -> None:
         self.waiting: list[Deferred[None]] = []
 
-    async def admit(self, record: RequestRecord) -> None:
+    async def admit(self, record: RequestRecord, parsed: object) -> None:
         d: Deferred[None] = Deferred()
         self.waiting.append(d)
         await d
