@@ -54,6 +54,8 @@ class RequestRecord:
     @ivar dispatched: the request went to pods (its observers were told it started).
     @ivar unhealthy_fallback: no pod of the server was healthy: it was scheduled among
         unhealthy ones.
+    @ivar streamed_deltas: a stream's C{delta} objects relayed: at least the tokens a
+        stream cut before its usage generated.
     @ivar limit_type: the limit that refused the request (C{input_tokens},
         C{output_tokens}, C{requests}), for the C{rate_limit_exceeded} count.
     @ivar limited: what the rate limiter took at admission (a
@@ -86,6 +88,7 @@ class RequestRecord:
     failed_attempts: list[tuple[str, str]] | None = None
     dispatched: bool = False
     unhealthy_fallback: bool = False
+    streamed_deltas: int = 0
     limit_type: str | None = None
     limited: object = None
 

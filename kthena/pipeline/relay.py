@@ -73,6 +73,8 @@ class Relay(Protocol):
     fails with the L{Failure} that cut it (upstream lost, idle timeout, L{stop}).
 
     @ivar usage: the pod's C{usage} object, once seen.
+    @ivar deltas: the stream's C{delta} objects relayed (each carries at least one
+        generated token): what a stream cut before its usage generated, at least.
     @ivar idle_expired: the body stalled longer than the idle timeout.
     """
 
@@ -96,6 +98,7 @@ class Relay(Protocol):
         self.hide_usage = hide_usage
         self.hold = hold and not sse
         self.usage: dict[str, Any] | None = None
+        self.deltas = 0
         self.idle_expired = False
         self.stopped = False
         self.done: Deferred[None] = Deferred(lambda _: self.stop())
@@ -199,8 +202,10 @@ class Relay(Protocol):
             data = self._pending + data
         end = _last_event_end(data)
         complete, self._pending = data[:end], data[end:]
-        if complete and _USAGE.search(complete):
-            complete = self._scan_events(complete)
+        if complete:
+            self.deltas += complete.count(b'"delta"')
+            if _USAGE.search(complete):
+                complete = self._scan_events(complete)
         return complete
 
     def _scan_events(self, events: bytes) -> bytes:

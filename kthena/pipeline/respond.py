@@ -67,6 +67,7 @@ async def relay_response(
         cut = Failure()
     finally:
         record.upstream_ended = clock.seconds()
+    record.streamed_deltas = relay.deltas
     usage = relay.usage
     if usage is not None:
         record.prompt_tokens = _count(usage.get("prompt_tokens"))

@@ -102,18 +102,25 @@ class Charge:
         ]
 
     def used(self, record: RequestRecord) -> list[tuple[BucketSpec, float]]:
-        """The settle: output used, input as the pod counted it (or the estimate back
-        when no pod took the prompt)."""
+        """
+        The settle: output as the pod counted it (a stream cut before its usage: one
+        token per delta relayed, at least what it generated), input as the pod counted
+        it (or the estimate back when no pod took the prompt).
+        """
         if record.prompt_tokens is not None:
             used_input = record.prompt_tokens
         else:
             used_input = self.estimate if record.first_byte is not None else 0
+        if record.completion_tokens is not None:
+            used_output = record.completion_tokens
+        else:
+            used_output = record.streamed_deltas
         charges = []
         for bucket in self.buckets:
             if bucket.kind == "input" and used_input != self.estimate:
                 charges.append((bucket.spec, float(used_input - self.estimate)))
-            elif bucket.kind == "output" and record.output_tokens:
-                charges.append((bucket.spec, float(record.output_tokens)))
+            elif bucket.kind == "output" and used_output:
+                charges.append((bucket.spec, float(used_output)))
         return charges
 
 

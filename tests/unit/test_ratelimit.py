@@ -11,10 +11,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+
 from kthena.errors import ErrorType
-from tests.unit.proxyfixtures import BASE_MODEL, EMPTY_MODEL, Client, RouterHarness, WireResponse
+from tests.unit.proxyfixtures import (
+    BASE_MODEL,
+    EMPTY_MODEL,
+    Client,
+    RouterHarness,
+    WireResponse,
+    sse_response,
+)
 from tests.unit.samples import sample_sum
-from tests.unit.test_proxy_resource import COMPLETION
+from tests.unit.test_proxy_resource import COMPLETION, DONE, USAGE_ONLY, delta, event
 
 TEN_TOKENS = [{"role": "user", "content": "hello world"}]
 """Kthena's estimate of this chat is 10 tokens (ChatML, four characters a token)."""
@@ -161,3 +172,24 @@ def test_an_unlimited_route_is_not_checked() -> None:
     h.upstream.last.respond_json(COMPLETION)
     assert client.got().status == 200
     assert len(h.limits.local) == 0
+
+
+def test_a_stream_cut_before_its_usage_charges_what_it_generated() -> None:
+    h = RouterHarness(rate_limit={"outputTokensPerUnit": 10, "unit": "hour"})
+    client = h.chat(messages=TEN_TOKENS, stream=True)
+    response = h.upstream.last.answer(sse_response())
+    response.send(b"".join(event(delta(t)) for t in ("a", "b", "c", "d")))
+    response.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
+    assert client.got().status == 200
+    bucket = h.limits.limiter.routes["default/m"].buckets(None)[0].spec
+    assert h.limits.local.level(bucket) == 6
+
+
+def test_a_stream_with_usage_charges_the_pods_count() -> None:
+    h = RouterHarness(rate_limit={"outputTokensPerUnit": 10, "unit": "hour"})
+    h.chat(messages=TEN_TOKENS, stream=True)
+    response = h.upstream.last.answer(sse_response())
+    response.send(event(delta("a")) + event(USAGE_ONLY) + DONE)
+    response.end()
+    bucket = h.limits.limiter.routes["default/m"].buckets(None)[0].spec
+    assert h.limits.local.level(bucket) == 8  # the usage says 2
