@@ -11,15 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
 from kthena.interfaces import IBucketBackend, IReconfigurable
 from kthena.ratelimit.buckets import LocalBuckets
-from kthena.ratelimit.limiter import RateLimiter
+from kthena.ratelimit.limiter import RateLimiter, RouteLimits
 from kthena.ratelimit.outages import Outages
 
 SWEEP_INTERVAL = 60.0
@@ -71,6 +72,41 @@ class RateLimits(MultiService):
             else:
                 backend.timeout = config.rate_limits.redis_timeout  # type: ignore[attr-defined]
 
+    def state(self) -> Deferred[dict[str, object]]:
+        """Each limited route's buckets (capacity, level, debt) and each backend, for
+        C{/debug/router/state}; no password or secret."""
+        routes = sorted(self.limiter.routes.values(), key=lambda r: r.route)
+        pending = [r.backend.levels([b.spec for b in r.buckets(None)]) for r in routes]
+        d: Deferred[Any] = gatherResults(pending, consumeErrors=True)
+
+        def view(levels: list[list[float | None]]) -> dict[str, object]:
+            return {
+                "fail_open": self.limiter.settings.fail_open,
+                "redis_timeout_seconds": self.limiter.settings.redis_timeout,
+                "backends": [self._backend_view(b) for b in (self.local, *self._redis.values())],
+                "routes": [_route_view(r, lv) for r, lv in zip(routes, levels, strict=True)],
+            }
+
+        def unavailable(failure: Failure) -> dict[str, object]:
+            return {
+                "backends": [self._backend_view(b) for b in (self.local, *self._redis.values())],
+                "routes": [_route_view(r, None) for r in routes],
+                "error": f"a backend cannot answer: {_cause(failure).getErrorMessage()}",
+            }
+
+        return d.addCallbacks(view, unavailable)
+
+    def _backend_view(self, backend: IBucketBackend) -> dict[str, object]:
+        if isinstance(backend, LocalBuckets):
+            return {"backend": "local", "buckets": len(self.local)}
+        return {
+            "backend": backend.name,
+            "address": getattr(backend, "display", None),
+            "healthy": getattr(backend, "healthy", None),
+            "last_error": getattr(backend, "last_error", None),
+            "down": self.outages.down(backend),
+        }
+
     def _backend(self, address: str, password: str | None) -> IBucketBackend:
         """The one connection to the Redis at C{address} (made on first use)."""
         key = (address, password)
@@ -84,3 +120,50 @@ class RateLimits(MultiService):
             self._redis[key] = backend
             IService(backend).setServiceParent(self)
         return backend
+
+
+def _route_view(limits: RouteLimits, levels: list[float | None] | None) -> dict[str, object]:
+    limit = limits.limit
+    buckets = limits.buckets(None)
+    per_user = limit.per_user
+    return {
+        "route": limits.route,
+        "model": limits.model,
+        "unit": limit.unit,
+        "backend": limits.backend.name,
+        "buckets": [
+            _bucket_view(b.kind, b.spec.key, b.spec.capacity, b.spec.per_second,
+                         levels[i] if levels is not None else None, levels is not None)
+            for i, b in enumerate(buckets)
+        ],
+        "per_user": None
+        if per_user is None
+        else {
+            "unit": per_user.unit,
+            "input_tokens_per_unit": per_user.input_tokens_per_unit,
+            "output_tokens_per_unit": per_user.output_tokens_per_unit,
+            "requests_per_unit": per_user.requests_per_unit,
+        },
+    }  # fmt: skip
+
+
+def _bucket_view(
+    kind: str, key: str, capacity: float, per_second: float, level: float | None, known: bool
+) -> dict[str, object]:
+    """A bucket never used (or forgotten: full again) shows as full; one whose backend
+    cannot answer shows no level."""
+    now = (capacity if level is None else level) if known else None
+    return {
+        "kind": kind,
+        "key": key,
+        "capacity": capacity,
+        "refill_per_second": round(per_second, 6),
+        "level": None if now is None else round(now, 3),
+        "debt": None if now is None else round(max(0.0, -now), 3),
+    }
+
+
+def _cause(failure: Failure) -> Failure:
+    """The failure inside a gathered one."""
+    value = failure.value
+    return value.subFailure if isinstance(value, FirstError) else failure

@@ -226,6 +226,12 @@ def test_router_state(admin: AdminHarness) -> None:
     assert state["config"]["resources"] == {"modelroutes": 2, "modelservers": 4, "pods": 6}
     assert state["config"]["debug_access"] == {"allow": ["127.0.0.0/8", "::1/128"], "token": None}
     assert state["active_requests"] == {"total": 1, "by_model": {"m": 1}}
+    limits = state["rate_limits"]
+    assert [b["backend"] for b in limits["backends"]] == ["local", "redis"]
+    assert limits["backends"][1]["healthy"] is False  # never started here
+    assert [(r["route"], r["backend"]) for r in limits["routes"]] == [("default/m", "redis")]
+    assert limits["routes"][0]["buckets"][0]["level"] is None  # Redis cannot say
+    assert limits["error"] == "a backend cannot answer: not connected to redis redis.local:6379/0"
     assert state["listeners"] == [
         {
             "name": "proxy",

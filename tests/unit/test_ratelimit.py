@@ -193,3 +193,30 @@ def test_a_stream_with_usage_charges_the_pods_count() -> None:
     response.end()
     bucket = h.limits.limiter.routes["default/m"].buckets(None)[0].spec
     assert h.limits.local.level(bucket) == 8  # the usage says 2
+
+
+def test_the_state_shows_each_bucket_with_its_level_and_debt() -> None:
+    h = RouterHarness(
+        rate_limit={"outputTokensPerUnit": 2, "requestsPerUnit": 10, "unit": "minute",
+                    "perUser": {"requestsPerUnit": 5}}
+    )  # fmt: skip
+    send(h)  # 3 output tokens used: 1 in debt
+    states: list[Any] = []
+    h.limits.state().addCallback(states.append)
+    (state,) = states
+    assert state["fail_open"] is True
+    assert state["backends"] == [{"backend": "local", "buckets": 3}]
+    route = next(r for r in state["routes"] if r["route"] == "default/m")
+    assert route["backend"] == "local"
+    assert route["per_user"] == {
+        "unit": "minute",
+        "input_tokens_per_unit": None,
+        "output_tokens_per_unit": None,
+        "requests_per_unit": 5,
+    }
+    assert route["buckets"] == [
+        {"kind": "output", "key": "kthena:ratelimit:m:output", "capacity": 2,
+         "refill_per_second": round(2 / 60, 6), "level": -1.0, "debt": 1.0},
+        {"kind": "requests", "key": "kthena:ratelimit:m:requests", "capacity": 10,
+         "refill_per_second": round(10 / 60, 6), "level": 9.0, "debt": 0.0},
+    ]  # fmt: skip

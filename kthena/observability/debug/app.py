@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -77,11 +78,14 @@ class DebugGate(Resource):
         return result
 
 
-def _answer(request: IRequest, build: Callable[[], object]) -> bytes:
+def _answer(request: IRequest, build: Callable[[], object]) -> bytes | Deferred[bytes]:
+    """A view's answer as JSON; a view whose source must be asked (Redis) answers later."""
     try:
         value = build()
     except DebugError as e:
         return json_body(request, e.status, e.body)
+    if isinstance(value, Deferred):
+        return value.addCallback(lambda later: json_body(request, 200, later))
     return json_body(request, 200, value)
 
 
@@ -126,8 +130,8 @@ def _routes(sources: DebugSources) -> list[tuple[str, str, Callable[..., object]
     ]
 
 
-def _handler(build: Callable[..., object]) -> Callable[..., bytes]:
-    def handler(request: IRequest, **params: str) -> bytes:
+def _handler(build: Callable[..., object]) -> Callable[..., bytes | Deferred[bytes]]:
+    def handler(request: IRequest, **params: str) -> bytes | Deferred[bytes]:
         return _answer(request, lambda: build(request, **params))
 
     return handler

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from kthena.config.resources import ModelRoute, Rule
 from kthena.observability.debug.common import (
     Views,
@@ -22,7 +24,17 @@ from kthena.redact import redact_url
 
 
 class Routing(Views):
-    def router_state(self) -> dict[str, object]:
+    def router_state(self) -> Deferred[dict[str, object]]:
+        """The router's state; its rate limits may be in Redis (a Deferred, then)."""
+        state = self._router_state()
+
+        def with_limits(limits: dict[str, object]) -> dict[str, object]:
+            state["rate_limits"] = limits
+            return state
+
+        return self.plane.limits.state().addCallback(with_limits)
+
+    def _router_state(self) -> dict[str, object]:
         plane = self.plane
         config = plane.config
         store = self.store
