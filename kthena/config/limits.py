@@ -6,12 +6,23 @@ C{rateLimits} section (how a Redis backend that cannot answer is treated).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kthena.config.resources import RATE_UNITS, Limits, RateLimit
-from kthena.config.validate import Where, boolean, choice, duration, integer, mapping, string
+from kthena.config.validate import (
+    Where,
+    boolean,
+    choice,
+    duration,
+    integer,
+    mapping,
+    sequence,
+    string,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +35,25 @@ class RateLimitSettings:
 
     fail_open: bool = True
     redis_timeout: float = 0.05
+
+
+def parse_tokenizers(value: object, where: Where, base: Path) -> tuple[tuple[str, str], ...]:
+    """
+    C{tokenizers}: C{[{model, file}]}, a local C{tokenizer.json} for a model's input-token
+    counts (relative paths from the config's folder).
+    """
+    found: dict[str, str] = {}
+    for i, item in enumerate(sequence(value, where)):
+        i_where = where.at(i)
+        spec = mapping(item, i_where, ("model", "file"), required=("model", "file"))
+        model = string(spec["model"], i_where.at("model"))
+        if model in found:
+            i_where.at("model").fail(f"{model!r} already has a tokenizer")
+        path = os.path.join(base, string(spec["file"], i_where.at("file")))
+        if not os.path.isfile(path):
+            i_where.at("file").fail(f"no such file: {path}")
+        found[model] = path
+    return tuple(found.items())
 
 
 def parse_rate_limits(value: object, where: Where) -> RateLimitSettings:

@@ -18,7 +18,7 @@ from typing import Any
 
 from kthena.config.documents import build_resource_set, parse_document
 from kthena.config.files import yaml_documents
-from kthena.config.limits import RateLimitSettings, parse_rate_limits
+from kthena.config.limits import RateLimitSettings, parse_rate_limits, parse_tokenizers
 from kthena.config.observability import ObservabilityConfig, parse_observability
 from kthena.config.resources import Resource, ResourceSet
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
@@ -103,6 +103,7 @@ class RouterConfig:
     simulators: tuple[SimulatorSpec, ...] = ()
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
+    tokenizers: tuple[tuple[str, str], ...] = ()
     source: str = "<defaults>"
     files: tuple[str, ...] = ()
 
@@ -124,6 +125,7 @@ _TOP = (
     "simulators",
     "scheduler",
     "rateLimits",
+    "tokenizers",
 )
 
 
@@ -283,6 +285,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         simulators=sims,
         scheduler=parse_scheduler(spec.get("scheduler"), where.at("scheduler")),
         rate_limits=parse_rate_limits(spec.get("rateLimits"), where.at("rateLimits")),
+        tokenizers=parse_tokenizers(spec.get("tokenizers"), where.at("tokenizers"), base),
         source=source,
         files=(source, *files),
     )

@@ -103,7 +103,7 @@ class DataPlane(Service):
             reactor,
             config,
             Routing(store),
-            Admission(limits, estimator),
+            Admission(limits),
             self.scheduling,
             self.dispatcher,
             self.observers,

@@ -8,20 +8,23 @@ local buckets bounded.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, FirstError, gatherResults
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
 from kthena.interfaces import IBucketBackend, IReconfigurable
 from kthena.ratelimit.buckets import LocalBuckets
+from kthena.ratelimit.estimate import CharsEstimator
 from kthena.ratelimit.limiter import RateLimiter, RouteLimits
 from kthena.ratelimit.outages import Outages
+from kthena.ratelimit.tokenizer import InThread, Tokenizers
 
 SWEEP_INTERVAL = 60.0
 """Seconds between sweeps of the local buckets that are full again."""
@@ -40,9 +43,18 @@ class RateLimits(MultiService):
         reactor: IReactorTime,
         config: RouterConfig,
         counted: Callable[[str, str], None] = lambda backend, operation: None,
+        in_thread: InThread | None = None,
     ) -> None:
+        """@param in_thread: runs tokenizer work in a thread (the reactor's pool when
+        omitted)."""
         super().__init__()
         self.reactor = reactor
+        self.tokenizers = Tokenizers(
+            config,
+            in_thread or _reactor_pool(reactor),
+            CharsEstimator(),
+        )
+        self.tokenizers.setServiceParent(self)
         self.local = LocalBuckets(reactor)
         self.outages = Outages(counted, lambda: self.limiter.settings.fail_open)
         self._redis: dict[tuple[str, str | None], IBucketBackend] = {}
@@ -62,6 +74,7 @@ class RateLimits(MultiService):
         return d
 
     def reconfigure(self, config: RouterConfig) -> None:
+        self.tokenizers.reconfigure(config)
         self.limiter.update(config.resources.routes, config.rate_limits)
         used = {id(r.backend) for r in self.limiter.routes.values()}
         for key, backend in list(self._redis.items()):
@@ -167,3 +180,14 @@ def _cause(failure: Failure) -> Failure:
     """The failure inside a gathered one."""
     value = failure.value
     return value.subFailure if isinstance(value, FirstError) else failure
+
+
+def _reactor_pool(reactor: object) -> InThread:
+    """Runs work in the reactor's thread pool (asked for only when there is work: test
+    reactors have none)."""
+
+    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        threads = cast(IReactorThreads, reactor)
+        return deferToThreadPool(reactor, threads.getThreadPool(), f, *args)  # type: ignore[arg-type]
+
+    return run

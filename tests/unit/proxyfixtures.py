@@ -16,7 +16,7 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -442,7 +442,8 @@ class RouterHarness:
         self.contexts: list[RequestRecord] = []
         self.store = Datastore()
         self.store.replace(self.config.resources)
-        self.limits = RateLimits(self.clock, self.config, self.metrics.backend_error)
+        # Tokenizer work runs at once here (a thread in the router).
+        self.limits = RateLimits(self.clock, self.config, self.metrics.backend_error, maybeDeferred)
         self.plane = DataPlane(
             self.config,
             cast(IServerReactor, self.clock),
