@@ -8,7 +8,10 @@ The router runs as `twistd kthena-router`, pinned to one core; wrk and nginx sha
 other core. Everything listens on loopback only; every run is bounded in time.
 
     apt-get install -y nginx-light wrk
-    python3 bench/router_bench.py [--duration 10] [--connections 32]
+    python3 bench/router_bench.py [--duration 10] [--connections 32] [--limits [--redis H:P]]
+
+--limits puts token and request limits on the route, high enough never to refuse (the
+cost of a check and a settle on every request); --redis keeps them in that Redis.
 
 Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50.
 """
@@ -108,7 +111,7 @@ resources:
   - apiVersion: networking.serving.volcano.sh/v1alpha1
     kind: ModelRoute
     metadata: {{name: bench}}
-    spec: {{modelName: bench, rules: [{{targetModels: [{{modelServerName: bench}}]}}]}}
+    spec: {{modelName: bench, rules: [{{targetModels: [{{modelServerName: bench}}]}}]LIMITS}}
   - apiVersion: networking.serving.volcano.sh/v1alpha1
     kind: ModelServer
     metadata: {{name: bench}}
@@ -122,6 +125,16 @@ resources:
     metadata: {{name: bench-0, labels: {{app: bench}}}}
     status: {{podIP: {BACKEND}, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
 """
+
+
+def router_config(limits: bool, redis: str | None) -> str:
+    """The router's config; with C{limits}, limits on the route that never refuse."""
+    if not limits:
+        return ROUTER_CONFIG.replace("LIMITS", "")
+    high = "inputTokensPerUnit: 1000000000, outputTokensPerUnit: 1000000000"
+    shared = f", global: {{redis: {{address: '{redis}'}}}}" if redis else ""
+    rule = f", rateLimit: {{{high}, requestsPerUnit: 1000000000, unit: second{shared}}}"
+    return ROUTER_CONFIG.replace("LIMITS", rule)
 
 
 def wrk_script(workdir: Path, stream: bool) -> Path:
@@ -175,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--limits", action="store_true", help="limits on the route (never hit)")
+    parser.add_argument("--redis", help="with --limits: the Redis (host:port) they live in")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -182,7 +197,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kthena-bench-"))
     workdir.chmod(0o755)  # nginx workers (www-data) read the bodies from here
     (workdir / "nginx.conf").write_text(nginx_conf(workdir))
-    (workdir / "router.yaml").write_text(ROUTER_CONFIG)
+    (workdir / "router.yaml").write_text(router_config(args.limits, args.redis))
     nginx = subprocess.Popen(
         ["taskset", "-c", "1", "nginx", "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"]
     )
