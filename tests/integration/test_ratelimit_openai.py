@@ -46,7 +46,7 @@ async def test_every_429_is_counted_and_logged_once(cluster: Cluster, tmp_path: 
                 client.chat.completions.create(model="m", messages=messages, max_tokens=4)
                 passed += 1
             except openai.RateLimitError as e:
-                retry_after.append(e.response.headers.get("retry-after"))
+                retry_after.append(e.response.headers.get("retry-after", ""))
                 codes.append(e.code or "")
         return passed, retry_after, codes
 
