@@ -30,15 +30,19 @@ class ErrorType(enum.Enum):
     NOT_FOUND = "not_found"
     DRAINING = "draining"
     RATE_LIMIT = "rate_limit"
+    QUEUE_TIMEOUT = "queue_timeout"  # waited past its fairness queue's timeout (504)
+    SHED = "shed"  # refused or evicted by a full fairness queue (503)
     INTERNAL = "internal"
     BAD_REQUEST = "bad_request"
     REQUEST_TIMEOUT = "request_timeout"
     URI_TOO_LONG = "uri_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
+    UNAUTHORIZED = "unauthorized"
 
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     408: "timeout_error",

@@ -50,7 +50,10 @@ class RequestRecord:
     @ivar input_estimate: input tokens estimated from the request before sending.
     @ivar prompt_tokens: from the pod's C{usage}, when it reported one.
     @ivar failed_attempts: (pod name, why) of each attempt that failed, in order.
-    @ivar user: who called (L{kthena.pipeline.identify}).
+    @ivar user: who called (L{kthena.pipeline.identify}): C{anonymous} until known.
+    @ivar priority: the caller's priority class (for the fairness queue).
+    @ivar identified: the config names how callers are identified (the access log's
+        C{user_id} field is written only then).
     @ivar dispatched: the request went to pods (its observers were told it started).
     @ivar unhealthy_fallback: no pod of the server was healthy: it was scheduled among
         unhealthy ones.
@@ -60,6 +63,8 @@ class RequestRecord:
         C{output_tokens}, C{requests}), for the C{rate_limit_exceeded} count.
     @ivar limited: what the rate limiter took at admission (a
         L{kthena.ratelimit.limiter.Charge}), until it is settled.
+    @ivar ticket: the fairness queue's ticket (a L{kthena.fairness.queue.Ticket}), until
+        the request ends and hands it back.
     """
 
     request_id: str
@@ -69,6 +74,8 @@ class RequestRecord:
     protocol: str = "HTTP/1.1"
     model: str | None = None
     user: str | None = None
+    priority: str | None = None
+    identified: bool = False
     stream: bool = False
     match: RouteMatch | None = None
     decision: Decision | None = None
@@ -91,6 +98,7 @@ class RequestRecord:
     streamed_deltas: int = 0
     limit_type: str | None = None
     limited: object = None
+    ticket: object = None
 
     @property
     def candidates(self) -> list[PodEndpoint]:

@@ -11,9 +11,13 @@ after another (L{SequentialMultiService}):
   4. upstream (the client towards pods; stop: pooled connections close)
   5. admin (C{/metrics}, C{/debug})
   6. access log (stop: the buffer is flushed), and its SIGUSR1 reopener
-  7. data plane (the request pipeline; stop: the drain)
-  8. proxy listener (stop: the port closes first of all)
-  9. reloader (SIGHUP, file changes)
+  7. jwks (the identity section's key set: read before requests come; stop: the refresh
+     loop and a read in flight end, waiting requests get their 401)
+  8. rate limits (the tokenizers, the local buckets, a connection per Redis)
+  9. fairness (the queues; stop: what is still queued after the drain gets 503)
+ 10. data plane (the request pipeline; stop: the drain)
+ 11. proxy listener (stop: the port closes first of all)
+ 12. reloader (SIGHUP, file changes)
 
 A reload is a protocol of the tree: the new config is loaded and validated whole, then
 each reconfigurable child takes it in that order (the store first, so that the scraper
@@ -33,6 +37,8 @@ from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, SimulatorSpec, load_config
 from kthena.engines.scraper import PodScraper
+from kthena.fairness.service import FairQueues
+from kthena.identity.identity import build_identity
 from kthena.interfaces import IReconfigurable, IScheduler, IServerReactor, IUpstream
 from kthena.lifecycle import SequentialMultiService, SignalService, restart_needed
 from kthena.observability.accesslog import access_log_for
@@ -132,6 +138,14 @@ class RouterService(SequentialMultiService):
             config.observability.access_log, self.registry, reactor, config.source
         )
         self.limits = RateLimits(reactor, config, self.metrics.backend_error)
+        self.identifier, self.jwks = build_identity(config.identity, reactor)
+        self.fairness = FairQueues(
+            reactor,
+            config,
+            self.metrics.fairness_queue_size,
+            self.metrics.fairness_queue_duration,
+        )
+        self.metrics.scrape_hooks.append(self.fairness.before_scrape)
         self.plane = self._data_plane(scheduler)
         site = ProxySite(
             ProxyResource(self.plane.pipeline),
@@ -161,11 +175,16 @@ class RouterService(SequentialMultiService):
         if self.access_log is not None and signals is not None:
             # SIGUSR1: reopen the file after logrotate renamed it.
             self._add(SignalService(signals, signal.SIGUSR1, self.access_log.reopen))
-        self._add(self.limits, self.plane, self.proxy, self.reloader)
+        self._add(self.jwks, self.limits, self.fairness, self.plane, self.proxy, self.reloader)
 
     def _data_plane(self, scheduler: IScheduler | None) -> DataPlane:
         """The pipeline, its observers registered here, in one place."""
-        observers: list[Any] = [self.metrics, self.decisions, self.limits.limiter]
+        observers: list[Any] = [
+            self.metrics,
+            self.decisions,
+            self.limits.limiter,
+            self.fairness.observer,
+        ]
         if self.access_log is not None:
             observers.append(self.access_log)
         plane = DataPlane(
@@ -174,6 +193,8 @@ class RouterService(SequentialMultiService):
             self.store,
             self.upstream,
             self.limits,
+            self.identifier,
+            self.fairness.fairness,
             observers,
             self.metrics.plugin_timer,
             self.metrics.ejected,

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from kthena.config.documents import build_resource_set, parse_document
+from kthena.config.fairness import FairnessConfig, parse_fairness
 from kthena.config.files import yaml_documents
+from kthena.config.identity import IdentityConfig, parse_identity
 from kthena.config.limits import RateLimitSettings, parse_rate_limits, parse_tokenizers
 from kthena.config.observability import ObservabilityConfig, parse_observability
 from kthena.config.resources import Resource, ResourceSet
@@ -104,6 +106,8 @@ class RouterConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     tokenizers: tuple[tuple[str, str], ...] = ()
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
     source: str = "<defaults>"
     files: tuple[str, ...] = ()
 
@@ -126,6 +130,8 @@ _TOP = (
     "scheduler",
     "rateLimits",
     "tokenizers",
+    "identity",
+    "fairness",
 )
 
 
@@ -256,6 +262,10 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         _simulator(s, where.at("simulators").at(i))
         for i, s in enumerate(sequence(spec.get("simulators"), where.at("simulators")))
     )
+    identity = parse_identity(spec.get("identity"), where.at("identity"), base)
+    fairness = parse_fairness(
+        spec.get("fairness"), where.at("fairness"), identity.priorities, identity.default_priority
+    )
     return RouterConfig(
         listen=_listen(spec.get("listen", d.listen), where.at("listen")),
         admin_listen=None
@@ -286,6 +296,8 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         scheduler=parse_scheduler(spec.get("scheduler"), where.at("scheduler")),
         rate_limits=parse_rate_limits(spec.get("rateLimits"), where.at("rateLimits")),
         tokenizers=parse_tokenizers(spec.get("tokenizers"), where.at("tokenizers"), base),
+        identity=identity,
+        fairness=fairness,
         source=source,
         files=(source, *files),
     )

@@ -136,8 +136,12 @@ class MetricsResource(Resource):
         clock: IReactorTime,
         max_waiting: int = MAX_WAITING_SCRAPES,
         max_share: float = MAX_RENDER_SHARE,
+        before: Callable[[], None] = lambda: None,
     ) -> None:
+        """@param before: called on the reactor thread just before each render (gauges
+        set from state only the reactor thread may read)."""
         super().__init__()
+        self.before = before
         self.registry = registry
         self.runner = runner
         self.clock = clock
@@ -156,6 +160,7 @@ class MetricsResource(Resource):
         return d.addCallback(lambda _: self._run(render))
 
     def _run(self, render: Callable[[], Exposition]) -> Deferred[Exposition]:
+        self.before()
         return self.runner(render).addCallback(self._rendered)
 
     def _rendered(self, exposition: Exposition) -> Exposition:
@@ -317,7 +322,10 @@ class AdminService(MultiService):
         obs = config.observability
         self.metrics_path = obs.metrics.path
         self.metrics_resource = MetricsResource(
-            registry, runner if runner is not None else thread_runner(reactor), reactor
+            registry,
+            runner if runner is not None else thread_runner(reactor),
+            reactor,
+            before=metrics.before_scrape,
         )
         self.debug_resource: IResource | None = None
         if obs.debug.enabled:

@@ -86,6 +86,7 @@ class RouterMetrics:
         self._pd_families()
         self._router_families()
         self.pods = PodGauges(registry)
+        self.scrape_hooks: list[Callable[[], None]] = []
         self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
         self._names = _names(config)
 
@@ -229,6 +230,11 @@ class RouterMetrics:
         """Where the gauges read at scrape time come from (the router's calls, scheduler)."""
         self.active_requests.set_function(active)
         self.prefix_cache_entries.set_function(prefix_entries)
+
+    def before_scrape(self) -> None:
+        """Each scrape, on the reactor thread before rendering: the hooks set their gauges."""
+        for hook in self.scrape_hooks:
+            hook()
 
     def path_label(self, path: str) -> str:
         if path in self._paths:

@@ -78,8 +78,9 @@ def _error(ctx: RequestRecord) -> tuple[str, str] | None:
 def json_record(ctx: RequestRecord) -> dict[str, Any]:
     """
     The JSON record: the specification's fields in its order, then current Kthena's
-    destination fields; as Kthena, a field that is not known (no model, no route, no pod,
-    no tokens, no attempt) is left out rather than written as C{null} or C{0}.
+    destination fields, and ours (C{user_id}, only when the config identifies callers);
+    as Kthena, a field that is not known (no model, no route, no pod, no tokens, no
+    attempt) is left out rather than written as C{null} or C{0}.
     """
     total, request, upstream, response = durations(ctx)
     match = ctx.match
@@ -96,6 +97,7 @@ def json_record(ctx: RequestRecord) -> dict[str, Any]:
         ("model_server", match.server.meta.key if match is not None else None),
         ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
         ("request_id", ctx.request_id),
+        ("user_id", ctx.user if ctx.identified else None),
         ("backend_type", "model_server" if match is not None else None),
         ("backend_name", match.server.meta.key if match is not None else None),
         ("upstream_model", match.upstream_model(ctx.model or "") if match is not None else None),
@@ -175,6 +177,7 @@ def format_text(ctx: RequestRecord) -> str:
         ("model_server", match.server.meta.key if match is not None else None),
         ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
         ("request_id", ctx.request_id),
+        ("user_id", ctx.user if ctx.identified else None),
     )
     parts.extend(f"{key}={_bare_or_quoted(value)}" for key, value in known if value)
     if ctx.attempts:

@@ -22,12 +22,13 @@ from twisted.python.failure import Failure
 from kthena.config.router import RouterConfig
 from kthena.errors import ErrorType, ProxyError
 from kthena.interfaces import IExchange, IRequestObserver
-from kthena.pipeline import identify, parse
+from kthena.pipeline import parse
 from kthena.pipeline.admit import Admission
 from kthena.pipeline.answers import answer_error, end_with_error
 from kthena.pipeline.call import Call
 from kthena.pipeline.dispatch import Dispatcher
 from kthena.pipeline.health import Readiness
+from kthena.pipeline.identify import Identification
 from kthena.pipeline.inflight import InFlight
 from kthena.pipeline.internal import InternalErrors
 from kthena.pipeline.local import LocalAnswers, answered_here
@@ -78,6 +79,7 @@ class Pipeline:
         self,
         clock: IReactorTime,
         config: RouterConfig,
+        identification: Identification,
         routing: Routing,
         admission: Admission,
         scheduling: Scheduling,
@@ -90,6 +92,7 @@ class Pipeline:
         internal_errors: InternalErrors,
     ) -> None:
         self.clock = clock
+        self.identification = identification
         self.routing = routing
         self.admission = admission
         self.scheduling = scheduling
@@ -161,7 +164,9 @@ class Pipeline:
         if self.readiness.draining:
             raise ProxyError(503, ErrorType.DRAINING, "the router is shutting down")
         parsed = parse.parse(exchange, record, self.max_body_bytes)
-        identify.identify(exchange, record)
+        identifying = self.identification.identify(exchange, record)
+        if identifying is not None:  # the key set is read again for an unknown key
+            await identifying
         match = self.routing.route(exchange, record, parsed)
         await self.admission.admit(record, parsed)
         candidates = self.scheduling.schedule(record, parsed, match)

@@ -19,6 +19,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
+from kthena.fairness.fairness import Fairness
+from kthena.identity.identity import Identifier
 from kthena.interfaces import (
     IReconfigurable,
     IRequestObserver,
@@ -30,6 +32,7 @@ from kthena.interfaces import (
 from kthena.pipeline.admit import Admission
 from kthena.pipeline.dispatch import Dispatcher
 from kthena.pipeline.health import Health, Readiness
+from kthena.pipeline.identify import Identification
 from kthena.pipeline.inflight import InFlight
 from kthena.pipeline.internal import InternalErrors
 from kthena.pipeline.local import LocalAnswers
@@ -71,6 +74,8 @@ class DataPlane(Service):
         store: Datastore,
         upstream: IUpstream,
         limits: RateLimits,
+        identifier: Identifier,
+        fairness: Fairness,
         observers: Iterable[IRequestObserver] = (),
         timer: Timer | None = None,
         on_eject: Callable[[PodEndpoint], None] = _nobody,
@@ -78,6 +83,9 @@ class DataPlane(Service):
         estimator: ITokenEstimator | None = None,
     ) -> None:
         """
+        @param limits: the rate limits (their service is in the tree before the plane).
+        @param identifier: who calls (its key set's service is in the tree before the plane).
+        @param fairness: the fairness queues (their service is in the tree before the plane).
         @param timer: times every scheduler plugin call (the plugin-duration histogram).
         @param on_eject: told of every pod outlier detection ejects.
         @param scheduler: a fixed scheduler (tests); built from the config otherwise.
@@ -95,6 +103,8 @@ class DataPlane(Service):
         self.cut: int | None = None
         estimator = estimator or CharsEstimator()
         self.limits = limits
+        self.fairness = fairness
+        self.identification = Identification(identifier, config)
         self.scheduling = Scheduling(store, self.health, estimator, config, timer, scheduler)
         self.dispatcher = Dispatcher(
             upstream, self.outliers, store, self.scheduling, self.observers, reactor, config
@@ -102,8 +112,9 @@ class DataPlane(Service):
         self.pipeline = Pipeline(
             reactor,
             config,
+            self.identification,
             Routing(store),
-            Admission(limits),
+            Admission(limits, fairness),
             self.scheduling,
             self.dispatcher,
             self.observers,
@@ -126,7 +137,8 @@ class DataPlane(Service):
         self.outliers.config = config.upstream.outlier
         if self.health.scrapes is not None:
             self.health.scrapes = config.pod_metrics
-        for part in (self.readiness, self.scheduling, self.dispatcher, self.pipeline):
+        parts = (self.readiness, self.identification, self.scheduling, self.dispatcher)
+        for part in (*parts, self.pipeline):
             part.reconfigure(config)
         for observer in self.observers.observers:
             if IReconfigurable.providedBy(observer):

@@ -28,6 +28,8 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, parse_config
+from kthena.fairness.service import FairQueues
+from kthena.identity.identity import build_identity
 from kthena.interfaces import IReconfigurable, IScheduler, IServerReactor, IUpstream
 from kthena.lifecycle import SequentialMultiService
 from kthena.observability.metrics import RouterMetrics
@@ -444,21 +446,37 @@ class RouterHarness:
         self.store.replace(self.config.resources)
         # Tokenizer work runs at once here (a thread in the router).
         self.limits = RateLimits(self.clock, self.config, self.metrics.backend_error, maybeDeferred)
+        reactor = cast(IServerReactor, self.clock)
+        self.identifier, self.jwks = build_identity(self.config.identity, reactor)
+        self.fairness = FairQueues(
+            reactor,
+            self.config,
+            self.metrics.fairness_queue_size,
+            self.metrics.fairness_queue_duration,
+        )
+        self.metrics.scrape_hooks.append(self.fairness.before_scrape)
         self.plane = DataPlane(
             self.config,
-            cast(IServerReactor, self.clock),
+            reactor,
             self.store,
             self.upstream,
             self.limits,
-            [self.metrics, self.limits.limiter, Ended(self.contexts.append)],
+            self.identifier,
+            self.fairness.fairness,
+            [
+                self.metrics,
+                self.limits.limiter,
+                self.fairness.observer,
+                Ended(self.contexts.append),
+            ],
             self.metrics.plugin_timer,
             self.metrics.ejected,
             None if configured_scheduler else self.scheduler,
         )
         self.tree = SequentialMultiService()
         self.upstream.setServiceParent(self.tree)
-        self.limits.setServiceParent(self.tree)
-        self.plane.setServiceParent(self.tree)
+        for part in (self.jwks, self.limits, self.fairness, self.plane):
+            part.setServiceParent(self.tree)
         self.resource = RecordingResource(self.plane.pipeline)
         self.site = ProxySite(
             self.resource,

@@ -5,6 +5,7 @@ and status, 404 / 405 / 403, the allow-list and bearer token, and redaction of s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,32 @@ def test_spec_endpoints_of_later_issues_say_so(admin: AdminHarness) -> None:
 
 
 # -- the router's own views
+
+
+def test_router_state_shows_identity_and_fairness_but_never_a_secret() -> None:
+    admin = AdminHarness(
+        identity={
+            "jwt": {
+                "issuer": "https://idp.example",
+                "audiences": ["kthena"],
+                "jwksUrl": "https://svc:hunter2@idp.example/jwks?access_token=s3cr3t",
+            },
+            "header": {"user": "x-user-id"},
+        },
+        fairness={"topUsers": 3, "models": [{"model": "m", "maxConcurrency": 2}]},
+    )
+    response = admin.get("/debug/router/state")
+    assert b"hunter2" not in response.body and b"s3cr3t" not in response.body
+    state = json.loads(response.body)
+    identity = state["identity"]
+    assert identity["jwt"]["issuer"] == "https://idp.example"
+    assert identity["jwt"]["keys"] == 0 and identity["jwt"]["key_ids"] == []
+    assert identity["header"] == {"user": "x-user-id", "priority": None}
+    assert identity["priorities"] == ["critical", "standard", "sheddable"]
+    queue = state["fairness"]["m"]
+    assert (queue["length"], queue["in_flight"], queue["oldest_wait_seconds"]) == (0, 0, None)
+    assert queue["settings"]["max_concurrency"] == 2
+    assert queue["classes"] == {"critical": 0, "standard": 0, "sheddable": 0}
 
 
 def test_router_state(admin: AdminHarness) -> None:

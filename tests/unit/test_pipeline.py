@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from kthena.errors import ErrorType, ProxyError
-from kthena.pipeline import identify, parse
+from kthena.pipeline import parse
 from kthena.pipeline import pipeline as pipeline_module
 from kthena.record import RequestRecord
 from tests.unit.proxyfixtures import RouterHarness, sse_response
@@ -61,7 +61,7 @@ def _async_raise(error: Exception) -> Callable[..., Any]:
 
 STAGES: dict[str, Callable[[RouterHarness, pytest.MonkeyPatch, Exception], None]] = {
     "parse": lambda h, mp, e: mp.setattr(parse, "parse", _raise(e)),
-    "identify": lambda h, mp, e: mp.setattr(identify, "identify", _raise(e)),
+    "identify": lambda h, mp, e: mp.setattr(h.plane.pipeline.identification, "identify", _raise(e)),
     "route": lambda h, mp, e: mp.setattr(h.plane.pipeline.routing, "route", _raise(e)),
     "admit": lambda h, mp, e: mp.setattr(h.plane.pipeline.admission, "admit", _async_raise(e)),
     "schedule": lambda h, mp, e: mp.setattr(h.plane.pipeline.scheduling, "schedule", _raise(e)),

@@ -27,6 +27,9 @@ class Routing(Views):
     def router_state(self) -> Deferred[dict[str, object]]:
         """The router's state; its rate limits may be in Redis (a Deferred, then)."""
         state = self._router_state()
+        plane = self.plane
+        state["identity"] = plane.identification.identifier.state()
+        state["fairness"] = plane.fairness.state()
 
         def with_limits(limits: dict[str, object]) -> dict[str, object]:
             state["rate_limits"] = limits
