@@ -24,7 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kthena.config.identity import DEFAULT_PRIORITIES, DEFAULT_PRIORITY, SHEDDABLE
-from kthena.config.validate import Where, duration, integer, mapping, number, sequence, string
+from kthena.config.validate import (
+    Where,
+    integer,
+    mapping,
+    number,
+    positive_duration,
+    sequence,
+    string,
+)
 
 __all__ = ["DEFAULT_PRIORITIES", "SHEDDABLE", "FairnessConfig", "ModelFairness"]
 
@@ -69,13 +77,6 @@ class FairnessConfig:
     models: tuple[ModelFairness, ...] = ()
 
 
-def _positive_duration(value: object, where: Where) -> float:
-    seconds = duration(value, where)
-    if seconds <= 0:
-        where.fail("must be more than 0s")
-    return seconds
-
-
 def _model(value: object, where: Where) -> ModelFairness:
     spec = mapping(
         value, where, ("model", "maxConcurrency", "qps", "timeout", "maxLength"), ("model",)
@@ -96,7 +97,7 @@ def _model(value: object, where: Where) -> ModelFairness:
         if max_concurrency is None
         else integer(max_concurrency, where.at("maxConcurrency"), minimum=1),
         qps=parsed_qps,
-        timeout=_positive_duration(spec.get("timeout", d.timeout), where.at("timeout")),
+        timeout=positive_duration(spec.get("timeout", d.timeout), where.at("timeout")),
         max_length=integer(spec.get("maxLength", d.max_length), where.at("maxLength"), minimum=0),
     )
 
@@ -130,7 +131,7 @@ def parse_fairness(
         seen[model.model] = i
         models.append(model)
     return FairnessConfig(
-        window=_positive_duration(spec.get("window", d.window), where.at("window")),
+        window=positive_duration(spec.get("window", d.window), where.at("window")),
         input_weight=number(
             spec.get("inputWeight", d.input_weight), where.at("inputWeight"), minimum=0
         ),

@@ -17,9 +17,9 @@ from kthena.config.validate import (
     Where,
     boolean,
     choice,
-    duration,
     integer,
     mapping,
+    positive_duration,
     sequence,
     string,
 )
@@ -59,9 +59,7 @@ def parse_tokenizers(value: object, where: Where, base: Path) -> tuple[tuple[str
 def parse_rate_limits(value: object, where: Where) -> RateLimitSettings:
     spec = mapping(value, where, ("failOpen", "redisTimeout"))
     d = RateLimitSettings()
-    timeout = duration(spec.get("redisTimeout", d.redis_timeout), where.at("redisTimeout"))
-    if timeout <= 0:
-        where.at("redisTimeout").fail("must be more than 0s")
+    timeout = positive_duration(spec.get("redisTimeout", d.redis_timeout), where.at("redisTimeout"))
     return RateLimitSettings(
         fail_open=boolean(spec.get("failOpen", d.fail_open), where.at("failOpen")),
         redis_timeout=timeout,

@@ -42,6 +42,7 @@ from kthena.config.validate import (
     integer,
     mapping,
     number,
+    positive_duration,
     sequence,
     string,
 )
@@ -154,13 +155,13 @@ def _pod_metrics(value: object, where: Where) -> PodMetricsConfig:
          "modelsInterval"),
     )  # fmt: skip
     d = PodMetricsConfig()
-    interval = duration(spec.get("interval", d.interval), where.at("interval"))
-    if interval <= 0:
-        where.at("interval").fail("must be more than 0s")
+    interval = positive_duration(spec.get("interval", d.interval), where.at("interval"))
     config = PodMetricsConfig(
         enabled=boolean(spec.get("enabled", d.enabled), where.at("enabled")),
         interval=interval,
-        timeout=duration(spec.get("timeout", min(d.timeout, interval)), where.at("timeout")),
+        timeout=positive_duration(
+            spec.get("timeout", min(d.timeout, interval)), where.at("timeout")
+        ),
         concurrency=integer(
             spec.get("concurrency", d.concurrency), where.at("concurrency"), minimum=1
         ),
@@ -175,8 +176,6 @@ def _pod_metrics(value: object, where: Where) -> PodMetricsConfig:
             where.at("modelsInterval"),
         ),
     )
-    if config.timeout <= 0:
-        where.at("timeout").fail("must be more than 0s")
     if config.stale_after < config.interval:
         where.at("staleAfter").fail("must be at least the interval")
     return config

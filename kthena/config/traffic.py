@@ -9,7 +9,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from kthena.config.validate import Where, boolean, duration, integer, mapping, sequence, string
+from kthena.config.validate import (
+    Where,
+    boolean,
+    duration,
+    integer,
+    mapping,
+    positive_duration,
+    sequence,
+    string,
+)
 
 DEFAULT_INFERENCE_PATHS = (
     "/v1/chat/completions",
@@ -82,13 +91,6 @@ class DownstreamConfig:
     idle_timeout: float = 60.0
 
 
-def _positive(value: object, where: Where) -> float:
-    seconds = duration(value, where)
-    if seconds <= 0:
-        where.fail("must be more than 0s")
-    return seconds
-
-
 def parse_outlier(value: object, where: Where) -> OutlierConfig:
     spec = mapping(
         value,
@@ -104,10 +106,10 @@ def parse_outlier(value: object, where: Where) -> OutlierConfig:
             where.at("consecutiveFailures"),
             minimum=1,
         ),
-        base_ejection_time=_positive(
+        base_ejection_time=positive_duration(
             spec.get("baseEjectionTime", d.base_ejection_time), where.at("baseEjectionTime")
         ),
-        max_ejection_time=_positive(
+        max_ejection_time=positive_duration(
             spec.get("maxEjectionTime", d.max_ejection_time), where.at("maxEjectionTime")
         ),
         max_ejection_percent=integer(
@@ -155,11 +157,15 @@ def parse_downstream(value: object, where: Where) -> DownstreamConfig:
     spec = mapping(value, where, ("headerTimeout", "bodyTimeout", "idleTimeout"))
     d = DownstreamConfig()
     return DownstreamConfig(
-        header_timeout=_positive(
+        header_timeout=positive_duration(
             spec.get("headerTimeout", d.header_timeout), where.at("headerTimeout")
         ),
-        body_timeout=_positive(spec.get("bodyTimeout", d.body_timeout), where.at("bodyTimeout")),
-        idle_timeout=_positive(spec.get("idleTimeout", d.idle_timeout), where.at("idleTimeout")),
+        body_timeout=positive_duration(
+            spec.get("bodyTimeout", d.body_timeout), where.at("bodyTimeout")
+        ),
+        idle_timeout=positive_duration(
+            spec.get("idleTimeout", d.idle_timeout), where.at("idleTimeout")
+        ),
     )
 
 

@@ -231,6 +231,14 @@ def duration(value: object, where: Where) -> float:
     return total
 
 
+def positive_duration(value: object, where: Where) -> float:
+    """A L{duration} of more than zero seconds."""
+    seconds = duration(value, where)
+    if seconds <= 0:
+        where.fail("must be more than 0s")
+    return seconds
+
+
 def regex(value: object, where: Where) -> re.Pattern[str]:
     text = string(value, where, empty=True)
     try:
