@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
@@ -38,13 +38,21 @@ LIMIT_TYPES = {"input": "input_tokens", "output": "output_tokens", "requests": "
 """A bucket kind -> the C{limit_type} label of C{kthena_router_rate_limit_exceeded_total}."""
 
 _WHAT = {"input": "input-token", "output": "output-token", "requests": "request"}
+_FIXED = {"input": None, "output": (0, 1), "requests": (1, 1)}
+"""(take, need) of a bucket kind's demand when it is the same for every request."""
 
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
+    """
+    @ivar fixed: what every request asks of it, when that does not depend on the request
+        (output: one token available; requests: one taken); C{None} for input.
+    """
+
     kind: str
     spec: BucketSpec
     per_user: bool
+    fixed: Demand | None
 
 
 def _buckets(model: str, limits: Limits, user: str | None) -> list[Bucket]:
@@ -54,11 +62,14 @@ def _buckets(model: str, limits: Limits, user: str | None) -> list[Bucket]:
         limits.requests_per_unit,
     )
     seconds = limits.unit_seconds
-    return [
-        Bucket(kind, BucketSpec(bucket_key(model, kind, user), n, n / seconds), user is not None)
-        for kind, n in zip(KINDS, amounts, strict=True)
-        if n is not None
-    ]
+    buckets = []
+    for kind, n in zip(KINDS, amounts, strict=True):
+        if n is not None:
+            spec = BucketSpec(bucket_key(model, kind, user), n, n / seconds)
+            fixed = _FIXED[kind]
+            demand = None if fixed is None else Demand(spec, *fixed)
+            buckets.append(Bucket(kind, spec, user is not None, demand))
+    return buckets
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +84,18 @@ class RouteLimits:
     model: str
     limit: RateLimit
     backend: IBucketBackend
+    _shared: list[Bucket] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the route's own buckets are the same for every request: made once
+        object.__setattr__(self, "_shared", _buckets(self.model, self.limit, None))
 
     def buckets(self, user: str | None) -> list[Bucket]:
         """The route's buckets, then the caller's (when the route limits each caller)."""
-        found = _buckets(self.model, self.limit, None)
-        if self.limit.per_user is not None and user is not None:
-            found += _buckets(self.model, self.limit.per_user, user)
-        return found
+        per_user = self.limit.per_user
+        if per_user is None or user is None:
+            return self._shared
+        return self._shared + _buckets(self.model, per_user, user)
 
 
 @dataclass(slots=True)
@@ -92,14 +108,7 @@ class Charge:
 
     def demands(self) -> list[Demand]:
         estimate = self.estimate
-        return [
-            Demand(b.spec, estimate, estimate)
-            if b.kind == "input"
-            else Demand(b.spec, 0, 1)
-            if b.kind == "output"
-            else Demand(b.spec, 1, 1)
-            for b in self.buckets
-        ]
+        return [b.fixed or Demand(b.spec, estimate, estimate) for b in self.buckets]
 
     def used(self, record: RequestRecord) -> list[tuple[BucketSpec, float]]:
         """

@@ -483,10 +483,10 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
     buckets: RedisBuckets, redis_server: RedisServer
 ) -> None:
     b = per_hour(10)
-    assert redis_server.command("SCRIPT", "EXISTS", *(s.sha for s in SCRIPTS)) == [1, 1, 1]
+    assert redis_server.command("SCRIPT", "EXISTS", *(s.sha.decode() for s in SCRIPTS)) == [1, 1, 1]
     redis_server.command("SCRIPT", "FLUSH")
     assert await buckets.check([Demand(b, 3, 3)]) is None  # NOSCRIPT, then EVAL
-    assert redis_server.command("SCRIPT", "EXISTS", CHECK.sha) == [1]
+    assert redis_server.command("SCRIPT", "EXISTS", CHECK.sha.decode()) == [1]
     assert await buckets.check([Demand(b, 3, 3)]) is None  # EVALSHA again
     assert await level(buckets, b) == pytest.approx(4.0, abs=0.01)
     assert buckets.healthy
