@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from router_bench import router_config  # noqa: E402
+from router_bench import router_config
 
 
 def main() -> None:
@@ -104,9 +104,7 @@ async def run(
     else:
         share = requests // concurrency
         requests = share * concurrency
-        await gatherResults(
-            [Deferred.fromCoroutine(worker(share)) for _ in range(concurrency)]
-        )
+        await gatherResults([Deferred.fromCoroutine(worker(share)) for _ in range(concurrency)])
         route = limiter.routes[match.route.meta.key]
         await route.backend.levels([b.spec for b in route.buckets(None)])  # after the settles
     result["cpu_us"] = (time.process_time() - cpu) / requests * 1e6
