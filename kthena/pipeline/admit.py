@@ -28,7 +28,8 @@ class Admission:
             await self._limits(record, parsed)
         model = parsed.model
         if self.fairness.configured(model):
-            user = record.user or "anonymous"
+            user = record.user
+            assert user is not None  # the identify stage named the caller
             ticket = self.fairness.admit_now(model, user, record.priority)
             if ticket is None:
                 ticket = await self.fairness.admit(model, user, record.priority)
