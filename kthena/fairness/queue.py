@@ -7,12 +7,8 @@ the user's recent weighted usage (L{kthena.fairness.usage}; less first, read whe
 request is taken, so usage recorded while waiting counts), then first come first served
 within a user; between users of equal usage, whose oldest request came first.
 
-Each class keeps, per user, that user's requests in arrival order, and a heap of the
-users keyed by (usage, arrival of their oldest request). Usage only grows between two
-expiries of the history, so a stale key is too small and is mended when it reaches the top
-of the heap; when tokens leave the window (the history's C{version} changes) the heap is
-rebuilt. Taking a request costs O(log users); cancelling one costs O(1) (plus a heap push
-when it was its user's oldest).
+Each class is a L{kthena.fairness.order.ClassQueue}: taking a request costs O(log users),
+cancelling one O(1).
 
 Time is the reactor's: one delayed call per queue for the oldest request's timeout (the
 queue's timeout is the same for all, so the oldest times out first), and one for the QPS
@@ -21,7 +17,6 @@ bucket when only it holds the queue back. Neither exists while the queue is empt
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from itertools import count
@@ -32,6 +27,7 @@ from twisted.logger import Logger
 
 from kthena.config.fairness import SHEDDABLE, FairnessConfig, ModelFairness
 from kthena.errors import ErrorType, ProxyError
+from kthena.fairness.order import ClassQueue, Waiter
 from kthena.fairness.usage import UsageHistory
 
 log = Logger()
@@ -80,90 +76,6 @@ class Ticket:
         )
 
 
-class _Waiter:
-    __slots__ = ("deferred", "enqueued_at", "priority", "queue", "rank", "seq", "user")
-
-    def __init__(
-        self, queue: ModelQueue, seq: int, user: str, priority: str | None, rank: int, at: float
-    ) -> None:
-        self.queue = queue
-        self.seq = seq
-        self.user = user
-        self.priority = priority
-        self.rank = rank
-        self.enqueued_at = at
-        self.deferred: Deferred[Ticket] = Deferred(self._cancel)
-
-    def _cancel(self, deferred: Deferred[Ticket]) -> None:
-        self.queue._cancelled(self)
-
-
-class _ClassQueue:
-    """One priority class of one model's queue."""
-
-    __slots__ = ("count", "heap", "users", "version")
-
-    def __init__(self) -> None:
-        self.users: dict[str, OrderedDict[int, _Waiter]] = {}
-        self.heap: list[tuple[float, int, str]] = []  # (usage, seq of user's oldest, user)
-        self.count = 0
-        self.version = -1  # the history's version the heap's keys were read at
-
-    def push(self, waiter: _Waiter, history: UsageHistory) -> None:
-        queued = self.users.get(waiter.user)
-        if queued is None:
-            queued = self.users[waiter.user] = OrderedDict()
-            heapq.heappush(self.heap, (history.usage(waiter.user), waiter.seq, waiter.user))
-        queued[waiter.seq] = waiter
-        self.count += 1
-
-    def remove(self, waiter: _Waiter, history: UsageHistory) -> None:
-        queued = self.users[waiter.user]
-        oldest = next(iter(queued))
-        del queued[waiter.seq]
-        self.count -= 1
-        if not queued:
-            del self.users[waiter.user]  # its heap entry is stale: dropped when reached
-        elif oldest == waiter.seq:
-            heapq.heappush(self.heap, (history.usage(waiter.user), next(iter(queued)), waiter.user))
-        if len(self.heap) > 2 * len(self.users) + 16:
-            self._rebuild(history)
-
-    def _rebuild(self, history: UsageHistory) -> None:
-        self.heap = [(history.usage(u), next(iter(q)), u) for u, q in self.users.items()]
-        heapq.heapify(self.heap)
-        self.version = history.version
-
-    def pop(self, history: UsageHistory) -> _Waiter:
-        """The best request of the class (the class is not empty)."""
-        if self.version != history.version:
-            self._rebuild(history)
-        heap, users = self.heap, self.users
-        while True:
-            used, seq, user = heap[0]
-            queued = users.get(user)
-            if queued is None or next(iter(queued)) != seq:
-                heapq.heappop(heap)  # stale: the user's oldest left
-                continue
-            now_used = history.usage(user)
-            if now_used != used:
-                heapq.heapreplace(heap, (now_used, seq, user))  # used more since
-                continue
-            waiter = queued.popitem(last=False)[1]
-            self.count -= 1
-            if queued:
-                heapq.heapreplace(heap, (now_used, next(iter(queued)), user))
-            else:
-                heapq.heappop(heap)
-                del users[user]
-            return waiter
-
-    def lowest(self, history: UsageHistory) -> _Waiter:
-        """The request that would be taken last (the class is not empty)."""
-        user = max(self.users, key=lambda u: (history.usage(u), next(iter(self.users[u]))))
-        return next(reversed(self.users[user].values()))
-
-
 class ModelQueue:
     """
     One model's queue; L{kthena.fairness.fairness.Fairness} keeps one per configured model.
@@ -186,8 +98,8 @@ class ModelQueue:
         self.in_flight = 0
         self.stopped = False
         self._seq = count()
-        self._arrivals: OrderedDict[int, _Waiter] = OrderedDict()
-        self._classes: list[_ClassQueue] = []
+        self._arrivals: OrderedDict[int, Waiter] = OrderedDict()
+        self._classes: list[ClassQueue] = []
         self._ranks: dict[str, int] = {}
         self._default_rank = 0
         self._shed_rank: int | None = None
@@ -227,7 +139,7 @@ class ModelQueue:
         self._ranks = {name: i for i, name in enumerate(config.priorities)}
         self._default_rank = self._ranks[config.default_priority]
         self._shed_rank = self._ranks.get(SHEDDABLE)
-        self._classes = [_ClassQueue() for _ in config.priorities]
+        self._classes = [ClassQueue() for _ in config.priorities]
         for waiter in self._arrivals.values():
             waiter.rank = self._rank(waiter.priority)
             self._classes[waiter.rank].push(waiter, self.history)
@@ -277,7 +189,7 @@ class ModelQueue:
             self.history.advance(now)
             victim = shed.lowest(self.history)
             self._remove(victim)
-        waiter = _Waiter(self, next(self._seq), user, priority, rank, now)
+        waiter = Waiter(self._cancelled, next(self._seq), user, priority, rank, now)
         self._arrivals[waiter.seq] = waiter
         self._classes[rank].push(waiter, self.history)
         self._per_user[user] = self._per_user.get(user, 0) + 1
@@ -367,7 +279,7 @@ class ModelQueue:
         waited = now - waiter.enqueued_at
         waiter.deferred.callback(self._ticket(now, waiter.user, waiter.rank, waited))
 
-    def _remove(self, waiter: _Waiter) -> None:
+    def _remove(self, waiter: Waiter) -> None:
         del self._arrivals[waiter.seq]
         self._classes[waiter.rank].remove(waiter, self.history)
         self._forget_user(waiter.user)
@@ -379,7 +291,7 @@ class ModelQueue:
         else:
             del self._per_user[user]
 
-    def _cancelled(self, waiter: _Waiter) -> None:
+    def _cancelled(self, waiter: Waiter) -> None:
         if waiter.seq in self._arrivals:
             self._remove(waiter)
             self._schedule()

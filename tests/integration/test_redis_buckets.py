@@ -30,9 +30,8 @@ from zope.interface.verify import verifyObject
 
 from kthena.interfaces import IBucketBackend
 from kthena.ratelimit.buckets import BucketSpec, Demand, Refusal, bucket_key
+from kthena.ratelimit.lua import CHECK, SCRIPTS
 from kthena.ratelimit.redis import (
-    CHECK,
-    SCRIPTS,
     BackendError,
     RedisBuckets,
     parse_address,
