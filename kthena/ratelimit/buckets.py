@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -43,10 +43,12 @@ class BucketSpec:
     key: str
     capacity: float
     per_second: float
+    expire: int = field(init=False, compare=False)
 
-    @property
-    def expire(self) -> int:
-        return int(min(max(3 * self.capacity / self.per_second, 600), 7_776_000))
+    def __post_init__(self) -> None:
+        # made once: Redis sends it with every call
+        expire = int(min(max(3 * self.capacity / self.per_second, 600), 7_776_000))
+        object.__setattr__(self, "expire", expire)
 
 
 def bucket_key(model: str, kind: str, user: str | None = None) -> str:
