@@ -122,6 +122,40 @@ class IIdentifier(Interface):
         """
 
 
+class IKVTransfer(Interface):
+    """
+    One prefill/decode request's KV hand-over, as its connector shapes it: the body of
+    each leg, and whether the legs run one after the other or at once.
+    """
+
+    concurrent = Attribute(
+        "True when both legs are sent at once (SGLang: the decode leg waits for the "
+        "prefill's KV itself); False when the decode leg needs the prefill's answer."
+    )
+
+    def prefill_body() -> Any:
+        """The prefill leg's JSON body (a new dict; the client's is left alone)."""
+
+    def decode_body(prefill_reply: Any) -> Any:
+        """
+        The decode leg's JSON body.
+
+        @param prefill_reply: the prefill leg's parsed JSON answer (C{None} when the legs
+            are concurrent).
+        @raise ValueError: the prefill answer lacks what the decode leg needs.
+        """
+
+
+class IKVConnector(Interface):
+    """How a ModelServer's prefill and decode pods hand the KV cache over
+    (C{kvConnector.type})."""
+
+    name = Attribute("The C{kvConnector.type} it implements.")
+
+    def transfer(body: Any, prefill_host: str) -> IKVTransfer:
+        """A new hand-over for one request's (client) JSON body and its prefill pod."""
+
+
 class IEngineDialect(Interface):
     """How one inference engine family names what the router reads from C{/metrics}."""
 

@@ -20,7 +20,7 @@ PORT_ANNOTATION = "kthena.io/workload-port"
 ENGINES = ("vLLM", "SGLang")
 DEFAULT_ENGINE_PORTS = {"vLLM": 8000, "SGLang": 30000}
 RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0, "month": 2592000.0}
-KV_CONNECTORS = ("http", "lmcache", "nixl", "mooncake")
+KV_CONNECTORS = ("http", "lmcache", "nixl", "mooncake", "sglang")
 
 
 @dataclass(frozen=True, slots=True)

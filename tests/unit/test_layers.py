@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "kthena.ratelimit",
             "kthena.identity",
             "kthena.fairness",
+            "kthena.pd",
             "kthena.pipeline",
         ),
     ),

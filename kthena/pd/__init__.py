@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregated serving: KV connectors, pairing, orchestration."""
