@@ -1,0 +1,95 @@
+"""
+Prefill/decode pairs for one request to a ModelServer with a C{pdGroup}, as Kthena pairs
+them: the scheduler ranks the decode pods; each decode candidate, best first, is paired
+with the best prefill pod of its own group (the value of its C{groupKey} label), the
+prefill pods of that group ranked by the same scheduler (filters and scores apply to both
+roles). Pairs never cross groups; a pod without the group label pairs with nobody.
+
+Retries go down the pairs: the k-th pair of a group takes the group's k-th prefill
+candidate (round the ranking), so that a failing prefill pod is not the next pair's too.
+A group's prefill ranking is made only when one of its decode pods is reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from kthena.config.resources import ModelServer
+from kthena.pods import PodEndpoint
+from kthena.scheduler.framework import Decision
+
+Rank = Callable[[Sequence[PodEndpoint]], Decision]
+"""The scheduler on a set of pods (the request's plugins, filters and scores)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    group: str
+    prefill: PodEndpoint
+    decode: PodEndpoint
+
+
+@dataclass(slots=True)
+class Roles:
+    """A PD server's pods by group and role."""
+
+    prefill: dict[str, list[PodEndpoint]] = field(default_factory=dict)
+    decode: list[PodEndpoint] = field(default_factory=list)
+    group_of: dict[str, str] = field(default_factory=dict)  # pod key -> group
+
+    @classmethod
+    def of(cls, server: ModelServer, pods: Sequence[PodEndpoint]) -> Roles:
+        group = server.pd_group
+        assert group is not None, f"{server.meta.key} has no pdGroup"
+        roles = cls()
+        for pod in pods:
+            value = pod.pod.meta.labels.get(group.group_key)
+            role = server.pd_role(pod.pod)
+            if not value or role is None:
+                continue
+            roles.group_of[pod.key] = value
+            if role == "decode":
+                roles.decode.append(pod)
+            else:
+                roles.prefill.setdefault(value, []).append(pod)
+        return roles
+
+
+@dataclass(slots=True)
+class PDPlan:
+    """
+    One request's pairs, made as the dispatcher asks for them.
+
+    @ivar decode: the decode pods' decision (only pods of groups with a prefill pod).
+    @ivar prefill: each group's prefill decision, once made.
+    """
+
+    roles: Roles
+    rank: Rank
+    decode: Decision
+    prefill: dict[str, Decision] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, server: ModelServer, pods: Sequence[PodEndpoint], rank: Rank) -> PDPlan:
+        roles = Roles.of(server, pods)
+        pairable = [p for p in roles.decode if roles.group_of[p.key] in roles.prefill]
+        return cls(roles, rank, rank(pairable))
+
+    def pairs(self) -> Iterator[Pair]:
+        """The pairs, best first: each decode candidate with its group's next prefill."""
+        taken: dict[str, int] = {}
+        for decode in self.decode.candidates:
+            group = self.roles.group_of[decode.key]
+            ranking = self._prefills(group)
+            if not ranking:
+                continue
+            k = taken.get(group, 0)
+            taken[group] = k + 1
+            yield Pair(group, ranking[k % len(ranking)], decode)
+
+    def _prefills(self, group: str) -> list[PodEndpoint]:
+        decision = self.prefill.get(group)
+        if decision is None:
+            decision = self.prefill[group] = self.rank(self.roles.prefill[group])
+        return decision.candidates
