@@ -63,6 +63,9 @@ class RequestRecord:
         C{output_tokens}, C{requests}), for the C{rate_limit_exceeded} count.
     @ivar limited: what the rate limiter took at admission (a
         L{kthena.ratelimit.limiter.Charge}), until it is settled.
+    @ivar prefill_pod: the prefill pod of a prefill/decode request's last pair (C{pod} is
+        its decode pod); C{prefill_started} / C{prefill_ended} its leg's phase.
+    @ivar pd_plan: a prefill/decode request's pairs (a L{kthena.pd.pairs.PDPlan}).
     @ivar ticket: the fairness queue's ticket (a L{kthena.fairness.queue.Ticket}), until
         the request ends and hands it back.
     """
@@ -99,6 +102,10 @@ class RequestRecord:
     limit_type: str | None = None
     limited: object = None
     ticket: object = None
+    prefill_pod: PodEndpoint | None = None
+    prefill_started: float | None = None
+    prefill_ended: float | None = None
+    pd_plan: object = None
 
     @property
     def candidates(self) -> list[PodEndpoint]:

@@ -6,6 +6,7 @@ that started it (which answers it if the call is cancelled or breaks).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kthena.interfaces import IExchange
 from kthena.pipeline.outgoing import Outgoing
@@ -23,6 +24,8 @@ class Call:
     @ivar client_gone: the client disconnected; nothing more is written to it.
     @ivar cancelled: the call was cancelled (the client left, or a shutdown).
     @ivar relay: the relay of the answer being relayed, once there is one.
+    @ivar body: the JSON body as it goes to pods (the KV connectors shape PD legs from it).
+    @ivar pd: the prefill/decode pairs (a L{kthena.pd.pairs.PDPlan}) for a PD server.
     """
 
     exchange: IExchange
@@ -30,6 +33,8 @@ class Call:
     match: RouteMatch
     candidates: list[PodEndpoint]
     outgoing: Outgoing
+    body: dict[str, Any] = field(default_factory=dict)
+    pd: Any = None
     client_gone: bool = False
     cancelled: bool = False
     relay: Relay | None = field(default=None)

@@ -1,6 +1,10 @@
 """
-Stage 6, dispatch (aggregated serving; a prefill/decode dispatcher plugs in beside it):
-the attempts on the candidates, best first, until one answers; then the relay.
+Stage 6, dispatch: the attempts on the candidates, best first, until one answers; then
+the relay. For a prefill/decode server each attempt is a pair (L{kthena.pd.pairs}): the
+prefill leg first, shaped by the server's KV connector (L{kthena.pd.connectors}; its
+answer read whole, bounded), then the decode leg, which is attempted, judged and relayed
+exactly as an aggregated attempt. A failed prefill leg fails its attempt the same way;
+when every pair failed the client gets Kthena's 500.
 
 Retries follow the ModelServer's C{trafficPolicy.retry} (attempts, interval), on the next
 candidate pod, for failures before the first response byte: connection failures,
@@ -15,6 +19,8 @@ only from a 2xx, as Kthena's.
 
 from __future__ import annotations
 
+import json
+from itertools import islice
 from typing import NoReturn
 
 from twisted.internet import error as net_error
@@ -27,7 +33,9 @@ from twisted.web.iweb import IResponse
 from kthena.config.router import RouterConfig
 from kthena.errors import ErrorType, ProxyError
 from kthena.failures import describe
-from kthena.interfaces import IRequestObserver, IUpstream
+from kthena.interfaces import IKVConnector, IRequestObserver, IUpstream
+from kthena.pd.connectors import connectors
+from kthena.pd.pairs import Pair
 from kthena.pipeline.call import Call
 from kthena.pipeline.headers import upstream_skip
 from kthena.pipeline.outlier import OutlierDetector
@@ -37,12 +45,15 @@ from kthena.podclient import BodyCollector, BufferedResponse
 from kthena.pods import PodEndpoint
 from kthena.record import RequestRecord
 from kthena.store import Datastore
+from kthena.webutil import json_bytes
 
 CONNECT_RETRIES = 2
 """Retries on connection failure when the ModelServer sets no retry policy."""
 
 SMALL_BODY = 64 * 1024
 """A 404 body read to tell why (the model is not served?) before it is relayed."""
+PREFILL_BODY = 1024 * 1024
+"""The most of a prefill leg's answer read (one token, and vLLM's kv_transfer_params)."""
 
 _CONNECT_ERRORS = (
     net_error.ConnectError,
@@ -87,6 +98,7 @@ class Dispatcher:
         self.scheduling = scheduling
         self.observers = observers
         self.clock = clock
+        self.connectors: dict[str, IKVConnector] = connectors()
         self.reconfigure(config)
 
     def reconfigure(self, config: RouterConfig) -> None:
@@ -95,7 +107,7 @@ class Dispatcher:
 
     async def dispatch(self, call: Call) -> None:
         """
-        Try the candidates; relay the first answer to relay.
+        Try the candidates (or pairs); relay the first answer to relay.
 
         @raise ProxyError: when no attempt got an answer to relay.
         """
@@ -105,16 +117,25 @@ class Dispatcher:
         interval = policy.interval if policy is not None else 0.0
         record = call.record
         failure: ProxyError | None = None
+        pairs = None if call.pd is None else list(islice(call.pd.pairs(), attempts))
+        if pairs == []:
+            raise ProxyError(503, ErrorType.SCHEDULING, "no prefill/decode pair can take it")
         record.upstream_started = self.clock.seconds()
         for attempt in range(attempts):
             if attempt and interval:
                 await deferLater(self.clock, interval, lambda: None)
-            pod = call.candidates[attempt % len(call.candidates)]
+            try:
+                pod, body = await self._target(call, pairs, attempt, server.timeout)
+            except _PrefillError as e:
+                failure = e.error
+                if policy is None and not e.unreachable:
+                    break
+                continue
             last = attempt + 1 == attempts
             self._acquire(record, pod)
             try:
                 try:
-                    response = await self._send(call, pod, server.timeout)
+                    response = await self._send(call, pod, server.timeout, body)
                 except CancelledError:
                     raise
                 except Exception as e:
@@ -137,7 +158,62 @@ class Dispatcher:
                 self._release(record, pod)
         record.upstream_ended = self.clock.seconds()
         assert failure is not None
+        if pairs is not None:
+            raise self._all_failed(record, failure, 500, "all prefill/decode pairs failed")
         raise self._all_failed(record, failure) if record.attempts > 1 else failure
+
+    # -- a prefill leg
+
+    async def _target(
+        self, call: Call, pairs: list[Pair] | None, attempt: int, timeout: float | None
+    ) -> tuple[PodEndpoint, bytes | None]:
+        """The pod of an attempt, and its body when not the outgoing one (a decode leg's,
+        after its pair's prefill leg)."""
+        if pairs is None:
+            return call.candidates[attempt % len(call.candidates)], None
+        pair = pairs[attempt % len(pairs)]
+        return pair.decode, await self._prefill(call, pair, timeout)
+
+    async def _prefill(self, call: Call, pair: Pair, timeout: float | None) -> bytes:
+        """
+        The prefill leg of C{pair}; the decode leg's body.
+
+        @raise _PrefillError: the pod could not be reached, failed, answered other than
+            2xx, or without what the connector needs for the decode leg.
+        """
+        server = call.match.server
+        transfer = self.connectors[server.kv_connector or "http"].transfer(
+            call.body, pair.prefill.host
+        )
+        record, pod = call.record, pair.prefill
+        record.prefill_pod = pod
+        record.prefill_started = self.clock.seconds()
+        pod.in_flight += 1
+        try:
+            try:
+                response = await self._send(call, pod, timeout, json_bytes(transfer.prefill_body()))
+                collector = BodyCollector(PREFILL_BODY)
+                response.deliverBody(collector)
+                raw = await collector.done
+            except CancelledError:
+                raise
+            except Exception as e:
+                error = self._attempt_failed(call, pod, e, timeout)
+                raise _PrefillError(error, isinstance(e, _CONNECT_ERRORS)) from None
+            if not 200 <= response.code < 300:
+                why = f"prefill pod {pod.name} answered {response.code}"
+                self.failed(call, pod, why)
+                raise _PrefillError(ProxyError(503, ErrorType.PROXY, why))
+            try:
+                return json_bytes(transfer.decode_body(None if transfer.concurrent else _json(raw)))
+            except ValueError as e:
+                why = f"prefill pod {pod.name}: {e}"
+                self.failed(call, pod, why)
+                raise _PrefillError(ProxyError(503, ErrorType.PROXY, why)) from None
+        finally:
+            pod.in_flight -= 1
+            pod.state.finished += 1
+            record.prefill_ended = self.clock.seconds()
 
     # -- one attempt
 
@@ -152,11 +228,19 @@ class Dispatcher:
         pod.state.finished += 1
         self.observers.attempt_ended(record)
 
-    def _send(self, call: Call, pod: PodEndpoint, timeout: float | None) -> Deferred[IResponse]:
+    def _send(
+        self, call: Call, pod: PodEndpoint, timeout: float | None, body: bytes | None = None
+    ) -> Deferred[IResponse]:
+        """@param body: what to send instead of the outgoing body (a PD leg's)."""
         exchange = call.exchange
         out = call.outgoing
         d: Deferred[IResponse] = self.upstream.request(
-            pod, call.match.server.protocol, exchange.method, exchange.uri, out.headers, out.body
+            pod,
+            call.match.server.protocol,
+            exchange.method,
+            exchange.uri,
+            out.headers,
+            out.body if body is None else body,
         )
 
         def if_cancelled(failure: Failure) -> Failure:
@@ -227,15 +311,32 @@ class Dispatcher:
         _tried(call.record, pod, why)
 
     @staticmethod
-    def _all_failed(record: RequestRecord, last: ProxyError) -> ProxyError:
+    def _all_failed(
+        record: RequestRecord,
+        last: ProxyError,
+        status: int = 503,
+        what: str = "request to all pods failed",
+    ) -> ProxyError:
         """Kthena's answer when every attempt failed, with what the last one said."""
         attempts = record.failed_attempts or []
         reason = attempts[-1][1] if attempts else last.message
-        return ProxyError(
-            503,
-            ErrorType.PROXY,
-            f"request to all pods failed: {record.attempts} attempts, the last: {reason}",
-        )
+        tried = len(attempts) or record.attempts
+        return ProxyError(status, ErrorType.PROXY, f"{what}: {tried} attempts, the last: {reason}")
+
+
+class _PrefillError(Exception):
+    """A prefill leg failed; C{unreachable}: its pod never saw the request."""
+
+    def __init__(self, error: ProxyError, unreachable: bool = False) -> None:
+        self.error = error
+        self.unreachable = unreachable
+
+
+def _json(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ValueError("its answer is not JSON") from None
 
 
 def _tried(record: RequestRecord, pod: PodEndpoint, why: str) -> None:

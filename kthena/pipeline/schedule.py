@@ -2,7 +2,9 @@
 Stage 5, schedule: the matched server's pods that may take the request (the healthy ones;
 all that serve when none is healthy, better a slow answer than none), the input-token
 estimate, then the scheduler's plugins: filters, weighted scores, ranked candidates. The
-decision (every candidate's score per plugin) goes into the record.
+decision (every candidate's score per plugin) goes into the record. For a prefill/decode
+server the candidates are its decode pods, and the record keeps the plan that pairs each
+with a prefill pod of its group (L{kthena.pd.pairs}).
 
 The scheduler is rebuilt when its config section changes, and otherwise kept, so that a
 reload does not forget what the prefix index learned.
@@ -10,18 +12,21 @@ reload does not forget what the prefix index learned.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.logger import Logger
 
 from kthena.config.resources import ModelServer
 from kthena.config.router import RouterConfig
 from kthena.errors import ErrorType, ProxyError
 from kthena.interfaces import IScheduler, ITokenEstimator
+from kthena.pd.pairs import PDPlan
 from kthena.pipeline.health import Health
 from kthena.pipeline.parse import Parsed
 from kthena.pods import PodEndpoint
 from kthena.record import RequestRecord
 from kthena.scheduler.build import build_scheduler
-from kthena.scheduler.framework import SchedulingRequest, Timer
+from kthena.scheduler.framework import Decision, SchedulingRequest, Timer
 from kthena.store import Datastore, RouteMatch
 
 log = Logger()
@@ -102,9 +107,18 @@ class Scheduling:
             raise ProxyError(503, ErrorType.NO_PODS, f"no ready pod serves {match.server.meta.key}")
         if record.input_estimate is None:  # admission estimates it for limited routes
             record.input_estimate = self.estimator.estimate(parsed.body)
-        decision = self.scheduler.schedule(
-            SchedulingRequest(parsed.model, match, pods, parsed.body)
-        )
+
+        def rank(pods: Sequence[PodEndpoint]) -> Decision:
+            request = SchedulingRequest(parsed.model, match, pods, parsed.body)
+            decision: Decision = self.scheduler.schedule(request)
+            return decision
+
+        if match.server.pd_group is not None:  # the decode pods ranked; pairs as needed
+            plan = PDPlan.make(match.server, pods, rank)
+            record.pd_plan = plan
+            decision = plan.decode
+        else:
+            decision = rank(pods)
         record.decision = decision
         candidates: list[PodEndpoint] = decision.candidates
         if not candidates:

@@ -1,0 +1,170 @@
+"""
+Prefill/decode requests through the pipeline, in memory: what each leg's pod receives per
+connector, the decode leg relayed as an aggregated answer (streams too), the record's
+pods, a failing prefill pod retried on the next pair, Kthena's 500 when every pair
+failed, and a client that leaves during the prefill cancelling it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kthena.config.router import parse_config
+from tests.unit.proxyfixtures import RouterHarness, sse_response
+from tests.unit.routerfixtures import pod, server, simple_route
+from tests.unit.test_proxy_resource import COMPLETION, DONE, USAGE_ONLY, delta, event
+
+MODEL = "pdm"
+KV = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_block_ids": [1, 2],
+    "remote_engine_id": "e",
+    "remote_host": "10.0.9.1",
+    "remote_port": 5600,
+}
+PREFILL_REPLY = {**COMPLETION, "kv_transfer_params": KV}
+
+
+def pd_harness(connector: str, retry: bool = False) -> RouterHarness:
+    spec: dict[str, Any] = {
+        "workloadSelector": {
+            "matchLabels": {"app": "pd"},
+            "pdGroup": {
+                "groupKey": "group",
+                "prefillLabels": {"role": "prefill"},
+                "decodeLabels": {"role": "decode"},
+            },
+        },
+        "kvConnector": {"type": connector},
+    }
+    if retry:
+        spec["trafficPolicy"] = {"retry": {"attempts": 2, "retryInterval": "0s"}}
+    docs = [
+        simple_route("pd", MODEL, "pd"),
+        server("pd", {"app": "pd"}, model="org/pd", **spec),
+        pod("d1", "10.0.9.1", {"app": "pd", "role": "decode", "group": "g1"}),
+        pod("p1", "10.0.9.2", {"app": "pd", "role": "prefill", "group": "g1"}),
+        pod("d2", "10.0.9.3", {"app": "pd", "role": "decode", "group": "g2"}),
+        pod("p2", "10.0.9.4", {"app": "pd", "role": "prefill", "group": "g2"}),
+    ]
+    h = RouterHarness()
+    h.reload(parse_config({"resources": docs}, "pd.yaml", Path("."), []))
+    return h
+
+
+def chat(h: RouterHarness, **body: Any) -> Any:
+    return h.post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body},
+    )
+
+
+def test_nixl_round_trips_kv_transfer_params_and_relays_the_decode() -> None:
+    h = pd_harness("nixl")
+    client = chat(h, max_tokens=20)
+    prefill = h.upstream.last
+    assert prefill.pod.name == "p1"
+    sent = prefill.json()
+    assert sent["kv_transfer_params"] == {"do_remote_decode": True, "do_remote_prefill": False}
+    assert (sent["max_tokens"], sent["model"]) == (1, "org/pd")
+    prefill.respond_json(PREFILL_REPLY)
+    decode = h.upstream.last
+    assert decode.pod.name == "d1"  # the pair of group g1
+    assert decode.json() == {
+        "model": "org/pd",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 20,
+        "kv_transfer_params": KV,
+    }
+    decode.respond_json(COMPLETION)
+    wire = client.got()
+    assert wire.status == 200 and wire.json() == COMPLETION
+    record = h.context
+    assert (record.pod and record.pod.name, record.prefill_pod and record.prefill_pod.name) == (
+        "d1",
+        "p1",
+    )
+    assert (record.prompt_tokens, record.completion_tokens) == (9, 3)
+    assert record.prefill_started is not None and record.prefill_ended is not None
+    assert all(p.in_flight == 0 for p in h.store.pods.values())
+
+
+def test_a_stream_goes_to_decode_and_the_prefill_is_one_token_unstreamed() -> None:
+    h = pd_harness("http")
+    client = chat(h, stream=True)
+    prefill = h.upstream.last
+    assert "stream" not in prefill.json() and prefill.json()["max_tokens"] == 1
+    prefill.respond_json(COMPLETION)
+    decode = h.upstream.last
+    assert decode.json()["stream"] is True
+    assert decode.json()["stream_options"] == {"include_usage": True}  # the router asks
+    response = decode.answer(sse_response())
+    response.send(event(delta("hel")) + event(delta("lo")) + event(USAGE_ONLY) + DONE)
+    response.end()
+    wire = client.got()
+    assert wire.status == 200
+    assert len(wire.events()) == 3  # two deltas and [DONE]; the usage chunk hidden
+    assert (h.context.prompt_tokens, h.context.completion_tokens) == (4, 2)  # USAGE_ONLY
+
+
+def test_a_failing_prefill_pod_is_retried_on_the_next_pair() -> None:
+    h = pd_harness("nixl", retry=True)
+    client = chat(h)
+    h.upstream.last.respond_json({"error": "boom"}, 503)
+    second = h.upstream.last
+    assert second.pod.name == "p2"  # the next pair: d2 with its own group's prefill
+    second.respond_json(PREFILL_REPLY)
+    decode = h.upstream.last
+    assert decode.pod.name == "d2"
+    decode.respond_json(COMPLETION)
+    assert client.got().status == 200
+    assert h.context.failed_attempts == [("p1", "prefill pod p1 answered 503")]
+
+
+def test_every_pair_failed_is_kthenas_500() -> None:
+    h = pd_harness("nixl", retry=True)
+    client = chat(h)
+    for _ in range(3):  # one try and two retries, round the two pairs
+        h.upstream.last.respond_json({"error": "boom"}, 503)
+    wire = client.got()
+    assert wire.status == 500
+    assert wire.json()["error"]["message"].startswith(
+        "all prefill/decode pairs failed: 3 attempts, the last: prefill pod p1 answered 503"
+    )
+    assert [c.pod.name for c in h.upstream.calls] == ["p1", "p2", "p1"]
+
+
+def test_a_prefill_answer_without_kv_params_fails_the_pair() -> None:
+    h = pd_harness("nixl")
+    client = chat(h)
+    h.upstream.last.respond_json(COMPLETION)  # no kv_transfer_params
+    wire = client.got()
+    assert wire.status == 500
+    assert "no kv_transfer_params" in wire.json()["error"]["message"]
+    assert len(h.upstream.calls) == 1  # no decode leg without them
+
+
+def test_a_client_leaving_during_the_prefill_cancels_it() -> None:
+    h = pd_harness("http")
+    client = chat(h)
+    prefill = h.upstream.last
+    client.disconnect()
+    assert prefill.cancelled
+    assert len(h.upstream.calls) == 1
+    assert h.context.error_type.value == "client_disconnect"
+    assert all(p.in_flight == 0 for p in h.store.pods.values())
+
+
+def test_sglang_puts_the_room_and_prefill_host_on_both_legs() -> None:
+    h = pd_harness("sglang")
+    client = chat(h)
+    prefill = h.upstream.last
+    room = prefill.json()["bootstrap_room"]
+    assert prefill.json()["bootstrap_host"] == "10.0.9.2"
+    prefill.respond_json(COMPLETION)
+    decode = h.upstream.last
+    assert (decode.json()["bootstrap_room"], decode.json()["bootstrap_host"]) == (room, "10.0.9.2")
+    decode.respond_json(COMPLETION)
+    assert client.got().status == 200
