@@ -33,6 +33,26 @@ def request_id(given: bytes | None) -> str:
 
 
 @dataclass(eq=False, slots=True)
+class Leg:
+    """
+    One leg of a prefill/decode request: sent to C{pod} (a pod name) of group C{group}.
+
+    @ivar status: the pod's status code (C{None}: it never answered).
+    """
+
+    group: str
+    role: str
+    pod: str
+    started: float
+    ended: float | None = None
+    status: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, (self.ended or self.started) - self.started)
+
+
+@dataclass(eq=False, slots=True)
 class RequestRecord:
     """
     One request's record. Times are reactor seconds (the epoch on a real reactor).
@@ -63,8 +83,8 @@ class RequestRecord:
         C{output_tokens}, C{requests}), for the C{rate_limit_exceeded} count.
     @ivar limited: what the rate limiter took at admission (a
         L{kthena.ratelimit.limiter.Charge}), until it is settled.
-    @ivar prefill_pod: the prefill pod of a prefill/decode request's last pair (C{pod} is
-        its decode pod); C{prefill_started} / C{prefill_ended} its leg's phase.
+    @ivar legs: a prefill/decode request's legs as sent, in order (C{pod} is the last
+        decode leg's pod).
     @ivar pd_plan: a prefill/decode request's pairs (a L{kthena.pd.pairs.PDPlan}).
     @ivar ticket: the fairness queue's ticket (a L{kthena.fairness.queue.Ticket}), until
         the request ends and hands it back.
@@ -102,10 +122,15 @@ class RequestRecord:
     limit_type: str | None = None
     limited: object = None
     ticket: object = None
-    prefill_pod: PodEndpoint | None = None
-    prefill_started: float | None = None
-    prefill_ended: float | None = None
+    legs: list[Leg] | None = None
     pd_plan: object = None
+
+    def leg(self, role: str) -> Leg | None:
+        """The last C{prefill} or C{decode} leg sent (C{None} when none was)."""
+        for leg in reversed(self.legs or ()):
+            if leg.role == role:
+                return leg
+        return None
 
     @property
     def candidates(self) -> list[PodEndpoint]:

@@ -324,6 +324,8 @@ class RouterMetrics:
             )
         if ctx.match is None:
             return
+        if ctx.legs:
+            self._pd(ctx, model, path)
         # The pod's own count when it gave one; the estimate only when the pod took the
         # prompt (it began to answer): a request that never reached one processed nothing.
         inputs = ctx.input_tokens if ctx.prompt_tokens is not None or ctx.first_byte else 0
@@ -332,6 +334,25 @@ class RouterMetrics:
         outputs = ctx.output_tokens
         if outputs:
             self.tokens.add((model, path, "output", *destination), outputs)
+
+    def _pd(self, ctx: RequestRecord, model: str, path: str) -> None:
+        """A prefill/decode request's legs: each one sent counts; the last of each role
+        is the request's phase; each pair tried is a routing decision and a prefill
+        operation of its server's connector."""
+        assert ctx.match is not None and ctx.legs is not None
+        connector = ctx.match.server.kv_connector or "http"
+        for leg in ctx.legs:
+            self.pd_requests.labels(leg.group, leg.role, model).inc()
+            if leg.role == "prefill":
+                self.pd_routing_decisions.add((leg.group, "prefill", "decode"))
+                ok = leg.status is not None and 200 <= leg.status < 300
+                status = "success" if ok else "failure"
+                self.kv_cache_operations.labels(connector, "prefill", status).inc()
+                self.kv_cache_latency.observe(leg.seconds, connector, "prefill")
+        for role, family in (("prefill", self.prefill_duration), ("decode", self.decode_duration)):
+            last = ctx.leg(role)
+            if last is not None and last.ended is not None:
+                family.observe((model, path, str(last.status or 0)), last.seconds)
 
     # -- keeping series bounded
 

@@ -113,6 +113,12 @@ def json_record(ctx: RequestRecord) -> dict[str, Any]:
     record["duration_request_processing"] = request
     record["duration_upstream_processing"] = upstream
     record["duration_response_processing"] = response
+    prefill, decode = ctx.leg("prefill"), ctx.leg("decode")
+    if prefill is not None:
+        record["prefill_pod"] = prefill.pod
+        record["duration_prefill"] = _ms(prefill.seconds)
+    if decode is not None:
+        record["duration_decode"] = _ms(decode.seconds)
     error = _error(ctx)
     if error is not None:
         record["error"] = {"type": error[0], "message": error[1]}
@@ -178,6 +184,7 @@ def format_text(ctx: RequestRecord) -> str:
         ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
         ("request_id", ctx.request_id),
         ("user_id", ctx.user if ctx.identified else None),
+        ("prefill_pod", prefill.pod if (prefill := ctx.leg("prefill")) is not None else None),
     )
     parts.extend(f"{key}={_bare_or_quoted(value)}" for key, value in known if value)
     if ctx.attempts:

@@ -43,7 +43,7 @@ from kthena.pipeline.respond import relay_response
 from kthena.pipeline.schedule import Scheduling
 from kthena.podclient import BodyCollector, BufferedResponse
 from kthena.pods import PodEndpoint
-from kthena.record import RequestRecord
+from kthena.record import Leg, RequestRecord
 from kthena.store import Datastore
 from kthena.webutil import json_bytes
 
@@ -172,7 +172,9 @@ class Dispatcher:
         if pairs is None:
             return call.candidates[attempt % len(call.candidates)], None
         pair = pairs[attempt % len(pairs)]
-        return pair.decode, await self._prefill(call, pair, timeout)
+        body = await self._prefill(call, pair, timeout)
+        _leg(call.record, pair.group, "decode", pair.decode, self.clock.seconds())
+        return pair.decode, body
 
     async def _prefill(self, call: Call, pair: Pair, timeout: float | None) -> bytes:
         """
@@ -186,8 +188,7 @@ class Dispatcher:
             call.body, pair.prefill.host
         )
         record, pod = call.record, pair.prefill
-        record.prefill_pod = pod
-        record.prefill_started = self.clock.seconds()
+        leg = _leg(record, pair.group, "prefill", pod, self.clock.seconds())
         pod.in_flight += 1
         try:
             try:
@@ -200,6 +201,7 @@ class Dispatcher:
             except Exception as e:
                 error = self._attempt_failed(call, pod, e, timeout)
                 raise _PrefillError(error, isinstance(e, _CONNECT_ERRORS)) from None
+            leg.status = response.code
             if not 200 <= response.code < 300:
                 why = f"prefill pod {pod.name} answered {response.code}"
                 self.failed(call, pod, why)
@@ -213,7 +215,7 @@ class Dispatcher:
         finally:
             pod.in_flight -= 1
             pod.state.finished += 1
-            record.prefill_ended = self.clock.seconds()
+            leg.ended = self.clock.seconds()
 
     # -- one attempt
 
@@ -226,6 +228,8 @@ class Dispatcher:
     def _release(self, record: RequestRecord, pod: PodEndpoint) -> None:
         pod.in_flight -= 1
         pod.state.finished += 1
+        if record.legs is not None:  # the attempt's decode leg ended
+            record.legs[-1].ended = self.clock.seconds()
         self.observers.attempt_ended(record)
 
     def _send(
@@ -268,6 +272,8 @@ class Dispatcher:
         code = response.code
         record = call.record
         record.upstream_status = code
+        if record.legs is not None:  # a decode leg's answer
+            record.legs[-1].status = code
         if code >= 500:
             why = f"pod {pod.name} answered {code}"
             self.failed(call, pod, why)
@@ -322,6 +328,14 @@ class Dispatcher:
         reason = attempts[-1][1] if attempts else last.message
         tried = len(attempts) or record.attempts
         return ProxyError(status, ErrorType.PROXY, f"{what}: {tried} attempts, the last: {reason}")
+
+
+def _leg(record: RequestRecord, group: str, role: str, pod: PodEndpoint, now: float) -> Leg:
+    leg = Leg(group, role, pod.name, now)
+    if record.legs is None:
+        record.legs = []
+    record.legs.append(leg)
+    return leg
 
 
 class _PrefillError(Exception):

@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kthena.config.router import parse_config
+from kthena.observability.records import format_text, json_record
 from tests.unit.proxyfixtures import RouterHarness, sse_response
 from tests.unit.routerfixtures import pod, server, simple_route
 from tests.unit.test_proxy_resource import COMPLETION, DONE, USAGE_ONLY, delta, event
@@ -82,12 +85,13 @@ def test_nixl_round_trips_kv_transfer_params_and_relays_the_decode() -> None:
     wire = client.got()
     assert wire.status == 200 and wire.json() == COMPLETION
     record = h.context
-    assert (record.pod and record.pod.name, record.prefill_pod and record.prefill_pod.name) == (
-        "d1",
-        "p1",
-    )
+    assert record.pod is not None and record.pod.name == "d1"
+    assert [(leg.group, leg.role, leg.pod, leg.status) for leg in record.legs or ()] == [
+        ("g1", "prefill", "p1", 200),
+        ("g1", "decode", "d1", 200),
+    ]
+    assert all(leg.ended is not None for leg in record.legs or ())
     assert (record.prompt_tokens, record.completion_tokens) == (9, 3)
-    assert record.prefill_started is not None and record.prefill_ended is not None
     assert all(p.in_flight == 0 for p in h.store.pods.values())
 
 
@@ -121,6 +125,8 @@ def test_a_failing_prefill_pod_is_retried_on_the_next_pair() -> None:
     decode.respond_json(COMPLETION)
     assert client.got().status == 200
     assert h.context.failed_attempts == [("p1", "prefill pod p1 answered 503")]
+    legs = [(leg.role, leg.pod, leg.status) for leg in h.context.legs or ()]
+    assert legs == [("prefill", "p1", 503), ("prefill", "p2", 200), ("decode", "d2", 200)]
 
 
 def test_every_pair_failed_is_kthenas_500() -> None:
@@ -168,3 +174,52 @@ def test_sglang_puts_the_room_and_prefill_host_on_both_legs() -> None:
     assert (decode.json()["bootstrap_room"], decode.json()["bootstrap_host"]) == (room, "10.0.9.2")
     decode.respond_json(COMPLETION)
     assert client.got().status == 200
+
+
+def test_pd_metrics_and_access_log_fields_say_what_the_pods_did() -> None:
+    h = pd_harness("nixl", retry=True)
+    client = chat(h)
+    h.clock.advance(0.2)
+    h.upstream.last.respond_json({"error": "boom"}, 503)  # p1 fails after 0.2 s
+    h.clock.advance(0.1)
+    h.upstream.last.respond_json(PREFILL_REPLY)  # p2 after 0.1 s
+    h.clock.advance(0.5)
+    h.upstream.last.respond_json(COMPLETION)  # d2 after 0.5 s
+    assert client.got().status == 200
+    r = h.metrics.registry
+
+    def value(name: str, **labels: str) -> float | None:
+        return r.get_sample_value(name, labels)
+
+    assert value("kthena_pd_group_requests_total", group_key="g1", role="prefill", model=MODEL) == 1
+    assert value("kthena_pd_group_requests_total", group_key="g2", role="prefill", model=MODEL) == 1
+    assert value("kthena_pd_group_requests_total", group_key="g2", role="decode", model=MODEL) == 1
+    assert (
+        value("kthena_pd_group_requests_total", group_key="g1", role="decode", model=MODEL) is None
+    )
+    decisions = {"source_role": "prefill", "target_role": "decode"}
+    assert value("kthena_pd_group_routing_decisions", group_key="g1", **decisions) == 1
+    assert value("kthena_pd_group_routing_decisions", group_key="g2", **decisions) == 1
+    ops = "kthena_kv_cache_operations_total"
+    assert value(ops, connector_type="nixl", operation="prefill", status="failure") == 1
+    assert value(ops, connector_type="nixl", operation="prefill", status="success") == 1
+    path = "/v1/chat/completions"
+    prefill = "kthena_router_request_prefill_duration_seconds"
+    assert value(prefill + "_sum", model=MODEL, path=path, status_code="200") == pytest.approx(0.1)
+    assert value(prefill + "_count", model=MODEL, path=path, status_code="503") is None
+    decode = "kthena_router_request_decode_duration_seconds"
+    assert value(decode + "_sum", model=MODEL, path=path, status_code="200") == pytest.approx(0.5)
+    line = json_record(h.context)
+    assert (line["selected_pod"], line["prefill_pod"]) == ("d2", "p2")
+    assert (line["duration_prefill"], line["duration_decode"]) == (100, 500)
+    assert "prefill_pod=p2" in format_text(h.context)
+
+
+def test_aggregated_requests_have_no_pd_fields_or_series() -> None:
+    h = RouterHarness()
+    h.chat()
+    h.upstream.last.respond_json(COMPLETION)
+    assert h.context.legs is None
+    assert "prefill_pod" not in json_record(h.context)
+    families = {f.name: f.samples for f in h.metrics.registry.collect()}
+    assert families["kthena_pd_group_requests"] == []
