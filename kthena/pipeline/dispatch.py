@@ -117,15 +117,13 @@ class Dispatcher:
         interval = policy.interval if policy is not None else 0.0
         record = call.record
         failure: ProxyError | None = None
-        pairs = None if call.pd is None else list(islice(call.pd.pairs(), attempts))
-        if pairs == []:
-            raise ProxyError(503, ErrorType.SCHEDULING, "no prefill/decode pair can take it")
+        pairs = _pairs(call, attempts)
         record.upstream_started = self.clock.seconds()
         for attempt in range(attempts):
             if attempt and interval:
                 await deferLater(self.clock, interval, lambda: None)
             try:
-                pod, body = await self._target(call, pairs, attempt, server.timeout)
+                pod, body, background = await self._target(call, pairs, attempt, server.timeout)
             except _PrefillError as e:
                 failure = e.error
                 if policy is None and not e.unreachable:
@@ -156,6 +154,8 @@ class Dispatcher:
                     break
             finally:
                 self._release(record, pod)
+                if background is not None:
+                    background.stop()
         record.upstream_ended = self.clock.seconds()
         assert failure is not None
         if pairs is not None:
@@ -166,19 +166,23 @@ class Dispatcher:
 
     async def _target(
         self, call: Call, pairs: list[Pair] | None, attempt: int, timeout: float | None
-    ) -> tuple[PodEndpoint, bytes | None]:
+    ) -> tuple[PodEndpoint, bytes | None, _Background | None]:
         """The pod of an attempt, and its body when not the outgoing one (a decode leg's,
-        after its pair's prefill leg)."""
+        after its pair's prefill leg, or beside it)."""
         if pairs is None:
-            return call.candidates[attempt % len(call.candidates)], None
+            return call.candidates[attempt % len(call.candidates)], None, None
         pair = pairs[attempt % len(pairs)]
-        body = await self._prefill(call, pair, timeout)
+        body, background = await self._prefill(call, pair, timeout)
         _leg(call.record, pair.group, "decode", pair.decode, self.clock.seconds())
-        return pair.decode, body
+        return pair.decode, body, background
 
-    async def _prefill(self, call: Call, pair: Pair, timeout: float | None) -> bytes:
+    async def _prefill(
+        self, call: Call, pair: Pair, timeout: float | None
+    ) -> tuple[bytes, _Background | None]:
         """
-        The prefill leg of C{pair}; the decode leg's body.
+        The prefill leg of C{pair}; the decode leg's body. A connector whose legs run at
+        once (SGLang) gets its prefill leg going in the background: the attempt cancels it
+        if it is still running when the attempt ends.
 
         @raise _PrefillError: the pod could not be reached, failed, answered other than
             2xx, or without what the connector needs for the decode leg.
@@ -187,18 +191,43 @@ class Dispatcher:
         transfer = self.connectors[server.kv_connector or "http"].transfer(
             call.body, pair.prefill.host
         )
-        record, pod = call.record, pair.prefill
-        leg = _leg(record, pair.group, "prefill", pod, self.clock.seconds())
+        leg = _leg(call.record, pair.group, "prefill", pair.prefill, self.clock.seconds())
+        body = json_bytes(transfer.prefill_body())
+        if transfer.concurrent:
+            background = _Background()
+            running = self._prefill_leg(call, pair.prefill, leg, timeout, body, background)
+            background.run(Deferred.fromCoroutine(running))
+            return json_bytes(transfer.decode_body(None)), background
+        raw = await self._prefill_leg(call, pair.prefill, leg, timeout, body)
+        try:
+            return json_bytes(transfer.decode_body(_json(raw))), None
+        except ValueError as e:
+            why = f"prefill pod {pair.prefill.name}: {e}"
+            self.failed(call, pair.prefill, why)
+            raise _PrefillError(ProxyError(503, ErrorType.PROXY, why)) from None
+
+    async def _prefill_leg(
+        self,
+        call: Call,
+        pod: PodEndpoint,
+        leg: Leg,
+        timeout: float | None,
+        body: bytes,
+        background: _Background | None = None,
+    ) -> bytes:
+        """Send a prefill leg; its whole (bounded) answer when the pod answered 2xx."""
         pod.in_flight += 1
         try:
             try:
-                response = await self._send(call, pod, timeout, json_bytes(transfer.prefill_body()))
+                response = await self._send(call, pod, timeout, body)
                 collector = BodyCollector(PREFILL_BODY)
                 response.deliverBody(collector)
                 raw = await collector.done
             except CancelledError:
                 raise
             except Exception as e:
+                if background is not None and background.stopped:
+                    raise CancelledError() from None  # its attempt ended: not the pod's fault
                 error = self._attempt_failed(call, pod, e, timeout)
                 raise _PrefillError(error, isinstance(e, _CONNECT_ERRORS)) from None
             leg.status = response.code
@@ -206,12 +235,7 @@ class Dispatcher:
                 why = f"prefill pod {pod.name} answered {response.code}"
                 self.failed(call, pod, why)
                 raise _PrefillError(ProxyError(503, ErrorType.PROXY, why))
-            try:
-                return json_bytes(transfer.decode_body(None if transfer.concurrent else _json(raw)))
-            except ValueError as e:
-                why = f"prefill pod {pod.name}: {e}"
-                self.failed(call, pod, why)
-                raise _PrefillError(ProxyError(503, ErrorType.PROXY, why)) from None
+            return raw
         finally:
             pod.in_flight -= 1
             pod.state.finished += 1
@@ -330,12 +354,39 @@ class Dispatcher:
         return ProxyError(status, ErrorType.PROXY, f"{what}: {tried} attempts, the last: {reason}")
 
 
+def _pairs(call: Call, attempts: int) -> list[Pair] | None:
+    """A PD call's pairs, one per attempt at most (C{None}: an aggregated call)."""
+    if call.pd is None:
+        return None
+    pairs = list(islice(call.pd.pairs(), attempts))
+    if not pairs:
+        raise ProxyError(503, ErrorType.SCHEDULING, "no prefill/decode pair can take it")
+    return pairs
+
+
 def _leg(record: RequestRecord, group: str, role: str, pod: PodEndpoint, now: float) -> Leg:
     leg = Leg(group, role, pod.name, now)
     if record.legs is None:
         record.legs = []
     record.legs.append(leg)
     return leg
+
+
+class _Background:
+    """A prefill leg running beside its decode leg; stopped when their attempt ends."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._running: Deferred[bytes] | None = None
+
+    def run(self, running: Deferred[bytes]) -> None:
+        # its failure is the pod's, recorded already; the decode leg's answer decides
+        self._running = running.addErrback(lambda _: b"")
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._running is not None and not self._running.called:
+            self._running.cancel()
 
 
 class _PrefillError(Exception):

@@ -163,17 +163,43 @@ def test_a_client_leaving_during_the_prefill_cancels_it() -> None:
     assert all(p.in_flight == 0 for p in h.store.pods.values())
 
 
-def test_sglang_puts_the_room_and_prefill_host_on_both_legs() -> None:
+def test_sglang_sends_both_legs_at_once_with_one_room() -> None:
     h = pd_harness("sglang")
     client = chat(h)
-    prefill = h.upstream.last
+    prefill, decode = h.upstream.calls  # both sent before either answered
+    assert (prefill.pod.name, decode.pod.name) == ("p1", "d1")
     room = prefill.json()["bootstrap_room"]
     assert prefill.json()["bootstrap_host"] == "10.0.9.2"
-    prefill.respond_json(COMPLETION)
-    decode = h.upstream.last
+    assert prefill.json()["max_tokens"] == 1
     assert (decode.json()["bootstrap_room"], decode.json()["bootstrap_host"]) == (room, "10.0.9.2")
+    prefill.respond_json(COMPLETION)
     decode.respond_json(COMPLETION)
     assert client.got().status == 200
+    assert [(leg.role, leg.status) for leg in h.context.legs or ()] == [
+        ("prefill", 200),
+        ("decode", 200),
+    ]
+
+
+def test_a_prefill_still_running_when_its_decode_ended_is_cancelled_not_failed() -> None:
+    h = pd_harness("sglang")
+    client = chat(h)
+    prefill, decode = h.upstream.calls
+    decode.respond_json(COMPLETION)
+    assert client.got().status == 200
+    assert prefill.cancelled
+    assert h.context.failed_attempts is None  # the prefill pod is not blamed
+    assert h.store.pods["default/p1"].failures == 0
+    assert all(p.in_flight == 0 for p in h.store.pods.values())
+
+
+def test_a_client_leaving_cancels_both_sglang_legs() -> None:
+    h = pd_harness("sglang")
+    client = chat(h)
+    prefill, decode = h.upstream.calls
+    client.disconnect()
+    assert prefill.cancelled and decode.cancelled
+    assert all(p.in_flight == 0 for p in h.store.pods.values())
 
 
 def test_pd_metrics_and_access_log_fields_say_what_the_pods_did() -> None:
@@ -223,3 +249,14 @@ def test_aggregated_requests_have_no_pd_fields_or_series() -> None:
     assert "prefill_pod" not in json_record(h.context)
     families = {f.name: f.samples for f in h.metrics.registry.collect()}
     assert families["kthena_pd_group_requests"] == []
+
+
+def test_a_client_leaving_during_the_decode_cancels_the_decode() -> None:
+    h = pd_harness("nixl")
+    client = chat(h)
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    decode = h.upstream.last
+    client.disconnect()
+    assert decode.cancelled and not h.upstream.calls[0].cancelled
+    assert h.context.error_type.value == "client_disconnect"
+    assert all(p.in_flight == 0 for p in h.store.pods.values())
