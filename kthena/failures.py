@@ -20,6 +20,14 @@ class IncompleteBodyError(Exception):
     """The pod closed the connection before its JSON body was complete."""
 
 
+CONNECT_ERRORS = (
+    net_error.ConnectError,
+    net_error.DNSLookupError,
+    net_error.TimeoutError,
+)
+"""Failures to reach a pod at all: it never saw the request (always worth another)."""
+
+
 def describe(error: BaseException | None) -> str:
     """
     What went wrong with an attempt, in words for a log line, an access-log record or a

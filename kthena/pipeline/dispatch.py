@@ -19,11 +19,8 @@ only from a 2xx, as Kthena's.
 
 from __future__ import annotations
 
-import json
-from itertools import islice
 from typing import NoReturn
 
-from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -32,34 +29,25 @@ from twisted.web.iweb import IResponse
 
 from kthena.config.router import RouterConfig
 from kthena.errors import ErrorType, ProxyError
-from kthena.failures import describe
-from kthena.interfaces import IKVConnector, IRequestObserver, IUpstream
-from kthena.pd.connectors import connectors
+from kthena.failures import CONNECT_ERRORS, describe
+from kthena.interfaces import IRequestObserver, IUpstream
 from kthena.pd.pairs import Pair
 from kthena.pipeline.call import Call
 from kthena.pipeline.headers import upstream_skip
 from kthena.pipeline.outlier import OutlierDetector
+from kthena.pipeline.prefill import Background, PrefillError, PrefillLegs, add_leg, pd_pairs
 from kthena.pipeline.respond import relay_response
 from kthena.pipeline.schedule import Scheduling
 from kthena.podclient import BodyCollector, BufferedResponse
 from kthena.pods import PodEndpoint
-from kthena.record import Leg, RequestRecord
+from kthena.record import RequestRecord
 from kthena.store import Datastore
-from kthena.webutil import json_bytes
 
 CONNECT_RETRIES = 2
 """Retries on connection failure when the ModelServer sets no retry policy."""
 
 SMALL_BODY = 64 * 1024
 """A 404 body read to tell why (the model is not served?) before it is relayed."""
-PREFILL_BODY = 1024 * 1024
-"""The most of a prefill leg's answer read (one token, and vLLM's kv_transfer_params)."""
-
-_CONNECT_ERRORS = (
-    net_error.ConnectError,
-    net_error.DNSLookupError,
-    net_error.TimeoutError,
-)
 
 
 class _Discard:
@@ -98,7 +86,7 @@ class Dispatcher:
         self.scheduling = scheduling
         self.observers = observers
         self.clock = clock
-        self.connectors: dict[str, IKVConnector] = connectors()
+        self.prefills = PrefillLegs(self._send, self.failed, self._attempt_failed, clock)
         self.reconfigure(config)
 
     def reconfigure(self, config: RouterConfig) -> None:
@@ -117,14 +105,14 @@ class Dispatcher:
         interval = policy.interval if policy is not None else 0.0
         record = call.record
         failure: ProxyError | None = None
-        pairs = _pairs(call, attempts)
+        pairs = pd_pairs(call, attempts)
         record.upstream_started = self.clock.seconds()
         for attempt in range(attempts):
             if attempt and interval:
                 await deferLater(self.clock, interval, lambda: None)
             try:
                 pod, body, background = await self._target(call, pairs, attempt, server.timeout)
-            except _PrefillError as e:
+            except PrefillError as e:
                 failure = e.error
                 if policy is None and not e.unreachable:
                     break
@@ -139,7 +127,7 @@ class Dispatcher:
                 except Exception as e:
                     failure = self._attempt_failed(call, pod, e, server.timeout)
                     # Connection failures never reached the pod: always worth another.
-                    if policy is None and not isinstance(e, _CONNECT_ERRORS):
+                    if policy is None and not isinstance(e, CONNECT_ERRORS):
                         break
                     continue
                 response, verdict = await self._judge(call, pod, response, policy is not None, last)
@@ -166,80 +154,15 @@ class Dispatcher:
 
     async def _target(
         self, call: Call, pairs: list[Pair] | None, attempt: int, timeout: float | None
-    ) -> tuple[PodEndpoint, bytes | None, _Background | None]:
+    ) -> tuple[PodEndpoint, bytes | None, Background | None]:
         """The pod of an attempt, and its body when not the outgoing one (a decode leg's,
         after its pair's prefill leg, or beside it)."""
         if pairs is None:
             return call.candidates[attempt % len(call.candidates)], None, None
         pair = pairs[attempt % len(pairs)]
-        body, background = await self._prefill(call, pair, timeout)
-        _leg(call.record, pair.group, "decode", pair.decode, self.clock.seconds())
+        body, background = await self.prefills.prefill(call, pair, timeout)
+        add_leg(call.record, pair.group, "decode", pair.decode, self.clock.seconds())
         return pair.decode, body, background
-
-    async def _prefill(
-        self, call: Call, pair: Pair, timeout: float | None
-    ) -> tuple[bytes, _Background | None]:
-        """
-        The prefill leg of C{pair}; the decode leg's body. A connector whose legs run at
-        once (SGLang) gets its prefill leg going in the background: the attempt cancels it
-        if it is still running when the attempt ends.
-
-        @raise _PrefillError: the pod could not be reached, failed, answered other than
-            2xx, or without what the connector needs for the decode leg.
-        """
-        server = call.match.server
-        transfer = self.connectors[server.kv_connector or "http"].transfer(
-            call.body, pair.prefill.host
-        )
-        leg = _leg(call.record, pair.group, "prefill", pair.prefill, self.clock.seconds())
-        body = json_bytes(transfer.prefill_body())
-        if transfer.concurrent:
-            background = _Background()
-            running = self._prefill_leg(call, pair.prefill, leg, timeout, body, background)
-            background.run(Deferred.fromCoroutine(running))
-            return json_bytes(transfer.decode_body(None)), background
-        raw = await self._prefill_leg(call, pair.prefill, leg, timeout, body)
-        try:
-            return json_bytes(transfer.decode_body(_json(raw))), None
-        except ValueError as e:
-            why = f"prefill pod {pair.prefill.name}: {e}"
-            self.failed(call, pair.prefill, why)
-            raise _PrefillError(ProxyError(503, ErrorType.PROXY, why)) from None
-
-    async def _prefill_leg(
-        self,
-        call: Call,
-        pod: PodEndpoint,
-        leg: Leg,
-        timeout: float | None,
-        body: bytes,
-        background: _Background | None = None,
-    ) -> bytes:
-        """Send a prefill leg; its whole (bounded) answer when the pod answered 2xx."""
-        pod.in_flight += 1
-        try:
-            try:
-                response = await self._send(call, pod, timeout, body)
-                collector = BodyCollector(PREFILL_BODY)
-                response.deliverBody(collector)
-                raw = await collector.done
-            except CancelledError:
-                raise
-            except Exception as e:
-                if background is not None and background.stopped:
-                    raise CancelledError() from None  # its attempt ended: not the pod's fault
-                error = self._attempt_failed(call, pod, e, timeout)
-                raise _PrefillError(error, isinstance(e, _CONNECT_ERRORS)) from None
-            leg.status = response.code
-            if not 200 <= response.code < 300:
-                why = f"prefill pod {pod.name} answered {response.code}"
-                self.failed(call, pod, why)
-                raise _PrefillError(ProxyError(503, ErrorType.PROXY, why))
-            return raw
-        finally:
-            pod.in_flight -= 1
-            pod.state.finished += 1
-            leg.ended = self.clock.seconds()
 
     # -- one attempt
 
@@ -318,7 +241,7 @@ class Dispatcher:
     def _attempt_failed(
         self, call: Call, pod: PodEndpoint, error: Exception, timeout: float | None
     ) -> ProxyError:
-        if isinstance(error, _CONNECT_ERRORS):
+        if isinstance(error, CONNECT_ERRORS):
             failure = ProxyError(
                 503, ErrorType.PROXY, f"pod {pod.name} unreachable: {describe(error)}"
             )
@@ -352,56 +275,6 @@ class Dispatcher:
         reason = attempts[-1][1] if attempts else last.message
         tried = len(attempts) or record.attempts
         return ProxyError(status, ErrorType.PROXY, f"{what}: {tried} attempts, the last: {reason}")
-
-
-def _pairs(call: Call, attempts: int) -> list[Pair] | None:
-    """A PD call's pairs, one per attempt at most (C{None}: an aggregated call)."""
-    if call.pd is None:
-        return None
-    pairs = list(islice(call.pd.pairs(), attempts))
-    if not pairs:
-        raise ProxyError(503, ErrorType.SCHEDULING, "no prefill/decode pair can take it")
-    return pairs
-
-
-def _leg(record: RequestRecord, group: str, role: str, pod: PodEndpoint, now: float) -> Leg:
-    leg = Leg(group, role, pod.name, now)
-    if record.legs is None:
-        record.legs = []
-    record.legs.append(leg)
-    return leg
-
-
-class _Background:
-    """A prefill leg running beside its decode leg; stopped when their attempt ends."""
-
-    def __init__(self) -> None:
-        self.stopped = False
-        self._running: Deferred[bytes] | None = None
-
-    def run(self, running: Deferred[bytes]) -> None:
-        # its failure is the pod's, recorded already; the decode leg's answer decides
-        self._running = running.addErrback(lambda _: b"")
-
-    def stop(self) -> None:
-        self.stopped = True
-        if self._running is not None and not self._running.called:
-            self._running.cancel()
-
-
-class _PrefillError(Exception):
-    """A prefill leg failed; C{unreachable}: its pod never saw the request."""
-
-    def __init__(self, error: ProxyError, unreachable: bool = False) -> None:
-        self.error = error
-        self.unreachable = unreachable
-
-
-def _json(raw: bytes) -> object:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ValueError("its answer is not JSON") from None
 
 
 def _tried(record: RequestRecord, pod: PodEndpoint, why: str) -> None:
