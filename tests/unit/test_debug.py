@@ -203,11 +203,7 @@ def test_index_lists_the_endpoints(admin: AdminHarness) -> None:
 
 
 def test_spec_endpoints_of_later_issues_say_so(admin: AdminHarness) -> None:
-    for path in (
-        "/debug/pd-groups",
-        "/debug/inference-extension/pools",
-        "/debug/kv-cache/connectors",
-    ):
+    for path in ("/debug/inference-extension/pools", "/debug/inference-extension/decisions"):
         body = admin.json(path, status=501)
         assert "not implemented yet" in body["error"]
 

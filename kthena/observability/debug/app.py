@@ -17,6 +17,7 @@ from twisted.web.resource import IResource, Resource
 from kthena.observability.debug.access import DebugAccess
 from kthena.observability.debug.common import DebugError, DebugSources, _int_arg, _text_arg
 from kthena.observability.debug.config_dump import ConfigDump
+from kthena.observability.debug.pd import PDGroups
 from kthena.observability.debug.routing import Routing
 from kthena.observability.debug.servers import Servers
 from kthena.observability.decisions import DECISIONS_KEPT
@@ -38,15 +39,15 @@ ENDPOINTS = (
     "/debug/model-servers",
     "/debug/model-servers/{name}/status?namespace=NS",
     "/debug/model-servers/{name}/metrics?namespace=NS",
+    "/debug/pd-groups",
+    "/debug/pd-groups/{group_key}/status",
+    "/debug/kv-cache/connectors",
 )
 
 NOT_YET = (
     "/inference-extension/pools",
     "/inference-extension/pools/<pool>/endpoints",
     "/inference-extension/decisions",
-    "/pd-groups",
-    "/pd-groups/<group_key>/status",
-    "/kv-cache/connectors",
 )
 """Endpoints the specification lists that arrive with later issues: 501 until then."""
 
@@ -92,6 +93,7 @@ def _answer(request: IRequest, build: Callable[[], object]) -> bytes | Deferred[
 def _routes(sources: DebugSources) -> list[tuple[str, str, Callable[..., object]]]:
     """Each endpoint: its Klein path, its name, and what builds its answer."""
     config, routing, servers = ConfigDump(sources), Routing(sources), Servers(sources)
+    pd = PDGroups(sources)
 
     def server(request: IRequest, name: str) -> Any:
         return servers.find_server(name, _text_arg(request, b"namespace"))
@@ -127,6 +129,13 @@ def _routes(sources: DebugSources) -> list[tuple[str, str, Callable[..., object]
             "server_metrics",
             lambda r, name: servers.server_metrics(server(r, name)),
         ),
+        ("/pd-groups", "pd_groups", lambda r: pd.pd_groups()),
+        (
+            "/pd-groups/<group_key>/status",
+            "pd_group",
+            lambda r, group_key: pd.pd_group_status(group_key),
+        ),
+        ("/kv-cache/connectors", "kv_connectors", lambda r: pd.kv_connectors()),
     ]
 
 
@@ -151,7 +160,7 @@ def make_debug_resource(sources: DebugSources) -> IResource:
 
     def not_yet(request: IRequest, **params: str) -> bytes:
         return json_body(
-            request, 501, {"error": "not implemented yet: arrives with the PD and Gateway issues"}
+            request, 501, {"error": "not implemented yet: arrives with the Gateway API issue"}
         )
 
     for i, path in enumerate(NOT_YET):

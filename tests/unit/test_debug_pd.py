@@ -1,0 +1,67 @@
+"""
+The prefill/decode debug views: each group with its pods by role and health, a group's
+status per role, the pairs recent requests took, 404 for an unknown group, and what each
+KV connector did, from the router's own metrics.
+"""
+
+from __future__ import annotations
+
+from kthena.record import Leg, RequestRecord
+from tests.unit.adminfixtures import AdminHarness
+
+
+def pd_record(admin: AdminHarness, request_id: str, *legs: Leg) -> RequestRecord:
+    record = RequestRecord(request_id, "POST", "/v1/chat/completions", 0.0, model="m")
+    record.legs = list(legs)
+    admin.service.decisions.started(record)
+    return record
+
+
+def test_pd_groups_list_each_group_with_its_pods_by_role() -> None:
+    admin = AdminHarness()
+    pd_record(
+        admin,
+        "r1",
+        Leg("g1", "prefill", "pre0", 1.0, 1.2, 503),
+        Leg("g1", "prefill", "pre0", 1.3, 1.4, 200),
+        Leg("g1", "decode", "dec0", 1.4, 2.0, 200),
+    )
+    groups = admin.json("/debug/pd-groups")["pd_groups"]
+    assert [g["group_key"] for g in groups] == ["g1"]
+    group = groups[0]
+    assert group["model_servers"] == ["default/pd"]
+    assert group["pods"] == {"prefill": 1, "decode": 1}
+    assert group["recent_pairs"] == [
+        {"request_id": "r1", "prefill_pod": "pre0", "prefill_status": 503,
+         "decode_pod": None, "decode_status": None},
+        {"request_id": "r1", "prefill_pod": "pre0", "prefill_status": 200,
+         "decode_pod": "dec0", "decode_status": 200},
+    ]  # fmt: skip
+
+
+def test_a_groups_status_per_role_and_an_unknown_group() -> None:
+    admin = AdminHarness()
+    admin.pod("default/dec0").in_flight = 2
+    status = admin.json("/debug/pd-groups/g1/status")
+    assert status["group_key"] == "g1"
+    roles = status["roles"]
+    assert [p["name"] for p in roles["prefill"]["pods"]] == ["pre0"]
+    assert [p["name"] for p in roles["decode"]["pods"]] == ["dec0"]
+    assert (roles["decode"]["in_flight"], roles["prefill"]["in_flight"]) == (2, 0)
+    assert {"kv_cache_usage", "waiting", "prefix_cache_hit_rate"} <= set(roles["decode"]["pods"][0])
+    assert admin.json("/debug/pd-groups/nope/status", status=404) == {
+        "error": "no prefill/decode group 'nope'"
+    }
+
+
+def test_kv_connectors_say_what_each_did() -> None:
+    admin = AdminHarness()
+    metrics = admin.service.metrics
+    metrics.kv_cache_operations.labels("http", "prefill", "success").inc(3)
+    metrics.kv_cache_operations.labels("http", "prefill", "failure").inc()
+    metrics.kv_cache_latency.observe(0.25, "http", "prefill")
+    view = admin.json("/debug/kv-cache/connectors")["kv_connectors"]
+    http = view["http"]
+    assert http["operations"] == {"prefill": {"success": 3.0, "failure": 1.0}}
+    assert http["latency_seconds"]["prefill"]["0.5"] == 0.25
+    assert http["model_servers"] == ["default/pd"]
