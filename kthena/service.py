@@ -54,6 +54,7 @@ from kthena.ratelimit.service import RateLimits
 from kthena.reload import ConfigReloader
 from kthena.scheduler.build import check_scheduler
 from kthena.sim.engine import EngineConfig
+from kthena.sim.pd import Role
 from kthena.sim.service import SimConfig, SimService
 from kthena.store import Datastore
 
@@ -239,6 +240,7 @@ def _simulator(spec: SimulatorSpec, reactor: IServerReactor) -> Service:
         ),
         output_tokens=spec.output_tokens,
         loras={name: f"/models/{name}" for name in spec.loras},
+        role=Role(spec.role),
     )
     return SimService(config, reactor)
 

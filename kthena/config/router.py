@@ -79,6 +79,7 @@ class SimulatorSpec:
     prefill_per_token: float = 0.0001
     max_num_seqs: int = 64
     output_tokens: int = 16
+    role: str = "both"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,7 @@ def _simulator(value: object, where: Where) -> SimulatorSpec:
             "prefillPerToken",
             "maxNumSeqs",
             "outputTokens",
+            "role",
         ),
         required=("engine", "model", "listen"),
     )
@@ -216,6 +218,7 @@ def _simulator(value: object, where: Where) -> SimulatorSpec:
         output_tokens=integer(
             spec.get("outputTokens", d.output_tokens), where.at("outputTokens"), minimum=1
         ),
+        role=choice(spec.get("role", d.role), where.at("role"), ("both", "prefill", "decode")),
     )
 
 

@@ -632,6 +632,7 @@ def test_readme_demo_command(tmp_path: Path) -> None:
             "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
             "deepseek-r1": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
             "sql-lora": "sql-lora",
+            "qwen2.5-0.5b-pd": "Qwen/Qwen2.5-0.5B-Instruct",  # a prefill and a decode pod
         }
         assert sorted(m.id for m in client.models.list().data) == sorted(expected)
         for model, upstream in expected.items():
@@ -652,10 +653,15 @@ def test_readme_demo_command(tmp_path: Path) -> None:
         # The admin listener: the spec's /metrics on 9090, and /debug beside it.
         scrape = http_request(LOOPBACK, 9090, "GET", "/metrics")
         assert scrape.status == 200
+        lines = scrape.body.decode().splitlines()
         assert any(
             line.startswith("kthena_router_requests_total{") and 'model="deepseek-r1"' in line
-            for line in scrape.body.decode().splitlines()
+            for line in lines
         )
+        legs = [line for line in lines if line.startswith("kthena_pd_group_requests_total{")]
+        assert len(legs) == 2 and all(line.endswith(" 1.0") for line in legs)  # one each
+        pd = http_request(LOOPBACK, 9090, "GET", "/debug/pd-groups").json()["pd_groups"]
+        assert [(g["group_key"], g["pairable"]) for g in pd] == [("pd-1", True)]
         state = http_request(LOOPBACK, 9090, "GET", "/debug/router/state").json()
         assert [(x["name"], x["host"], x["port"]) for x in state["listeners"]] == [
             ("proxy", "127.0.0.1", 8080),
