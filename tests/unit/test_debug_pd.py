@@ -6,7 +6,12 @@ KV connector did, from the router's own metrics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from kthena.pd.pairs import PDPlan
+from kthena.pods import PodEndpoint
 from kthena.record import Leg, RequestRecord
+from kthena.scheduler.framework import Decision
 from tests.unit.adminfixtures import AdminHarness
 
 
@@ -65,3 +70,26 @@ def test_kv_connectors_say_what_each_did() -> None:
     assert http["operations"] == {"prefill": {"success": 3.0, "failure": 1.0}}
     assert http["latency_seconds"]["prefill"]["0.5"] == 0.25
     assert http["model_servers"] == ["default/pd"]
+
+
+def test_a_pd_decision_shows_both_rankings_and_the_legs() -> None:
+    admin = AdminHarness()
+    store = admin.service.store
+    server = next(s for s in store.resources.servers if s.meta.name == "pd")
+
+    def by_name(pods: Sequence[PodEndpoint]) -> Decision:
+        return Decision(candidates=sorted(pods, key=lambda p: p.name))
+
+    plan = PDPlan.make(server, store.server_pods(server), by_name)
+    assert [(p.prefill.name, p.decode.name) for p in plan.pairs()] == [("pre0", "dec0")]
+    record = pd_record(
+        admin,
+        "r2",
+        Leg("g1", "prefill", "pre0", 1.0, 1.1, 200),
+        Leg("g1", "decode", "dec0", 1.1, 1.5, 200),
+    )
+    record.pd_plan, record.decision = plan, plan.decode
+    view = admin.json("/debug/routing/decisions")["decisions"][0]
+    assert view["candidates"] == ["dec0"]
+    assert view["prefill"]["by_group"]["g1"]["candidates"] == ["pre0"]
+    assert [leg["role"] for leg in view["prefill"]["legs"]] == ["prefill", "decode"]

@@ -19,8 +19,27 @@ from kthena.observability.debug.common import (
     _scraped,
 )
 from kthena.observability.decisions import DECISIONS_KEPT
+from kthena.pd.pairs import PDPlan
 from kthena.record import RequestRecord
 from kthena.redact import redact_url
+
+
+def _prefill_rankings(ctx: RequestRecord) -> dict[str, object] | None:
+    """A PD request's prefill rankings per group (its C{candidates} are decode pods), and
+    the legs it sent; C{None} for an aggregated request."""
+    plan = ctx.pd_plan
+    if not isinstance(plan, PDPlan):
+        return None
+    return {
+        "by_group": {
+            group: {"candidates": [p.name for p in d.candidates], "scores": _scores(d)}
+            for group, d in sorted(plan.prefill.items())
+        },
+        "legs": [
+            {"group": leg.group, "role": leg.role, "pod": leg.pod, "status": leg.status}
+            for leg in ctx.legs or ()
+        ],
+    }
 
 
 class Routing(Views):
@@ -192,6 +211,7 @@ class Routing(Views):
             "duration_ms": None if finished is None else round((finished - ctx.started) * 1e3, 3),
             "scores": _scores(getattr(ctx, "decision", None)),
             "why": self._why(ctx),
+            "prefill": _prefill_rankings(ctx),
         }
 
     def decisions(self, limit: int | None = None, model: str | None = None) -> dict[str, object]:
