@@ -161,7 +161,7 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
         doc,
         where,
         order,
-        ("modelName", "loraAdapters", "parentRefs", "rules", "rateLimit"),
+        ("modelName", "loraAdapters", "parentRefs", "rules", "rateLimit", "pdPolicy"),
         required=("rules",),
     )
     model_name = string(spec.get("modelName", ""), s_where.at("modelName"), empty=True)
@@ -184,7 +184,16 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
         rules=tuple(_rule(r, s_where.at("rules").at(i)) for i, r in enumerate(raw_rules)),
         rate_limit=parse_rate_limit(spec.get("rateLimit"), s_where.at("rateLimit")),
         spec=spec,
+        decode_only_below=_pd_policy(spec.get("pdPolicy"), s_where.at("pdPolicy")),
     )
+
+
+def _pd_policy(value: object, where: Where) -> int | None:
+    """C{pdPolicy: {decodeOnlyBelowTokens: N}} (ours): short prompts skip the prefill leg."""
+    if value is None:
+        return None
+    spec = mapping(value, where, ("decodeOnlyBelowTokens",), required=("decodeOnlyBelowTokens",))
+    return integer(spec["decodeOnlyBelowTokens"], where.at("decodeOnlyBelowTokens"), minimum=1)
 
 
 def _pd_group(value: object, where: Where) -> PDGroup | None:

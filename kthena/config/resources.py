@@ -117,12 +117,19 @@ class RateLimit(Limits):
 
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
+    """
+    @ivar decode_only_below: ours (C{pdPolicy.decodeOnlyBelowTokens}): a request to a
+        prefill/decode server whose prompt is estimated under this many tokens goes
+        straight to a decode pod, with no prefill leg (C{None}: always both legs).
+    """
+
     meta: Metadata
     model_name: str
     lora_adapters: tuple[str, ...]
     rules: tuple[Rule, ...]
     rate_limit: RateLimit | None
     spec: Mapping[str, Any] = field(repr=False)
+    decode_only_below: int | None = None
 
     kind = "ModelRoute"
 

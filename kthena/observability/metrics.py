@@ -337,12 +337,15 @@ class RouterMetrics:
 
     def _pd(self, ctx: RequestRecord, model: str, path: str) -> None:
         """A prefill/decode request's legs: each one sent counts; the last of each role
-        is the request's phase; each pair tried is a routing decision and a prefill
-        operation of its server's connector."""
+        is the request's phase; each pair tried is a routing decision (C{decode ->
+        decode} for one sent straight to its decode pod) and, with a prefill leg, a
+        prefill operation of its server's connector."""
         assert ctx.match is not None and ctx.legs is not None
         connector = ctx.match.server.kv_connector or "http"
-        for leg in ctx.legs:
+        for i, leg in enumerate(ctx.legs):
             self.pd_requests.labels(leg.group, leg.role, model).inc()
+            if leg.role == "decode" and (i == 0 or ctx.legs[i - 1].role != "prefill"):
+                self.pd_routing_decisions.add((leg.group, "decode", "decode"))  # no prefill
             if leg.role == "prefill":
                 self.pd_routing_decisions.add((leg.group, "prefill", "decode"))
                 ok = leg.status is not None and 200 <= leg.status < 300

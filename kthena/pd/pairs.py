@@ -25,8 +25,10 @@ Rank = Callable[[Sequence[PodEndpoint]], Decision]
 
 @dataclass(frozen=True, slots=True)
 class Pair:
+    """@ivar prefill: C{None} for a request sent straight to the decode pod."""
+
     group: str
-    prefill: PodEndpoint
+    prefill: PodEndpoint | None
     decode: PodEndpoint
 
 
@@ -61,26 +63,41 @@ class PDPlan:
     """
     One request's pairs, made as the dispatcher asks for them.
 
-    @ivar decode: the decode pods' decision (only pods of groups with a prefill pod).
+    @ivar decode: the decode pods' decision (only pods of groups with a prefill pod,
+        unless C{decode_only}).
     @ivar prefill: each group's prefill decision, once made.
+    @ivar decode_only: the request goes straight to a decode pod (a short prompt, by the
+        route's C{pdPolicy}): no prefill leg.
     """
 
     roles: Roles
     rank: Rank
     decode: Decision
+    decode_only: bool = False
     prefill: dict[str, Decision] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, server: ModelServer, pods: Sequence[PodEndpoint], rank: Rank) -> PDPlan:
+    def make(
+        cls,
+        server: ModelServer,
+        pods: Sequence[PodEndpoint],
+        rank: Rank,
+        decode_only: bool = False,
+    ) -> PDPlan:
         roles = Roles.of(server, pods)
-        pairable = [p for p in roles.decode if roles.group_of[p.key] in roles.prefill]
-        return cls(roles, rank, rank(pairable))
+        pairable = [
+            p for p in roles.decode if decode_only or roles.group_of[p.key] in roles.prefill
+        ]
+        return cls(roles, rank, rank(pairable), decode_only)
 
     def pairs(self) -> Iterator[Pair]:
         """The pairs, best first: each decode candidate with its group's next prefill."""
         taken: dict[str, int] = {}
         for decode in self.decode.candidates:
             group = self.roles.group_of[decode.key]
+            if self.decode_only:
+                yield Pair(group, None, decode)
+                continue
             ranking = self._prefills(group)
             if not ranking:
                 continue

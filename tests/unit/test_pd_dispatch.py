@@ -7,12 +7,14 @@ failed, and a client that leaves during the prefill cancelling it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kthena.config.router import parse_config
+from kthena.config.validate import ConfigError
 from kthena.observability.records import format_text, json_record
 from tests.unit.proxyfixtures import RouterHarness, sse_response
 from tests.unit.routerfixtures import pod, server, simple_route
@@ -30,7 +32,9 @@ KV = {
 PREFILL_REPLY = {**COMPLETION, "kv_transfer_params": KV}
 
 
-def pd_harness(connector: str, retry: bool = False) -> RouterHarness:
+def pd_harness(
+    connector: str, retry: bool = False, decode_only_below: int | None = None
+) -> RouterHarness:
     spec: dict[str, Any] = {
         "workloadSelector": {
             "matchLabels": {"app": "pd"},
@@ -44,8 +48,13 @@ def pd_harness(connector: str, retry: bool = False) -> RouterHarness:
     }
     if retry:
         spec["trafficPolicy"] = {"retry": {"attempts": 2, "retryInterval": "0s"}}
+    policy = (
+        {}
+        if decode_only_below is None
+        else {"pdPolicy": {"decodeOnlyBelowTokens": decode_only_below}}
+    )
     docs = [
-        simple_route("pd", MODEL, "pd"),
+        simple_route("pd", MODEL, "pd", **policy),
         server("pd", {"app": "pd"}, model="org/pd", **spec),
         pod("d1", "10.0.9.1", {"app": "pd", "role": "decode", "group": "g1"}),
         pod("p1", "10.0.9.2", {"app": "pd", "role": "prefill", "group": "g1"}),
@@ -260,3 +269,40 @@ def test_a_client_leaving_during_the_decode_cancels_the_decode() -> None:
     assert decode.cancelled and not h.upstream.calls[0].cancelled
     assert h.context.error_type.value == "client_disconnect"
     assert all(p.in_flight == 0 for p in h.store.pods.values())
+
+
+def test_a_short_prompt_goes_straight_to_a_decode_pod_by_the_routes_policy() -> None:
+    h = pd_harness("nixl", decode_only_below=50)
+    client = chat(h)  # "hi": a few tokens
+    decode = h.upstream.last
+    assert decode.pod.name == "d1" and "kv_transfer_params" not in decode.json()
+    decode.respond_json(COMPLETION)
+    assert client.got().status == 200
+    assert [(leg.role, leg.pod) for leg in h.context.legs or ()] == [("decode", "d1")]
+    decisions = {"source_role": "decode", "target_role": "decode"}
+    registry = h.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "kthena_pd_group_routing_decisions", {"group_key": "g1", **decisions}
+        )
+        == 1
+    )
+    long = chat(h, messages=[{"role": "user", "content": "word " * 100}])
+    assert h.upstream.last.pod.name == "p1"  # a long prompt gets its prefill leg
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    h.upstream.last.respond_json(COMPLETION)
+    assert long.got().status == 200
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"decodeOnlyBelowTokens": 0}, "pdPolicy.decodeOnlyBelowTokens: must be at least 1"),
+        ({"shortPrompts": 5}, "pdPolicy.shortPrompts: unknown field"),
+        ({}, "pdPolicy.decodeOnlyBelowTokens: is required"),
+    ],
+)
+def test_pd_policy_errors_name_the_field(policy: dict[str, Any], message: str) -> None:
+    route = simple_route("pd", MODEL, "pd", pdPolicy=policy)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"resources": [route, server("pd", {"app": "pd"})]}, "t.yaml", Path("."), [])

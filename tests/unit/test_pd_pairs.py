@@ -64,8 +64,11 @@ TWO_GROUPS = (
 )
 
 
-def names(plan: PDPlan) -> list[tuple[str, str, str]]:
-    return [(p.group, p.prefill.name, p.decode.name) for p in plan.pairs()]
+def names(plan: PDPlan) -> list[tuple[str, str | None, str]]:
+    return [
+        (p.group, None if p.prefill is None else p.prefill.name, p.decode.name)
+        for p in plan.pairs()
+    ]
 
 
 def test_each_decode_candidate_pairs_with_its_groups_best_prefill() -> None:
@@ -106,7 +109,7 @@ def test_pairs_never_cross_groups_and_unpaired_pods_are_left_out() -> None:
 def test_a_groups_prefill_ranking_is_made_only_when_reached() -> None:
     plan, ranked = plan_for(*TWO_GROUPS)
     first = next(plan.pairs())
-    assert (first.prefill.name, first.decode.name) == ("p1a", "d1a")
+    assert first.prefill is not None and first.prefill.name == "p1a"
     assert ranked == ["d1a,d2a,d2b", "p1a,p1b"]
 
 
@@ -130,3 +133,23 @@ def test_roles_follow_kthenas_rule_decode_labels_win() -> None:
     pd = next(s for s in config.resources.servers if s.meta.name == "pd")
     roles = Roles.of(pd, store.server_pods(pd))
     assert [p.name for p in roles.decode] == ["both"] and roles.prefill == {}
+
+
+def test_decode_only_pairs_have_no_prefill_and_need_no_prefill_pod() -> None:
+    config = parse_config(
+        {"resources": [simple_route("m", "m", "pd"), PD_SERVER,
+                       pd_pod("d1", "10.0.0.1", "decode", "g1"),
+                       pd_pod("d2", "10.0.0.2", "decode", "g2")]},
+        "t.yaml", Path("."), [],
+    )  # fmt: skip
+    store = Datastore()
+    store.replace(config.resources)
+    pd = next(s for s in config.resources.servers if s.meta.name == "pd")
+
+    def by_name(pods: Sequence[PodEndpoint]) -> Decision:
+        return Decision(candidates=sorted(pods, key=lambda p: p.name))
+
+    assert list(PDPlan.make(pd, store.server_pods(pd), by_name).pairs()) == []
+    plan = PDPlan.make(pd, store.server_pods(pd), by_name, decode_only=True)
+    assert names(plan) == [("g1", None, "d1"), ("g2", None, "d2")]
+    assert plan.prefill == {}
