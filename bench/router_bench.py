@@ -9,9 +9,12 @@ other core. Everything listens on loopback only; every run is bounded in time.
 
     apt-get install -y nginx-light wrk
     python3 bench/router_bench.py [--duration 10] [--connections 32] [--limits [--redis H:P]]
+        [--pd]
 
 --limits puts token and request limits on the route, high enough never to refuse (the
-cost of a check and a settle on every request); --redis keeps them in that Redis.
+cost of a check and a settle on every request); --redis keeps them in that Redis. --pd
+makes the backend a prefill/decode group (two pods on the one nginx, the http connector):
+two upstream legs per request, to measure what PD adds to the router.
 
 Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50.
 """
@@ -127,14 +130,38 @@ resources:
 """
 
 
-def router_config(limits: bool, redis: str | None) -> str:
-    """The router's config; with C{limits}, limits on the route that never refuse."""
+PD_SERVER = (
+    "workloadSelector: {matchLabels: {app: bench}, pdGroup: {groupKey: group, "
+    "prefillLabels: {role: prefill}, decodeLabels: {role: decode}}}"
+    "\n      kvConnector: {type: http}"
+)
+PD_PODS = """  - apiVersion: v1
+    kind: Pod
+    metadata: {name: bench-0, labels: {app: bench, role: prefill, group: g}}
+    status: {podIP: BACKEND, phase: Running, conditions: [{type: Ready, status: "True"}]}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: bench-1, labels: {app: bench, role: decode, group: g}}
+    status: {podIP: BACKEND, phase: Running, conditions: [{type: Ready, status: "True"}]}
+""".replace("BACKEND", BACKEND)
+
+
+def router_config(limits: bool, redis: str | None, pd: bool = False) -> str:
+    """
+    The router's config; with C{limits}, limits on the route that never refuse; with
+    C{pd}, the backend is a prefill/decode group of two pods (the same nginx), so every
+    request is a prefill leg then a decode leg (C{http} connector).
+    """
+    config = ROUTER_CONFIG
+    if pd:
+        config = config.replace("workloadSelector: {matchLabels: {app: bench}}", PD_SERVER)
+        config = config[: config.index("  - apiVersion: v1\n    kind: Pod")] + PD_PODS
     if not limits:
-        return ROUTER_CONFIG.replace("LIMITS", "")
+        return config.replace("LIMITS", "")
     high = "inputTokensPerUnit: 1000000000, outputTokensPerUnit: 1000000000"
     shared = f", global: {{redis: {{address: '{redis}'}}}}" if redis else ""
     rule = f", rateLimit: {{{high}, requestsPerUnit: 1000000000, unit: second{shared}}}"
-    return ROUTER_CONFIG.replace("LIMITS", rule)
+    return config.replace("LIMITS", rule)
 
 
 def wrk_script(workdir: Path, stream: bool) -> Path:
@@ -190,6 +217,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--limits", action="store_true", help="limits on the route (never hit)")
     parser.add_argument("--redis", help="with --limits: the Redis (host:port) they live in")
+    parser.add_argument("--pd", action="store_true", help="a prefill/decode group as backend")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -197,7 +225,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kthena-bench-"))
     workdir.chmod(0o755)  # nginx workers (www-data) read the bodies from here
     (workdir / "nginx.conf").write_text(nginx_conf(workdir))
-    (workdir / "router.yaml").write_text(router_config(args.limits, args.redis))
+    (workdir / "router.yaml").write_text(router_config(args.limits, args.redis, args.pd))
     nginx = subprocess.Popen(
         ["taskset", "-c", "1", "nginx", "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"]
     )

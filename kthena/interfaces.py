@@ -140,8 +140,8 @@ class IKVTransfer(Interface):
         """
         The decode leg's JSON body.
 
-        @param prefill_reply: the prefill leg's parsed JSON answer (C{None} when the legs
-            are concurrent).
+        @param prefill_reply: the prefill leg's answer body (C{None} when the legs are
+            concurrent); a connector that needs it parses it.
         @raise ValueError: the prefill answer lacks what the decode leg needs.
         """
 

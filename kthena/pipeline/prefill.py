@@ -8,7 +8,6 @@ ends. Each leg sent is kept in the record (L{kthena.record.Leg}).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from itertools import islice
 
@@ -74,7 +73,7 @@ class PrefillLegs:
             return json_bytes(transfer.decode_body(None)), background
         raw = await self._leg(call, pod, leg, timeout, body)
         try:
-            return json_bytes(transfer.decode_body(_json(raw))), None
+            return json_bytes(transfer.decode_body(raw)), None
         except ValueError as e:
             why = f"prefill pod {pod.name}: {e}"
             self.failed(call, pod, why)
@@ -157,10 +156,3 @@ class PrefillError(Exception):
     def __init__(self, error: ProxyError, unreachable: bool = False) -> None:
         self.error = error
         self.unreachable = unreachable
-
-
-def _json(raw: bytes) -> object:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ValueError("its answer is not JSON") from None
