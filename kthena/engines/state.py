@@ -19,6 +19,8 @@ class PodState:
     """
     @ivar scraped_at: reactor time of the last successful scrape (None: never).
     @ivar consecutive_failures: failed scrapes since the last success.
+    @ivar prefix_period: (hits, queries) of the prefix cache over the last scrape period
+        (an engine that only tells a rate: (rate, 1)), for its PD group's hit rate.
     @ivar loras: adapters the pod has loaded (from C{/v1/models}) or is running.
     @ivar finished: the router's requests to the pod that have ended, ever.
     @ivar finished_at_scrape: C{finished} when the last good scrape was taken: requests
@@ -32,6 +34,7 @@ class PodState:
     ttft: float = 0.0
     tpot: float = 0.0
     prefix_hit_rate: float = 0.0
+    prefix_period: tuple[float, float] = (0.0, 0.0)
     gpu_utilization: dict[str, float] = field(default_factory=dict)
     gpu_memory_used: dict[str, float] = field(default_factory=dict)
     system_memory: float = 0.0
@@ -71,11 +74,14 @@ class PodState:
             )  # fmt: skip
         if snapshot.prefix_hit_rate is not None:
             self.prefix_hit_rate = snapshot.prefix_hit_rate
+            self.prefix_period = (snapshot.prefix_hit_rate, 1.0)  # a rate: one pod's weight
         elif snapshot.prefix_queries is not None and previous is not None:
-            self.prefix_hit_rate = _period_mean(
+            self.prefix_period = hits, queries = _period_counts(
                 previous.prefix_hits or 0.0, previous.prefix_queries or 0.0,
-                snapshot.prefix_hits or 0.0, snapshot.prefix_queries, self.prefix_hit_rate,
+                snapshot.prefix_hits or 0.0, snapshot.prefix_queries,
             )  # fmt: skip
+            if queries > 0:
+                self.prefix_hit_rate = hits / queries
         self._previous = snapshot
         self.scraped_at = now
         self.finished_at_scrape = self.finished if finished is None else finished
@@ -100,12 +106,18 @@ class PodState:
         )
 
 
+def _period_counts(
+    old_hits: float, old_queries: float, new_hits: float, new_queries: float
+) -> tuple[float, float]:
+    """(sum, count) of the period between two scrapes of a counter pair (after a
+    restart, the new counts are the period)."""
+    if new_queries < old_queries or new_hits < old_hits:
+        return new_hits, new_queries
+    return new_hits - old_hits, new_queries - old_queries
+
+
 def _period_mean(
     old_sum: float, old_count: float, new_sum: float, new_count: float, last: float
 ) -> float:
-    if new_count < old_count or new_sum < old_sum:  # restarted: this scrape is the period
-        old_sum = old_count = 0.0
-    count = new_count - old_count
-    if count <= 0:
-        return last
-    return (new_sum - old_sum) / count
+    total, count = _period_counts(old_sum, old_count, new_sum, new_count)
+    return total / count if count > 0 else last

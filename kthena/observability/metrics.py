@@ -87,6 +87,7 @@ class RouterMetrics:
         self._router_families()
         self.pods = PodGauges(registry)
         self.scrape_hooks: list[Callable[[], None]] = []
+        self._hit_rate_series: set[tuple[str, str]] = set()
         self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
         self._names = _names(config)
 
@@ -296,6 +297,30 @@ class RouterMetrics:
         self.pods.observe(plane)
         pods = plane.store.pods
         self.outlier_ejections.prune(lambda labels: labels["target"] not in pods)
+        self._pd_hit_rates(plane)
+
+    def _pd_hit_rates(self, plane: DataPlane) -> None:
+        """Each PD group's prefix-cache hit rate over the last scrape period: its pods'
+        hits over their queries (groups with no query in the period are left out)."""
+        periods: dict[tuple[str, str], list[float]] = {}
+        for server in plane.store.resources.servers:
+            group = server.pd_group
+            if group is None:
+                continue
+            for endpoint in plane.store.server_pods(server):
+                value = endpoint.pod.meta.labels.get(group.group_key)
+                if value:
+                    hits, queries = endpoint.state.prefix_period
+                    key = (value, server.model or server.meta.key)
+                    totals = periods.setdefault(key, [0.0, 0.0])
+                    totals[0] += hits
+                    totals[1] += queries
+        rates = {labels: h / q for labels, (h, q) in periods.items() if q > 0}
+        for labels in self._hit_rate_series - rates.keys():  # never cleared: a scrape
+            self.pd_kv_cache_hit_rate.remove(*labels)  # in a worker thread sees no gap
+        for labels, rate in rates.items():
+            self.pd_kv_cache_hit_rate.labels(*labels).set(rate)
+        self._hit_rate_series = set(rates)
 
     def backend_error(self, backend: str, operation: str) -> None:
         """A rate-limit backend call failed (the limiter's outage tracker)."""

@@ -93,3 +93,18 @@ def test_a_pd_decision_shows_both_rankings_and_the_legs() -> None:
     assert view["candidates"] == ["dec0"]
     assert view["prefill"]["by_group"]["g1"]["candidates"] == ["pre0"]
     assert [leg["role"] for leg in view["prefill"]["legs"]] == ["prefill", "decode"]
+
+
+def test_a_groups_kv_cache_hit_rate_is_its_pods_hits_over_queries() -> None:
+    admin = AdminHarness()
+    metrics = admin.service.metrics
+    name = "kthena_pd_group_kv_cache_hit_rate"
+    labels = {"group_key": "g1", "model": "org/m"}
+    admin.pod("default/pre0").state.prefix_period = (30.0, 40.0)
+    admin.pod("default/dec0").state.prefix_period = (10.0, 60.0)
+    metrics.observe_pods(admin.plane)
+    assert metrics.registry.get_sample_value(name, labels) == 0.4  # 40 hits of 100 queries
+    for key in ("default/pre0", "default/dec0"):
+        admin.pod(key).state.prefix_period = (0.0, 0.0)  # no query in the period
+    metrics.observe_pods(admin.plane)
+    assert metrics.registry.get_sample_value(name, labels) is None

@@ -187,6 +187,7 @@ def test_prefix_hit_rate_over_the_period() -> None:
             0.0,
         )
     assert state.prefix_hit_rate == pytest.approx(1.0)  # (130-30)/(200-100)
+    assert state.prefix_period == (100, 100)  # the period's counts, for its PD group
 
 
 def test_health_by_failures_and_staleness() -> None:
