@@ -20,7 +20,7 @@ from kthena.sim.pd import Role
 from kthena.sim.service import SimConfig, SimService
 from tests.integration.router_helpers import LOOPBACK, Cluster, inline
 from tests.integration.test_exactness_openai import totals
-from tests.unit.routerfixtures import pod, server, simple_route
+from tests.unit.routerfixtures import pd_server, pod, simple_route
 
 MODEL = "pd-model"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta"
@@ -54,19 +54,11 @@ def pd_resources(connector: str, prefill: SimService, decode: SimService) -> lis
     labels = {"app": "pd", "group": "g1"}
     return [
         simple_route("pd", MODEL, "pd"),
-        server(
+        pd_server(
             "pd",
-            {"app": "pd"},
-            model="org/pd",
+            "pd",
+            "org/pd",
             engine="SGLang" if connector == "sglang" else "vLLM",
-            workloadSelector={
-                "matchLabels": {"app": "pd"},
-                "pdGroup": {
-                    "groupKey": "group",
-                    "prefillLabels": {"role": "prefill"},
-                    "decodeLabels": {"role": "decode"},
-                },
-            },
             kvConnector={"type": connector},
         ),
         pod("prefill-0", p_host, {**labels, "role": "prefill"}, port=prefill.listener.bound_port),

@@ -31,7 +31,7 @@ from tests.unit.proxyfixtures import (
     OrderedScheduler,
     WireResponse,
 )
-from tests.unit.routerfixtures import Doc, pod, route, server
+from tests.unit.routerfixtures import Doc, pd_server, pod, route, server
 
 LOOPBACK_PEER = IPv4Address("TCP", "127.0.0.1", 40001)
 REMOTE_PEER = IPv4Address("TCP", "10.1.2.3", 5555)
@@ -106,19 +106,7 @@ def resources() -> list[Doc]:
             created="2025-01-01T00:00:00Z",
         ),
         server("base", {"app": "m"}, model="org/m"),
-        server(
-            "pd",
-            {},
-            model="org/m",
-            workloadSelector={
-                "matchLabels": {"app": "pd"},
-                "pdGroup": {
-                    "groupKey": "group",
-                    "prefillLabels": {"role": "prefill"},
-                    "decodeLabels": {"role": "decode"},
-                },
-            },
-        ),
+        pd_server("pd", "pd", "org/m"),
         server("empty", {"app": "nothing"}),
         _in("other", server("base", {"app": "other"}, engine="SGLang", port=30000)),
         p0,

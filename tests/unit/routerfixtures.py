@@ -67,6 +67,20 @@ def pod(
     }
 
 
+def pd_server(name: str, app: str, model: str, **spec: Any) -> Doc:
+    """A ModelServer with Kthena's pdGroup: pods labelled C{app}, C{role: prefill|decode}
+    and C{group: <value>} (the group key)."""
+    selector = {
+        "matchLabels": {"app": app},
+        "pdGroup": {
+            "groupKey": "group",
+            "prefillLabels": {"role": "prefill"},
+            "decodeLabels": {"role": "decode"},
+        },
+    }
+    return server(name, {"app": app}, model=model, workloadSelector=selector, **spec)
+
+
 def simple_route(name: str, model: str, *targets: str, **spec: Any) -> Doc:
     return route(
         name,

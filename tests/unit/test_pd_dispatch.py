@@ -17,7 +17,7 @@ from kthena.config.router import parse_config
 from kthena.config.validate import ConfigError
 from kthena.observability.records import format_text, json_record
 from tests.unit.proxyfixtures import RouterHarness, sse_response
-from tests.unit.routerfixtures import pod, server, simple_route
+from tests.unit.routerfixtures import pd_server, pod, server, simple_route
 from tests.unit.test_proxy_resource import COMPLETION, DONE, USAGE_ONLY, delta, event
 
 MODEL = "pdm"
@@ -36,14 +36,6 @@ def pd_harness(
     connector: str, retry: bool = False, decode_only_below: int | None = None
 ) -> RouterHarness:
     spec: dict[str, Any] = {
-        "workloadSelector": {
-            "matchLabels": {"app": "pd"},
-            "pdGroup": {
-                "groupKey": "group",
-                "prefillLabels": {"role": "prefill"},
-                "decodeLabels": {"role": "decode"},
-            },
-        },
         "kvConnector": {"type": connector},
     }
     if retry:
@@ -55,7 +47,7 @@ def pd_harness(
     )
     docs = [
         simple_route("pd", MODEL, "pd", **policy),
-        server("pd", {"app": "pd"}, model="org/pd", **spec),
+        pd_server("pd", "pd", "org/pd", **spec),
         pod("d1", "10.0.9.1", {"app": "pd", "role": "decode", "group": "g1"}),
         pod("p1", "10.0.9.2", {"app": "pd", "role": "prefill", "group": "g1"}),
         pod("d2", "10.0.9.3", {"app": "pd", "role": "decode", "group": "g2"}),

@@ -14,21 +14,9 @@ from kthena.pd.pairs import PDPlan, Rank, Roles
 from kthena.pods import PodEndpoint
 from kthena.scheduler.framework import Decision
 from kthena.store import Datastore
-from tests.unit.routerfixtures import pod, server, simple_route
+from tests.unit.routerfixtures import pd_server, pod, simple_route
 
-PD_SERVER = server(
-    "pd",
-    {"app": "pd"},
-    model="org/m",
-    workloadSelector={
-        "matchLabels": {"app": "pd"},
-        "pdGroup": {
-            "groupKey": "group",
-            "prefillLabels": {"role": "prefill"},
-            "decodeLabels": {"role": "decode"},
-        },
-    },
-)
+PD_SERVER = pd_server("pd", "pd", "org/m")
 
 
 def pd_pod(name: str, ip: str, role: str, group: str | None) -> dict[str, object]:
