@@ -25,7 +25,6 @@ class Call:
     @ivar cancelled: the call was cancelled (the client left, or a shutdown).
     @ivar relay: the relay of the answer being relayed, once there is one.
     @ivar body: the JSON body as it goes to pods (the KV connectors shape PD legs from it).
-    @ivar pd: the prefill/decode pairs (a L{kthena.pd.pairs.PDPlan}) for a PD server.
     """
 
     exchange: IExchange
@@ -34,7 +33,6 @@ class Call:
     candidates: list[PodEndpoint]
     outgoing: Outgoing
     body: dict[str, Any] = field(default_factory=dict)
-    pd: Any = None
     client_gone: bool = False
     cancelled: bool = False
     relay: Relay | None = field(default=None)

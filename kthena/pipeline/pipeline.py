@@ -171,7 +171,7 @@ class Pipeline:
         await self.admission.admit(record, parsed)
         candidates = self.scheduling.schedule(record, parsed, match)
         out = outgoing(exchange, record, parsed, match, self.dispatcher.skip)
-        run.call = Call(exchange, record, match, candidates, out, parsed.body, record.pd_plan)
+        run.call = Call(exchange, record, match, candidates, out, parsed.body)
         record.dispatched = True
         self.observers.started(record)
         await self.dispatcher.dispatch(run.call)

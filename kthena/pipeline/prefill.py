@@ -19,7 +19,7 @@ from kthena.errors import ErrorType, ProxyError
 from kthena.failures import CONNECT_ERRORS
 from kthena.interfaces import IKVConnector
 from kthena.pd.connectors import connectors
-from kthena.pd.pairs import Pair
+from kthena.pd.pairs import Pair, PDPlan
 from kthena.pipeline.call import Call
 from kthena.podclient import BodyCollector
 from kthena.pods import PodEndpoint
@@ -117,9 +117,10 @@ class PrefillLegs:
 
 def pd_pairs(call: Call, attempts: int) -> list[Pair] | None:
     """A PD call's pairs, one per attempt at most (C{None}: an aggregated call)."""
-    if call.pd is None:
+    plan = call.record.pd_plan
+    if not isinstance(plan, PDPlan):
         return None
-    pairs = list(islice(call.pd.pairs(), attempts))
+    pairs = list(islice(plan.pairs(), attempts))
     if not pairs:
         raise ProxyError(503, ErrorType.SCHEDULING, "no prefill/decode pair can take it")
     return pairs
