@@ -25,6 +25,7 @@ from kthena.config.resources import (
     ModelRoute,
     ModelServer,
     PDGroup,
+    PDPolicy,
     Pod,
     Resource,
     ResourceSet,
@@ -40,6 +41,7 @@ from kthena.config.validate import (
     integer,
     labels,
     mapping,
+    number,
     optional_string,
     regex,
     selector,
@@ -184,16 +186,32 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
         rules=tuple(_rule(r, s_where.at("rules").at(i)) for i, r in enumerate(raw_rules)),
         rate_limit=parse_rate_limit(spec.get("rateLimit"), s_where.at("rateLimit")),
         spec=spec,
-        decode_only_below=_pd_policy(spec.get("pdPolicy"), s_where.at("pdPolicy")),
+        pd_policy=_pd_policy(spec.get("pdPolicy"), s_where.at("pdPolicy")),
     )
 
 
-def _pd_policy(value: object, where: Where) -> int | None:
-    """C{pdPolicy: {decodeOnlyBelowTokens: N}} (ours): short prompts skip the prefill leg."""
+_PD_POLICY = ("decodeOnlyBelowTokens", "decodeOnlyPrefixHit")
+
+
+def _pd_policy(value: object, where: Where) -> PDPolicy | None:
+    """C{pdPolicy} (ours): short prompts, or prompts a decode pod mostly holds already,
+    skip the prefill leg."""
     if value is None:
         return None
-    spec = mapping(value, where, ("decodeOnlyBelowTokens",), required=("decodeOnlyBelowTokens",))
-    return integer(spec["decodeOnlyBelowTokens"], where.at("decodeOnlyBelowTokens"), minimum=1)
+    spec = mapping(value, where, _PD_POLICY)
+    if not spec:
+        where.fail(f"names none of {', '.join(_PD_POLICY)}")
+    below = spec.get("decodeOnlyBelowTokens")
+    hit = spec.get("decodeOnlyPrefixHit")
+    h_where = where.at("decodeOnlyPrefixHit")
+    if hit is not None and not 0 < number(hit, h_where) <= 1:
+        h_where.fail(f"must be a share of the prompt, above 0 and at most 1, not {hit}")
+    return PDPolicy(
+        below_tokens=None
+        if below is None
+        else integer(below, where.at("decodeOnlyBelowTokens"), minimum=1),
+        prefix_hit=None if hit is None else float(hit),
+    )
 
 
 def _pd_group(value: object, where: Where) -> PDGroup | None:

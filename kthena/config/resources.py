@@ -116,12 +116,25 @@ class RateLimit(Limits):
 
 
 @dataclass(frozen=True, slots=True)
+class PDPolicy:
+    """
+    Ours (a route's C{pdPolicy}): when a request to a prefill/decode server goes straight
+    to a decode pod, with no prefill leg.
+
+    @ivar below_tokens: C{decodeOnlyBelowTokens}: its prompt is estimated under this many
+        tokens (C{None}: not by length).
+    @ivar prefix_hit: C{decodeOnlyPrefixHit}: the best decode pod already holds at least
+        this share (0-1) of its prompt's prefix, by the scheduler's C{prefix-cache} score
+        (C{None}: not by prefix).
+    """
+
+    below_tokens: int | None = None
+    prefix_hit: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
-    """
-    @ivar decode_only_below: ours (C{pdPolicy.decodeOnlyBelowTokens}): a request to a
-        prefill/decode server whose prompt is estimated under this many tokens goes
-        straight to a decode pod, with no prefill leg (C{None}: always both legs).
-    """
+    """@ivar pd_policy: ours (C{pdPolicy}); C{None}: a PD request always has both legs."""
 
     meta: Metadata
     model_name: str
@@ -129,7 +142,7 @@ class ModelRoute:
     rules: tuple[Rule, ...]
     rate_limit: RateLimit | None
     spec: Mapping[str, Any] = field(repr=False)
-    decode_only_below: int | None = None
+    pd_policy: PDPolicy | None = None
 
     kind = "ModelRoute"
 

@@ -247,6 +247,20 @@ def _resource_entries(
             yield parse_document(entry, d_where, order), d_where
 
 
+def _check_prefix_policies(
+    resources: ResourceSet, scheduler: SchedulerConfig, where: Where
+) -> None:
+    """A route's C{pdPolicy.decodeOnlyPrefixHit} is judged on the C{prefix-cache} score."""
+    if any(name == "prefix-cache" for name, _ in scheduler.scores):
+        return
+    routes = [r.meta.key for r in resources.routes if r.pd_policy and r.pd_policy.prefix_hit]
+    if routes:
+        where.fail(
+            f"{', '.join(routes)} use pdPolicy.decodeOnlyPrefixHit, judged on the "
+            "prefix-cache score: score with prefix-cache"
+        )
+
+
 def parse_config(raw: object, source: str, base: Path, files: list[str]) -> RouterConfig:
     """A router config from its parsed YAML; resource paths are relative to C{base}."""
     where = Where(source)
@@ -268,6 +282,8 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
     fairness = parse_fairness(
         spec.get("fairness"), where.at("fairness"), identity.priorities, identity.default_priority
     )
+    scheduler = parse_scheduler(spec.get("scheduler"), where.at("scheduler"))
+    _check_prefix_policies(resources, scheduler, where.at("scheduler"))
     return RouterConfig(
         listen=_listen(spec.get("listen", d.listen), where.at("listen")),
         admin_listen=None
@@ -295,7 +311,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         observability=parse_observability(spec.get("observability"), where.at("observability")),
         resources=resources,
         simulators=sims,
-        scheduler=parse_scheduler(spec.get("scheduler"), where.at("scheduler")),
+        scheduler=scheduler,
         rate_limits=parse_rate_limits(spec.get("rateLimits"), where.at("rateLimits")),
         tokenizers=parse_tokenizers(spec.get("tokenizers"), where.at("tokenizers"), base),
         identity=identity,

@@ -8,6 +8,11 @@ roles). Pairs never cross groups; a pod without the group label pairs with nobod
 Retries go down the pairs: the k-th pair of a group takes the group's k-th prefill
 candidate (round the ranking), so that a failing prefill pod is not the next pair's too.
 A group's prefill ranking is made only when one of its decode pods is reached.
+
+A route's C{pdPolicy} (ours) sends some requests straight to a decode pod, with no
+prefill leg: every pair of a prompt estimated under C{decodeOnlyBelowTokens}; the first
+pair only when the best decode pod holds at least C{decodeOnlyPrefixHit} of the prompt's
+prefix by the C{prefix-cache} score (a retry goes on to the ordinary pairs).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from kthena.config.resources import ModelServer
+from kthena.config.resources import ModelServer, PDPolicy
 from kthena.pods import PodEndpoint
 from kthena.scheduler.framework import Decision
 
@@ -64,16 +69,17 @@ class PDPlan:
     One request's pairs, made as the dispatcher asks for them.
 
     @ivar decode: the decode pods' decision (only pods of groups with a prefill pod,
-        unless C{decode_only}).
+        unless every pair is decode-only).
     @ivar prefill: each group's prefill decision, once made.
-    @ivar decode_only: the request goes straight to a decode pod (a short prompt, by the
-        route's C{pdPolicy}): no prefill leg.
+    @ivar direct: the decode pods (keys) sent to straight, with no prefill leg.
+    @ivar why_direct: why they are (the policy's condition met), for the debug views.
     """
 
     roles: Roles
     rank: Rank
     decode: Decision
-    decode_only: bool = False
+    direct: frozenset[str] = frozenset()
+    why_direct: str | None = None
     prefill: dict[str, Decision] = field(default_factory=dict)
 
     @classmethod
@@ -82,20 +88,34 @@ class PDPlan:
         server: ModelServer,
         pods: Sequence[PodEndpoint],
         rank: Rank,
-        decode_only: bool = False,
+        policy: PDPolicy | None = None,
+        estimate: int = 0,
     ) -> PDPlan:
+        """@param estimate: the prompt's estimated tokens (for C{decodeOnlyBelowTokens})."""
         roles = Roles.of(server, pods)
-        pairable = [
-            p for p in roles.decode if decode_only or roles.group_of[p.key] in roles.prefill
-        ]
-        return cls(roles, rank, rank(pairable), decode_only)
+        below = policy.below_tokens if policy is not None else None
+        if below is not None and estimate < below:
+            decision = rank(roles.decode)
+            keys = frozenset(p.key for p in decision.candidates)
+            return cls(roles, rank, decision, keys, f"prompt under {below} tokens")
+        plan = cls(
+            roles, rank, rank([p for p in roles.decode if roles.group_of[p.key] in roles.prefill])
+        )
+        hit = policy.prefix_hit if policy is not None else None
+        if hit is not None and plan.decode.candidates:
+            best = plan.decode.candidates[0]
+            share = plan.decode.scores.get(best.key, {}).get("prefix-cache", 0.0) / 100
+            if share >= hit:
+                plan.direct = frozenset((best.key,))
+                plan.why_direct = f"{best.name} holds {share:.2f} of the prefix (>= {hit})"
+        return plan
 
     def pairs(self) -> Iterator[Pair]:
         """The pairs, best first: each decode candidate with its group's next prefill."""
         taken: dict[str, int] = {}
         for decode in self.decode.candidates:
             group = self.roles.group_of[decode.key]
-            if self.decode_only:
+            if decode.key in self.direct:
                 yield Pair(group, None, decode)
                 continue
             ranking = self._prefills(group)

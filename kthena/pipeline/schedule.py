@@ -114,9 +114,8 @@ class Scheduling:
             return decision
 
         if match.server.pd_group is not None:  # the decode pods ranked; pairs as needed
-            below = match.route.decode_only_below
-            short = below is not None and record.input_estimate < below
-            plan = PDPlan.make(match.server, pods, rank, decode_only=short)
+            policy, estimate = match.route.pd_policy, record.input_estimate
+            plan = PDPlan.make(match.server, pods, rank, policy, estimate)
             record.pd_plan = plan
             decision = plan.decode
         else:

@@ -93,6 +93,10 @@ def test_a_pd_decision_shows_both_rankings_and_the_legs() -> None:
     assert view["candidates"] == ["dec0"]
     assert view["prefill"]["by_group"]["g1"]["candidates"] == ["pre0"]
     assert [leg["role"] for leg in view["prefill"]["legs"]] == ["prefill", "decode"]
+    assert view["prefill"]["decode_only"] is None
+    plan.why_direct = "dec0 holds 0.95 of the prefix (>= 0.9)"
+    view = admin.json("/debug/routing/decisions")["decisions"][0]
+    assert view["prefill"]["decode_only"] == "dec0 holds 0.95 of the prefix (>= 0.9)"
 
 
 def test_a_groups_kv_cache_hit_rate_is_its_pods_hits_over_queries() -> None:

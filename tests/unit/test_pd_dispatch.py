@@ -16,6 +16,7 @@ import pytest
 from kthena.config.router import parse_config
 from kthena.config.validate import ConfigError
 from kthena.observability.records import format_text, json_record
+from kthena.pd.pairs import PDPlan
 from tests.unit.proxyfixtures import RouterHarness, sse_response
 from tests.unit.routerfixtures import pd_server, pod, server, simple_route
 from tests.unit.test_proxy_resource import COMPLETION, DONE, USAGE_ONLY, delta, event
@@ -33,18 +34,14 @@ PREFILL_REPLY = {**COMPLETION, "kv_transfer_params": KV}
 
 
 def pd_harness(
-    connector: str, retry: bool = False, decode_only_below: int | None = None
+    connector: str, retry: bool = False, pd_policy: dict[str, Any] | None = None
 ) -> RouterHarness:
     spec: dict[str, Any] = {
         "kvConnector": {"type": connector},
     }
     if retry:
         spec["trafficPolicy"] = {"retry": {"attempts": 2, "retryInterval": "0s"}}
-    policy = (
-        {}
-        if decode_only_below is None
-        else {"pdPolicy": {"decodeOnlyBelowTokens": decode_only_below}}
-    )
+    policy = {} if pd_policy is None else {"pdPolicy": pd_policy}
     docs = [
         simple_route("pd", MODEL, "pd", **policy),
         pd_server("pd", "pd", "org/pd", **spec),
@@ -53,7 +50,8 @@ def pd_harness(
         pod("d2", "10.0.9.3", {"app": "pd", "role": "decode", "group": "g2"}),
         pod("p2", "10.0.9.4", {"app": "pd", "role": "prefill", "group": "g2"}),
     ]
-    h = RouterHarness()
+    # the config's scheduler when the policy reads its prefix-cache score; by name otherwise
+    h = RouterHarness(configured_scheduler="decodeOnlyPrefixHit" in (pd_policy or {}))
     h.reload(parse_config({"resources": docs}, "pd.yaml", Path("."), []))
     return h
 
@@ -264,7 +262,7 @@ def test_a_client_leaving_during_the_decode_cancels_the_decode() -> None:
 
 
 def test_a_short_prompt_goes_straight_to_a_decode_pod_by_the_routes_policy() -> None:
-    h = pd_harness("nixl", decode_only_below=50)
+    h = pd_harness("nixl", pd_policy={"decodeOnlyBelowTokens": 50})
     client = chat(h)  # "hi": a few tokens
     decode = h.upstream.last
     assert decode.pod.name == "d1" and "kv_transfer_params" not in decode.json()
@@ -291,10 +289,69 @@ def test_a_short_prompt_goes_straight_to_a_decode_pod_by_the_routes_policy() -> 
     [
         ({"decodeOnlyBelowTokens": 0}, "pdPolicy.decodeOnlyBelowTokens: must be at least 1"),
         ({"shortPrompts": 5}, "pdPolicy.shortPrompts: unknown field"),
-        ({}, "pdPolicy.decodeOnlyBelowTokens: is required"),
+        ({}, "pdPolicy: names none of decodeOnlyBelowTokens, decodeOnlyPrefixHit"),
+        ({"decodeOnlyPrefixHit": 0}, "pdPolicy.decodeOnlyPrefixHit: must be a share"),
+        ({"decodeOnlyPrefixHit": 1.5}, "pdPolicy.decodeOnlyPrefixHit: must be a share"),
+        ({"decodeOnlyPrefixHit": "90%"}, "pdPolicy.decodeOnlyPrefixHit: must be a number"),
     ],
 )
 def test_pd_policy_errors_name_the_field(policy: dict[str, Any], message: str) -> None:
     route = simple_route("pd", MODEL, "pd", pdPolicy=policy)
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({"resources": [route, server("pd", {"app": "pd"})]}, "t.yaml", Path("."), [])
+
+
+def test_a_prompt_the_best_decode_pod_holds_goes_straight_to_it() -> None:
+    h = pd_harness("nixl", pd_policy={"decodeOnlyPrefixHit": 0.9})
+    prompt = [{"role": "user", "content": "a long shared system prompt " * 20}]
+    first = chat(h, messages=prompt)
+    assert h.upstream.last.pod.name in ("p1", "p2")  # nothing is known yet: both legs
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    served = h.upstream.last.pod.name
+    h.upstream.last.respond_json(COMPLETION)
+    assert first.got().status == 200
+    again = chat(h, messages=prompt)  # the decode pod that served the prefix holds it
+    decode = h.upstream.last
+    assert decode.pod.name == served and "kv_transfer_params" not in decode.json()
+    decode.respond_json(COMPLETION)
+    assert again.got().status == 200
+    plan = h.contexts[-1].pd_plan
+    assert isinstance(plan, PDPlan)
+    assert plan.why_direct == f"{served} holds 1.00 of the prefix (>= 0.9)"
+    assert [(leg.role, leg.pod) for leg in h.contexts[-1].legs or ()] == [("decode", served)]
+    other = chat(h, messages=[{"role": "user", "content": "another prompt " * 30}])
+    assert h.upstream.last.pod.name in ("p1", "p2")  # a prompt no pod holds: both legs
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    h.upstream.last.respond_json(COMPLETION)
+    assert other.got().status == 200
+
+
+def test_a_direct_decode_that_fails_is_retried_with_a_prefill_leg() -> None:
+    h = pd_harness("nixl", retry=True, pd_policy={"decodeOnlyPrefixHit": 0.5})
+    prompt = [{"role": "user", "content": "a long shared system prompt " * 20}]
+    chat(h, messages=prompt)
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    served = h.upstream.last.pod.name
+    h.upstream.last.respond_json(COMPLETION)
+    client = chat(h, messages=prompt)
+    assert h.upstream.last.pod.name == served
+    h.upstream.last.respond_json({"error": {"message": "boom"}}, code=500)
+    other = {"d1": "p2", "d2": "p1"}[served]
+    assert h.upstream.last.pod.name == other  # the next pair, with its prefill leg
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    h.upstream.last.respond_json(COMPLETION)
+    assert client.got().status == 200
+    legs = [(leg.role, leg.pod, leg.status) for leg in h.contexts[-1].legs or ()]
+    decode = {"p1": "d1", "p2": "d2"}[other]
+    assert legs == [("decode", served, 500), ("prefill", other, 200), ("decode", decode, 200)]
+
+
+def test_the_prefix_condition_needs_the_prefix_cache_score() -> None:
+    route = simple_route("pd", MODEL, "pd", pdPolicy={"decodeOnlyPrefixHit": 0.8})
+    scheduler = {"plugins": {"Score": {"enabled": [{"name": "least-request"}]}}}
+    message = "default/pd use pdPolicy.decodeOnlyPrefixHit, judged on the prefix-cache score"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(
+            {"resources": [route, server("pd", {"app": "pd"})], "scheduler": scheduler},
+            "t.yaml", Path("."), [],
+        )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from kthena.config.resources import PDPolicy
 from kthena.config.router import parse_config
 from kthena.pd.pairs import PDPlan, Rank, Roles
 from kthena.pods import PodEndpoint
@@ -138,6 +139,6 @@ def test_decode_only_pairs_have_no_prefill_and_need_no_prefill_pod() -> None:
         return Decision(candidates=sorted(pods, key=lambda p: p.name))
 
     assert list(PDPlan.make(pd, store.server_pods(pd), by_name).pairs()) == []
-    plan = PDPlan.make(pd, store.server_pods(pd), by_name, decode_only=True)
+    plan = PDPlan.make(pd, store.server_pods(pd), by_name, PDPolicy(below_tokens=10), 9)
     assert names(plan) == [("g1", None, "d1"), ("g2", None, "d2")]
     assert plan.prefill == {}

@@ -31,6 +31,7 @@ def _prefill_rankings(ctx: RequestRecord) -> dict[str, object] | None:
     if not isinstance(plan, PDPlan):
         return None
     return {
+        "decode_only": plan.why_direct,
         "by_group": {
             group: {"candidates": [p.name for p in d.candidates], "scores": _scores(d)}
             for group, d in sorted(plan.prefill.items())
