@@ -140,8 +140,8 @@ class IKVTransfer(Interface):
         """
         The decode leg's JSON body.
 
-        @param prefill_reply: the prefill leg's answer body (C{None} when the legs are
-            concurrent); a connector that needs it parses it.
+        @param prefill_reply: the prefill leg's answer, parsed JSON (C{None} when it
+            was not JSON, or the legs are concurrent).
         @raise ValueError: the prefill answer lacks what the decode leg needs.
         """
 

@@ -38,6 +38,8 @@ class Leg:
     One leg of a prefill/decode request: sent to C{pod} (a pod name) of group C{group}.
 
     @ivar status: the pod's status code (C{None}: it never answered).
+    @ivar kv_blocks: a prefill leg that succeeded: the KV blocks it produced
+        (L{kthena.pd.transfer.kv_blocks}).
     """
 
     group: str
@@ -46,6 +48,7 @@ class Leg:
     started: float
     ended: float | None = None
     status: int | None = None
+    kv_blocks: int | None = None
 
     @property
     def seconds(self) -> float:

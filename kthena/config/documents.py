@@ -259,7 +259,9 @@ def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> Mode
     t_where = s_where.at("trafficPolicy")
     policy = mapping(spec.get("trafficPolicy"), t_where, ("timeout", "retry"))
     timeout = policy.get("timeout")
-    kv = mapping(spec.get("kvConnector"), s_where.at("kvConnector"), ("type",))
+    kv_where = s_where.at("kvConnector")
+    kv = mapping(spec.get("kvConnector"), kv_where, ("type", "blockSize", "bytesPerToken"))
+    per_token = kv.get("bytesPerToken")
     model = spec.get("model")
     return ModelServer(
         meta=meta,
@@ -275,8 +277,12 @@ def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> Mode
         retry=_retry(policy.get("retry"), t_where.at("retry")),
         kv_connector=None
         if spec.get("kvConnector") is None
-        else choice(kv.get("type", "http"), s_where.at("kvConnector").at("type"), KV_CONNECTORS),
+        else choice(kv.get("type", "http"), kv_where.at("type"), KV_CONNECTORS),
         spec=spec,
+        kv_block_size=integer(kv.get("blockSize", 16), kv_where.at("blockSize"), minimum=1),
+        kv_bytes_per_token=None
+        if per_token is None
+        else integer(per_token, kv_where.at("bytesPerToken"), minimum=1),
     )
 
 

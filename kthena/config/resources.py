@@ -173,6 +173,8 @@ class ModelServer:
     retry: Retry | None
     kv_connector: str | None
     spec: Mapping[str, Any] = field(repr=False)
+    kv_block_size: int = 16
+    kv_bytes_per_token: int | None = None
 
     kind = "ModelServer"
 

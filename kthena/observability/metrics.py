@@ -18,7 +18,8 @@ from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
 from kthena.interfaces import IReconfigurable, IRequestObserver
-from kthena.observability.families import FastFamily, FastHistogram, WindowSummary
+from kthena.observability.families import FastFamily, FastHistogram
+from kthena.observability.pd_metrics import PDMetrics
 from kthena.observability.pod_gauges import PodGauges
 from kthena.pipeline.plane import DataPlane
 from kthena.record import RequestRecord
@@ -83,11 +84,9 @@ class RouterMetrics:
         self._request_families(extra)
         self._limit_families()
         self._pod_families()
-        self._pd_families()
         self._router_families()
         self.pods = PodGauges(registry)
         self.scrape_hooks: list[Callable[[], None]] = []
-        self._hit_rate_series: set[tuple[str, str]] = set()
         self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
         self._names = _names(config)
 
@@ -105,18 +104,7 @@ class RouterMetrics:
             ("model", "path", "status_code", *extra), REQUEST_BUCKETS,
         )  # fmt: skip
         r.register(self.request_duration)
-        self.prefill_duration = FastHistogram(
-            "kthena_router_request_prefill_duration_seconds",
-            "Prefill phase processing latency for PD-disaggregated requests",
-            ("model", "path", "status_code"), REQUEST_BUCKETS,
-        )  # fmt: skip
-        r.register(self.prefill_duration)
-        self.decode_duration = FastHistogram(
-            "kthena_router_request_decode_duration_seconds",
-            "Decode phase processing latency for PD-disaggregated requests",
-            ("model", "path", "status_code"), REQUEST_BUCKETS,
-        )  # fmt: skip
-        r.register(self.decode_duration)
+        self.pd = PDMetrics(r, self.clock, REQUEST_BUCKETS)
         self.active_downstream = self._fast(
             "gauge", "kthena_router_active_downstream_requests",
             "Current active downstream requests (from clients to router)", ("model",),
@@ -165,37 +153,6 @@ class RouterMetrics:
             "counter", "kthena_lb_decisions", "Load-balancing decisions",
             ("algorithm", "model", "target"),
         )  # fmt: skip
-
-    def _pd_families(self) -> None:
-        """Prefill/decode groups and KV-cache connectors."""
-        r = self.registry
-        self.pd_requests = Counter(
-            "kthena_pd_group_requests", "Requests sent to PD group members",
-            ("group_key", "role", "model"), registry=r,
-        )  # fmt: skip
-        self.pd_routing_decisions = self._fast(
-            "unknown", "kthena_pd_group_routing_decisions",
-            "PD routing decisions, a monotonic count (untyped to keep the spec's name)",
-            ("group_key", "source_role", "target_role"),
-        )  # fmt: skip
-        self.pd_kv_cache_hit_rate = Gauge(
-            "kthena_pd_group_kv_cache_hit_rate", "KV-cache hit rate of a PD group (0-1)",
-            ("group_key", "model"), registry=r,
-        )  # fmt: skip
-        self.kv_cache_operations = Counter(
-            "kthena_kv_cache_operations", "KV-cache connector operations",
-            ("connector_type", "operation", "status"), registry=r,
-        )  # fmt: skip
-        self.kv_cache_transfer_bytes = Counter(
-            "kthena_kv_cache_transfer_bytes", "KV-cache bytes moved by connectors",
-            ("connector_type", "direction"), registry=r,
-        )  # fmt: skip
-        self.kv_cache_latency = WindowSummary(
-            "kthena_kv_cache_latency_seconds",
-            "KV-cache connector operation latency (quantiles over the last minute)",
-            ("connector_type", "operation"), self.clock,
-        )  # fmt: skip
-        r.register(self.kv_cache_latency)
 
     def _router_families(self) -> None:
         """Ours and Kthena's beyond the spec."""
@@ -297,30 +254,7 @@ class RouterMetrics:
         self.pods.observe(plane)
         pods = plane.store.pods
         self.outlier_ejections.prune(lambda labels: labels["target"] not in pods)
-        self._pd_hit_rates(plane)
-
-    def _pd_hit_rates(self, plane: DataPlane) -> None:
-        """Each PD group's prefix-cache hit rate over the last scrape period: its pods'
-        hits over their queries (groups with no query in the period are left out)."""
-        periods: dict[tuple[str, str], list[float]] = {}
-        for server in plane.store.resources.servers:
-            group = server.pd_group
-            if group is None:
-                continue
-            for endpoint in plane.store.server_pods(server):
-                value = endpoint.pod.meta.labels.get(group.group_key)
-                if value:
-                    hits, queries = endpoint.state.prefix_period
-                    key = (value, server.model or server.meta.key)
-                    totals = periods.setdefault(key, [0.0, 0.0])
-                    totals[0] += hits
-                    totals[1] += queries
-        rates = {labels: h / q for labels, (h, q) in periods.items() if q > 0}
-        for labels in self._hit_rate_series - rates.keys():  # never cleared: a scrape
-            self.pd_kv_cache_hit_rate.remove(*labels)  # in a worker thread sees no gap
-        for labels, rate in rates.items():
-            self.pd_kv_cache_hit_rate.labels(*labels).set(rate)
-        self._hit_rate_series = set(rates)
+        self.pd.observe_groups(plane)
 
     def backend_error(self, backend: str, operation: str) -> None:
         """A rate-limit backend call failed (the limiter's outage tracker)."""
@@ -350,7 +284,7 @@ class RouterMetrics:
         if ctx.match is None:
             return
         if ctx.legs:
-            self._pd(ctx, model, path)
+            self.pd.ended(ctx, model, path)
         # The pod's own count when it gave one; the estimate only when the pod took the
         # prompt (it began to answer): a request that never reached one processed nothing.
         inputs = ctx.input_tokens if ctx.prompt_tokens is not None or ctx.first_byte else 0
@@ -359,28 +293,6 @@ class RouterMetrics:
         outputs = ctx.output_tokens
         if outputs:
             self.tokens.add((model, path, "output", *destination), outputs)
-
-    def _pd(self, ctx: RequestRecord, model: str, path: str) -> None:
-        """A prefill/decode request's legs: each one sent counts; the last of each role
-        is the request's phase; each pair tried is a routing decision (C{decode ->
-        decode} for one sent straight to its decode pod) and, with a prefill leg, a
-        prefill operation of its server's connector."""
-        assert ctx.match is not None and ctx.legs is not None
-        connector = ctx.match.server.kv_connector or "http"
-        for i, leg in enumerate(ctx.legs):
-            self.pd_requests.labels(leg.group, leg.role, model).inc()
-            if leg.role == "decode" and (i == 0 or ctx.legs[i - 1].role != "prefill"):
-                self.pd_routing_decisions.add((leg.group, "decode", "decode"))  # no prefill
-            if leg.role == "prefill":
-                self.pd_routing_decisions.add((leg.group, "prefill", "decode"))
-                ok = leg.status is not None and 200 <= leg.status < 300
-                status = "success" if ok else "failure"
-                self.kv_cache_operations.labels(connector, "prefill", status).inc()
-                self.kv_cache_latency.observe(leg.seconds, connector, "prefill")
-        for role, family in (("prefill", self.prefill_duration), ("decode", self.decode_duration)):
-            last = ctx.leg(role)
-            if last is not None and last.ended is not None:
-                family.observe((model, path, str(last.status or 0)), last.seconds)
 
     # -- keeping series bounded
 
@@ -401,11 +313,9 @@ class RouterMetrics:
 
         for family in (self.requests, self.tokens):
             family.prune(model_gone)
-        for histogram in (
-            self.request_duration, self.prefill_duration, self.decode_duration,
-            self.plugin_duration,
-        ):  # fmt: skip
+        for histogram in (self.request_duration, self.plugin_duration):
             histogram.prune(model_gone)
+        self.pd.forget(model_gone)
         self.active_downstream.prune(model_gone, keep_nonzero=True)
         self.active_upstream.prune(
             lambda labels: (labels["model_route"], labels["model_server"]) in gone_destinations,

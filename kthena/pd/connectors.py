@@ -16,7 +16,6 @@ Bodies are copied, never changed in place: the client's body is the retry's too.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -70,11 +69,9 @@ class _TransferParams(_EnginesMoveIt):
         return prefill
 
     def decode_body(self, prefill_reply: Any) -> dict[str, Any]:
-        try:
-            reply = json.loads(prefill_reply)
-        except (TypeError, ValueError):
-            raise ValueError("the prefill answer is not JSON") from None
-        params = reply.get("kv_transfer_params") if isinstance(reply, dict) else None
+        if not isinstance(prefill_reply, dict):
+            raise ValueError("the prefill answer is not a JSON object")
+        params = prefill_reply.get("kv_transfer_params")
         if not isinstance(params, dict):
             raise ValueError("the prefill answer has no kv_transfer_params for the decode leg")
         decode = dict(self.body)

@@ -8,6 +8,7 @@ ends. Each leg sent is kept in the record (L{kthena.record.Leg}).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from itertools import islice
 
@@ -20,6 +21,7 @@ from kthena.failures import CONNECT_ERRORS
 from kthena.interfaces import IKVConnector
 from kthena.pd.connectors import connectors
 from kthena.pd.pairs import Pair, PDPlan
+from kthena.pd.transfer import kv_blocks
 from kthena.pipeline.call import Call
 from kthena.podclient import BodyCollector
 from kthena.pods import PodEndpoint
@@ -71,9 +73,9 @@ class PrefillLegs:
             running = self._leg(call, pod, leg, timeout, body, background)
             background.run(Deferred.fromCoroutine(running))
             return json_bytes(transfer.decode_body(None)), background
-        raw = await self._leg(call, pod, leg, timeout, body)
+        reply = await self._leg(call, pod, leg, timeout, body)
         try:
-            return json_bytes(transfer.decode_body(raw)), None
+            return json_bytes(transfer.decode_body(reply)), None
         except ValueError as e:
             why = f"prefill pod {pod.name}: {e}"
             self.failed(call, pod, why)
@@ -87,8 +89,9 @@ class PrefillLegs:
         timeout: float | None,
         body: bytes,
         background: Background | None = None,
-    ) -> bytes:
-        """Send a prefill leg; its whole (bounded) answer when the pod answered 2xx."""
+    ) -> object:
+        """Send a prefill leg; when the pod answered 2xx, its whole (bounded) answer
+        parsed (C{None}: not JSON) and the KV blocks it produced kept in C{leg}."""
         pod.in_flight += 1
         try:
             try:
@@ -108,11 +111,21 @@ class PrefillLegs:
                 why = f"prefill pod {pod.name} answered {response.code}"
                 self.failed(call, pod, why)
                 raise PrefillError(ProxyError(503, ErrorType.PROXY, why))
-            return raw
+            reply = _parsed(raw)
+            estimate = call.record.input_estimate or 0
+            leg.kv_blocks = kv_blocks(reply, call.match.server.kv_block_size, estimate)
+            return reply
         finally:
             pod.in_flight -= 1
             pod.state.finished += 1
             leg.ended = self.clock.seconds()
+
+
+def _parsed(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:  # UnicodeDecodeError too
+        return None
 
 
 def pd_pairs(call: Call, attempts: int) -> list[Pair] | None:
@@ -139,11 +152,11 @@ class Background:
 
     def __init__(self) -> None:
         self.stopped = False
-        self._running: Deferred[bytes] | None = None
+        self._running: Deferred[object] | None = None
 
-    def run(self, running: Deferred[bytes]) -> None:
+    def run(self, running: Deferred[object]) -> None:
         # its failure is the pod's, recorded already; the decode leg's answer decides
-        self._running = running.addErrback(lambda _: b"")
+        self._running = running.addErrback(lambda _: None)
 
     def stop(self) -> None:
         self.stopped = True

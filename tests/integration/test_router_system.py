@@ -660,6 +660,12 @@ def test_readme_demo_command(tmp_path: Path) -> None:
         )
         legs = [line for line in lines if line.startswith("kthena_pd_group_requests_total{")]
         assert len(legs) == 2 and all(line.endswith(" 1.0") for line in legs)  # one each
+        moved = {
+            line.split('direction="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith('kthena_kv_cache_transfer_bytes_total{connector_type="nixl"')
+        }  # the prefill sim's remote_block_ids x 16 tokens x 12288 bytes per token
+        assert moved["send"] == moved["receive"] > 0 and moved["send"] % (16 * 12288) == 0
         pd = http_request(LOOPBACK, 9090, "GET", "/debug/pd-groups").json()["pd_groups"]
         assert [(g["group_key"], g["pairable"]) for g in pd] == [("pd-1", True)]
         state = http_request(LOOPBACK, 9090, "GET", "/debug/router/state").json()

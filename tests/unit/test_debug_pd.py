@@ -62,14 +62,17 @@ def test_a_groups_status_per_role_and_an_unknown_group() -> None:
 def test_kv_connectors_say_what_each_did() -> None:
     admin = AdminHarness()
     metrics = admin.service.metrics
-    metrics.kv_cache_operations.labels("http", "prefill", "success").inc(3)
-    metrics.kv_cache_operations.labels("http", "prefill", "failure").inc()
-    metrics.kv_cache_latency.observe(0.25, "http", "prefill")
+    metrics.pd.kv_cache_operations.labels("http", "prefill", "success").inc(3)
+    metrics.pd.kv_cache_operations.labels("http", "prefill", "failure").inc()
+    metrics.pd.kv_cache_latency.observe(0.25, "http", "prefill")
+    metrics.pd.kv_cache_transfer_bytes.labels("http", "send").inc(4096)
     view = admin.json("/debug/kv-cache/connectors")["kv_connectors"]
     http = view["http"]
     assert http["operations"] == {"prefill": {"success": 3.0, "failure": 1.0}}
+    assert http["transfer_bytes"] == {"send": 4096.0}
     assert http["latency_seconds"]["prefill"]["0.5"] == 0.25
-    assert http["model_servers"] == ["default/pd"]
+    server = {"name": "default/pd", "block_size": 16, "bytes_per_token": None}
+    assert http["model_servers"] == [server]
 
 
 def test_a_pd_decision_shows_both_rankings_and_the_legs() -> None:

@@ -101,7 +101,11 @@ def exposition(metrics: RouterMetrics) -> dict[str, Metric]:
 
 
 def _collector(metrics: RouterMetrics, family: SpecFamily) -> Any:
-    for value in [*vars(metrics).values(), *vars(metrics.pods).values()]:
+    for value in [
+        *vars(metrics).values(),
+        *vars(metrics.pods).values(),
+        *vars(metrics.pd).values(),
+    ]:
         name = getattr(value, "_name", None) or getattr(value, "name", None)
         if name == family.family:
             return value
@@ -137,7 +141,7 @@ def test_spec_family_exposed_exactly(family: SpecFamily) -> None:
 
 def test_untyped_decisions_keep_the_spec_name_in_openmetrics_too() -> None:
     metrics = RouterMetrics(CollectorRegistry(), Clock())
-    metrics.pd_routing_decisions.labels("g", "decode", "prefill").inc(2)
+    metrics.pd.pd_routing_decisions.labels("g", "decode", "prefill").inc(2)
     text = generate_openmetrics(metrics.registry).decode()
     assert (
         'kthena_pd_group_routing_decisions{group_key="g",source_role="decode",'
@@ -149,9 +153,9 @@ def test_summary_quantiles_over_the_window() -> None:
     clock = Clock()
     metrics = RouterMetrics(CollectorRegistry(), clock)
     for value in range(1, 101):
-        metrics.kv_cache_latency.observe(value / 1000, "nixl", "transfer")
+        metrics.pd.kv_cache_latency.observe(value / 1000, "nixl", "transfer")
     clock.advance(30)
-    metrics.kv_cache_latency.observe(0.5, "nixl", "transfer")
+    metrics.pd.kv_cache_latency.observe(0.5, "nixl", "transfer")
     family = exposition_of(metrics)["kthena_kv_cache_latency_seconds"]
     by_name = {(s.name, s.labels.get("quantile")): s.value for s in family.samples}
     assert by_name[("kthena_kv_cache_latency_seconds_count", None)] == 101

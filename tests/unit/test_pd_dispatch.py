@@ -17,7 +17,7 @@ from kthena.config.router import parse_config
 from kthena.config.validate import ConfigError
 from kthena.observability.records import format_text, json_record
 from kthena.pd.pairs import PDPlan
-from tests.unit.proxyfixtures import RouterHarness, sse_response
+from tests.unit.proxyfixtures import FakeResponse, RouterHarness, sse_response
 from tests.unit.routerfixtures import pd_server, pod, server, simple_route
 from tests.unit.test_proxy_resource import COMPLETION, DONE, USAGE_ONLY, delta, event
 
@@ -34,10 +34,13 @@ PREFILL_REPLY = {**COMPLETION, "kv_transfer_params": KV}
 
 
 def pd_harness(
-    connector: str, retry: bool = False, pd_policy: dict[str, Any] | None = None
+    connector: str,
+    retry: bool = False,
+    pd_policy: dict[str, Any] | None = None,
+    **kv_connector: Any,
 ) -> RouterHarness:
     spec: dict[str, Any] = {
-        "kvConnector": {"type": connector},
+        "kvConnector": {"type": connector, **kv_connector},
     }
     if retry:
         spec["trafficPolicy"] = {"retry": {"attempts": 2, "retryInterval": "0s"}}
@@ -355,3 +358,76 @@ def test_the_prefix_condition_needs_the_prefix_cache_score() -> None:
             {"resources": [route, server("pd", {"app": "pd"})], "scheduler": scheduler},
             "t.yaml", Path("."), [],
         )  # fmt: skip
+
+
+BYTES_PER_TOKEN = 12288  # Qwen2.5-0.5B: 2 x 24 layers x 2 KV heads x 64 x 2 bytes (bf16)
+
+
+def transfer_bytes(h: RouterHarness, connector: str) -> dict[str, float | None]:
+    name = "kthena_kv_cache_transfer_bytes_total"
+    return {
+        direction: h.metrics.registry.get_sample_value(
+            name, {"connector_type": connector, "direction": direction}
+        )
+        for direction in ("send", "receive")
+    }
+
+
+def test_kv_bytes_are_the_engines_blocks_times_block_size_times_bytes_per_token() -> None:
+    h = pd_harness("nixl", blockSize=32, bytesPerToken=BYTES_PER_TOKEN)
+    client = chat(h)
+    h.upstream.last.respond_json(PREFILL_REPLY)  # two remote_block_ids
+    h.upstream.last.respond_json(COMPLETION)
+    assert client.got().status == 200
+    moved = 2 * 32 * BYTES_PER_TOKEN
+    assert transfer_bytes(h, "nixl") == {"send": moved, "receive": moved}
+    assert h.contexts[-1].legs is not None and h.contexts[-1].legs[0].kv_blocks == 2
+
+
+def test_a_decode_leg_that_fails_received_no_kv() -> None:
+    h = pd_harness("nixl", bytesPerToken=BYTES_PER_TOKEN)
+    client = chat(h)
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    h.upstream.last.respond_json({"error": {"message": "no"}}, code=500)
+    assert client.got().status == 500
+    assert transfer_bytes(h, "nixl") == {"send": 2 * 16 * BYTES_PER_TOKEN, "receive": None}
+
+
+def test_without_engine_blocks_the_prompt_tokens_make_the_blocks() -> None:
+    h = pd_harness("http", bytesPerToken=100)
+    client = chat(h)
+    reply = {**COMPLETION, "usage": {"prompt_tokens": 33, "completion_tokens": 1}}
+    h.upstream.last.respond_json(reply)  # 33 tokens: three blocks of 16
+    h.upstream.last.respond_json(COMPLETION)
+    assert client.got().status == 200
+    assert transfer_bytes(h, "http") == {"send": 3 * 16 * 100, "receive": 3 * 16 * 100}
+    estimated = chat(h)  # no usage in the prefill answer: the router's estimate
+    h.upstream.last.respond(FakeResponse(200, {}, body=b"data: not JSON"))
+    h.upstream.last.respond_json(COMPLETION)
+    assert estimated.got().status == 200
+    blocks = -(-(h.contexts[-1].input_estimate or 0) // 16)
+    assert h.contexts[-1].legs is not None and h.contexts[-1].legs[0].kv_blocks == blocks
+
+
+def test_without_bytes_per_token_no_bytes_are_counted() -> None:
+    h = pd_harness("nixl")
+    client = chat(h)
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    h.upstream.last.respond_json(COMPLETION)
+    assert client.got().status == 200
+    assert transfer_bytes(h, "nixl") == {"send": None, "receive": None}
+    assert h.contexts[-1].legs is not None and h.contexts[-1].legs[0].kv_blocks == 2
+
+
+@pytest.mark.parametrize(
+    ("kv", "message"),
+    [
+        ({"blockSize": 0}, "kvConnector.blockSize: must be at least 1"),
+        ({"bytesPerToken": "12k"}, "kvConnector.bytesPerToken: must be a whole number"),
+        ({"bytesPerToken": 0}, "kvConnector.bytesPerToken: must be at least 1"),
+    ],
+)
+def test_kv_sizing_errors_name_the_field(kv: dict[str, Any], message: str) -> None:
+    docs = [simple_route("pd", MODEL, "pd"), pd_server("pd", "pd", "org/pd", kvConnector=kv)]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"resources": docs}, "t.yaml", Path("."), [])

@@ -2,7 +2,8 @@
 C{/debug/pd-groups}, C{/debug/pd-groups/{group_key}/status} and
 C{/debug/kv-cache/connectors}: each prefill/decode group (the value of its server's
 C{groupKey} label) with its pods by role and their health, the pairs recent requests
-took, and what each KV connector did (operations by status, prefill latency quantiles).
+took, and what each KV connector did (operations by status, bytes moved, prefill
+latency quantiles) with each server's KV sizing.
 """
 
 from __future__ import annotations
@@ -88,12 +89,20 @@ class PDGroups(Views):
         return pairs[:RECENT_PAIRS]
 
     def kv_connectors(self) -> dict[str, object]:
-        metrics = self.metrics
+        metrics = self.metrics.pd
         connectors: dict[str, dict[str, object]] = {}
 
         def entry(name: str) -> dict[str, object]:
-            return connectors.setdefault(name, {"operations": {}, "latency_seconds": {}})
+            return connectors.setdefault(
+                name, {"operations": {}, "transfer_bytes": {}, "latency_seconds": {}}
+            )
 
+        for family in metrics.kv_cache_transfer_bytes.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    moved = entry(sample.labels["connector_type"])["transfer_bytes"]
+                    assert isinstance(moved, dict)
+                    moved[sample.labels["direction"]] = sample.value
         for family in metrics.kv_cache_operations.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total"):
@@ -112,7 +121,13 @@ class PDGroups(Views):
             if server.pd_group is not None:
                 servers = entry(server.kv_connector or "http").setdefault("model_servers", [])
                 assert isinstance(servers, list)
-                servers.append(server.meta.key)
+                servers.append(
+                    {
+                        "name": server.meta.key,
+                        "block_size": server.kv_block_size,
+                        "bytes_per_token": server.kv_bytes_per_token,
+                    }
+                )
         return {"kv_connectors": connectors}
 
 
