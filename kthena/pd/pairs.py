@@ -72,6 +72,7 @@ class PDPlan:
         unless every pair is decode-only).
     @ivar prefill: each group's prefill decision, once made.
     @ivar direct: the decode pods (keys) sent to straight, with no prefill leg.
+    @ivar every_round: they are on retries too (a short prompt); else only at first.
     @ivar why_direct: why they are (the policy's condition met), for the debug views.
     """
 
@@ -79,6 +80,7 @@ class PDPlan:
     rank: Rank
     decode: Decision
     direct: frozenset[str] = frozenset()
+    every_round: bool = False
     why_direct: str | None = None
     prefill: dict[str, Decision] = field(default_factory=dict)
 
@@ -97,7 +99,7 @@ class PDPlan:
         if below is not None and estimate < below:
             decision = rank(roles.decode)
             keys = frozenset(p.key for p in decision.candidates)
-            return cls(roles, rank, decision, keys, f"prompt under {below} tokens")
+            return cls(roles, rank, decision, keys, True, f"prompt under {below} tokens")
         plan = cls(
             roles, rank, rank([p for p in roles.decode if roles.group_of[p.key] in roles.prefill])
         )
@@ -111,21 +113,37 @@ class PDPlan:
         return plan
 
     def pairs(self) -> Iterator[Pair]:
-        """The pairs, best first: each decode candidate with its group's next prefill."""
+        """
+        The pairs, best first: each decode candidate with its group's next prefill pod,
+        round after round (so that a retry's pair has the group's next prefill pod even
+        when there is one decode pod); the consumer takes as many as it has attempts.
+        A direct decode pod has no prefill leg: in every round for short prompts, in
+        the first for a prefix hit. Ends when a round makes no pair.
+        """
         taken: dict[str, int] = {}
-        for decode in self.decode.candidates:
-            group = self.roles.group_of[decode.key]
-            if decode.key in self.direct:
-                yield Pair(group, None, decode)
-                continue
-            ranking = self._prefills(group)
-            if not ranking:
-                continue
-            k = taken.get(group, 0)
-            taken[group] = k + 1
-            yield Pair(group, ranking[k % len(ranking)], decode)
+        first = True
+        while True:
+            made = False
+            for decode in self.decode.candidates:
+                group = self.roles.group_of[decode.key]
+                if decode.key in self.direct and (first or self.every_round):
+                    made = True
+                    yield Pair(group, None, decode)
+                    continue
+                ranking = self._prefills(group)
+                if not ranking:
+                    continue
+                k = taken.get(group, 0)
+                taken[group] = k + 1
+                made = True
+                yield Pair(group, ranking[k % len(ranking)], decode)
+            if not made:
+                return
+            first = False
 
     def _prefills(self, group: str) -> list[PodEndpoint]:
+        if group not in self.roles.prefill:
+            return []
         decision = self.prefill.get(group)
         if decision is None:
             decision = self.prefill[group] = self.rank(self.roles.prefill[group])

@@ -7,6 +7,7 @@ ranking on retries, and a group's prefill ranking made only when it is needed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 
 from kthena.config.resources import PDPolicy
@@ -53,16 +54,17 @@ TWO_GROUPS = (
 )
 
 
-def names(plan: PDPlan) -> list[tuple[str, str | None, str]]:
+def names(plan: PDPlan, count: int) -> list[tuple[str, str | None, str]]:
+    """The first C{count} pairs (the dispatcher takes one per attempt)."""
     return [
         (p.group, None if p.prefill is None else p.prefill.name, p.decode.name)
-        for p in plan.pairs()
+        for p in islice(plan.pairs(), count)
     ]
 
 
 def test_each_decode_candidate_pairs_with_its_groups_best_prefill() -> None:
     plan, ranked = plan_for(*TWO_GROUPS)
-    assert names(plan) == [("g1", "p1a", "d1a"), ("g2", "p2a", "d2a"), ("g2", "p2a", "d2b")]
+    assert names(plan, 3) == [("g1", "p1a", "d1a"), ("g2", "p2a", "d2a"), ("g2", "p2a", "d2b")]
     assert ranked == ["d1a,d2a,d2b", "p1a,p1b", "p2a"]  # the scheduler ranked both roles
     assert set(plan.prefill) == {"g1", "g2"}
 
@@ -75,7 +77,16 @@ def test_retries_go_round_a_groups_prefill_ranking() -> None:
         pd_pod("pa", "10.0.0.4", "prefill", "g"),
         pd_pod("pb", "10.0.0.5", "prefill", "g"),
     )
-    assert [(p, d) for _, p, d in names(plan)] == [("pa", "d1"), ("pb", "d2"), ("pa", "d3")]
+    assert [(p, d) for _, p, d in names(plan, 3)] == [("pa", "d1"), ("pb", "d2"), ("pa", "d3")]
+
+
+def test_with_one_decode_pod_a_retry_takes_the_next_prefill_pod() -> None:
+    plan, _ = plan_for(
+        pd_pod("d", "10.0.0.1", "decode", "g"),
+        pd_pod("pa", "10.0.0.2", "prefill", "g"),
+        pd_pod("pb", "10.0.0.3", "prefill", "g"),
+    )
+    assert [(p, d) for _, p, d in names(plan, 3)] == [("pa", "d"), ("pb", "d"), ("pa", "d")]
 
 
 def test_pairs_never_cross_groups_and_unpaired_pods_are_left_out() -> None:
@@ -87,7 +98,7 @@ def test_pairs_never_cross_groups_and_unpaired_pods_are_left_out() -> None:
         pd_pod("dx", "10.0.0.5", "decode", None),  # no group label
         pod("other", "10.0.0.6", {"app": "pd", "role": "neither", "group": "g1"}),
     )
-    assert names(plan) == [("g1", "p1", "d1")]
+    assert names(plan, 3) == [("g1", "p1", "d1")] * 3  # the one pair, round after round
     assert ranked[0] == "d1"  # only decode pods that can pair are ranked
     assert plan.roles.prefill == {
         "g1": [plan.roles.prefill["g1"][0]],
@@ -108,7 +119,7 @@ def test_the_schedulers_filters_apply_to_prefill_pods() -> None:
         return Decision(candidates=kept)
 
     plan, _ = plan_for(*TWO_GROUPS, rank=no_p1a)
-    assert names(plan)[0] == ("g1", "p1b", "d1a")
+    assert names(plan, 1) == [("g1", "p1b", "d1a")]
 
 
 def test_roles_follow_kthenas_rule_decode_labels_win() -> None:
@@ -138,7 +149,7 @@ def test_decode_only_pairs_have_no_prefill_and_need_no_prefill_pod() -> None:
     def by_name(pods: Sequence[PodEndpoint]) -> Decision:
         return Decision(candidates=sorted(pods, key=lambda p: p.name))
 
-    assert list(PDPlan.make(pd, store.server_pods(pd), by_name).pairs()) == []
+    assert list(PDPlan.make(pd, store.server_pods(pd), by_name).pairs()) == []  # it ends
     plan = PDPlan.make(pd, store.server_pods(pd), by_name, PDPolicy(below_tokens=10), 9)
-    assert names(plan) == [("g1", None, "d1"), ("g2", None, "d2")]
+    assert names(plan, 4) == [("g1", None, "d1"), ("g2", None, "d2")] * 2
     assert plan.prefill == {}
