@@ -1,13 +1,15 @@
 """
 The simulator's HTTP API: the OpenAI endpoints, LoRA management, C{/tokenize},
 C{/health} and C{/metrics} as vLLM and SGLang serve them, plus the simulator's own admin
-endpoints under C{/sim/} (fault injection, SGLang bootstrap rooms).
+endpoints under C{/sim/} (fault injection, SGLang bootstrap rooms, the last requests
+received).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,9 @@ from kthena.sim.tokenizer import echo_pieces, message_text, render_chat, token_i
 from kthena.webutil import json_bytes, respond_json
 
 log = Logger()
+
+RECEIVED_KEPT = 64
+"""Generation requests kept for C{GET /sim/requests} (what a router sent this pod)."""
 
 RoomFetcher = Callable[[str, int, int, float], Deferred[int]]
 """Asks a prefill simulator for a bootstrap room: (host, port, room, timeout) -> tokens."""
@@ -246,6 +251,8 @@ class SimAPI(Resource):
         self.rooms = rooms
         self.fetch_room = fetch_room
         self._block_ids = 0
+        self.received: deque[dict[str, object]] = deque(maxlen=RECEIVED_KEPT)
+        """The last generation requests' paths and JSON bodies, oldest first."""
         self._routes: dict[bytes, dict[bytes, Callable[[Request], bytes | int]]] = {
             b"/v1/chat/completions": {b"POST": self._chat},
             b"/v1/completions": {b"POST": self._completions},
@@ -255,6 +262,7 @@ class SimAPI(Resource):
             b"/health": {b"GET": self._health},
             b"/tokenize": {b"POST": self._tokenize},
             b"/metrics": {b"GET": self._metrics},
+            b"/sim/requests": {b"GET": self._get_received, b"DELETE": self._clear_received},
             b"/sim/faults": {
                 b"GET": self._get_faults,
                 b"PUT": self._set_faults,
@@ -302,7 +310,9 @@ class SimAPI(Resource):
         return self._generate(request, chat=False)
 
     def _generate(self, request: Request, chat: bool) -> bytes | int:
-        params = parse_generation(self._body(request), chat, self.engine, self.identity)
+        body = self._body(request)
+        self.received.append({"path": request.path.decode(), "body": body})
+        params = parse_generation(body, chat, self.engine, self.identity)
         if self.dice.abort():
             assert request.channel is not None
             request.channel.transport.abortConnection()  # type: ignore[union-attr]
@@ -453,6 +463,13 @@ class SimAPI(Resource):
         return metrics.render(self.registry)
 
     # -- simulator admin
+
+    def _get_received(self, request: Request) -> bytes:
+        return respond_json(request, 200, {"requests": list(self.received)})
+
+    def _clear_received(self, request: Request) -> bytes:
+        self.received.clear()
+        return respond_json(request, 200, {"requests": []})
 
     def _get_faults(self, request: Request) -> bytes:
         return respond_json(request, 200, self.faults.as_dict())

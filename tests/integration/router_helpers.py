@@ -446,9 +446,11 @@ def sim_sample(sim: SimService, name: str) -> float:
 
 
 def served(sim: SimService) -> int:
-    """Requests the simulator generated a complete answer for."""
-    prefix = "vllm" if sim.config.engine == "vllm" else "sglang"
-    return int(sim_sample(sim, f"{prefix}:request_success_total"))
+    """Requests the simulator generated a complete answer for (SGLang has no success
+    count: its end-to-end latency histogram counts them)."""
+    if sim.config.engine == "vllm":
+        return int(sim_sample(sim, "vllm:request_success_total"))
+    return int(sim_sample(sim, "sglang:e2e_request_latency_seconds_count"))
 
 
 # -- out of process: twistd kthena-router

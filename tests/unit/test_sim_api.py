@@ -662,6 +662,24 @@ def test_metrics_endpoint(engine: str) -> None:
     assert sample.value == 0
 
 
+def test_the_last_requests_received_are_kept_for_sim_requests() -> None:
+    h = SimHarness()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    h.post("/v1/chat/completions", body)
+    h.post("/v1/completions", {"model": MODEL, "prompt": "a b", "max_tokens": 1})
+    h.advance(5)
+    seen = h.get("/sim/requests").json()["requests"]
+    assert [r["path"] for r in seen] == ["/v1/chat/completions", "/v1/completions"]
+    assert seen[0]["body"] == body  # as sent
+    for i in range(70):
+        h.post("/v1/completions", {"model": MODEL, "prompt": str(i), "max_tokens": 1})
+    h.advance(5)
+    seen = h.get("/sim/requests").json()["requests"]
+    assert len(seen) == 64 and seen[-1]["body"]["prompt"] == "69"  # the last 64
+    assert h.request("DELETE", "/sim/requests").json() == {"requests": []}
+    assert h.get("/sim/requests").json() == {"requests": []}
+
+
 # -- fault injection
 
 
