@@ -37,6 +37,7 @@ def pd_harness(
     connector: str,
     retry: bool = False,
     pd_policy: dict[str, Any] | None = None,
+    rate_limit: dict[str, Any] | None = None,
     **kv_connector: Any,
 ) -> RouterHarness:
     spec: dict[str, Any] = {
@@ -44,7 +45,9 @@ def pd_harness(
     }
     if retry:
         spec["trafficPolicy"] = {"retry": {"attempts": 2, "retryInterval": "0s"}}
-    policy = {} if pd_policy is None else {"pdPolicy": pd_policy}
+    policy: dict[str, Any] = {} if pd_policy is None else {"pdPolicy": pd_policy}
+    if rate_limit is not None:
+        policy["rateLimit"] = rate_limit
     docs = [
         simple_route("pd", MODEL, "pd", **policy),
         pd_server("pd", "pd", "org/pd", **spec),
@@ -431,3 +434,19 @@ def test_kv_sizing_errors_name_the_field(kv: dict[str, Any], message: str) -> No
     docs = [simple_route("pd", MODEL, "pd"), pd_server("pd", "pd", "org/pd", kvConnector=kv)]
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({"resources": docs}, "t.yaml", Path("."), [])
+
+
+def test_a_pd_requests_tokens_are_the_decodes_for_limits_and_fairness() -> None:
+    h = pd_harness("nixl", rate_limit={"outputTokensPerUnit": 10, "unit": "hour"})
+    client = chat(h)
+    one_token = {**PREFILL_REPLY, "usage": {"prompt_tokens": 9, "completion_tokens": 1}}
+    h.upstream.last.respond_json(one_token)
+    h.upstream.last.respond_json(COMPLETION)  # the decode: 3 tokens
+    assert client.got().status == 200
+    record = h.context
+    assert (record.prompt_tokens, record.completion_tokens) == (9, 3)  # fairness reads these
+    bucket = h.limits.limiter.routes["default/pd"].buckets(None)[0].spec
+    assert h.limits.local.level(bucket) == 7  # settled on the decode's 3, not 1 or 4
+    output = {"model": MODEL, "path": "/v1/chat/completions", "token_type": "output"}
+    assert h.metrics.registry.get_sample_value("kthena_router_tokens_total", output) == 3
+    assert json_record(record)["output_tokens"] == 3
