@@ -157,6 +157,16 @@ class RouterMetrics:
     def _router_families(self) -> None:
         """Ours and Kthena's beyond the spec."""
         r = self.registry
+        self.upstream_requests = self._fast(
+            "counter", "kthena_router_upstream_requests",
+            "Requests sent to the model server's pods (each attempt, each PD leg)",
+            ("model_server",),
+        )  # fmt: skip
+        self.upstream_failures = self._fast(
+            "counter", "kthena_router_upstream_failures",
+            "Requests to the model server's pods that failed (unreachable, timed out, 5xx, "
+            "cut, or not serving the model)", ("model_server",),
+        )  # fmt: skip
         self.unhealthy_fallbacks = self._fast(
             "counter", "kthena_router_unhealthy_fallbacks",
             "Requests scheduled among unhealthy pods because no pod of the server was healthy",
@@ -180,6 +190,9 @@ class RouterMetrics:
     def reconfigure(self, config: RouterConfig) -> None:
         """A new generation: its paths; the series of models and routes that left go."""
         self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
+        servers = {s.meta.key for s in config.resources.servers}
+        for family in (self.upstream_requests, self.upstream_failures):
+            family.prune(lambda labels: labels["model_server"] not in servers)
         old_models, old_destinations = self._names
         self._names = new_models, new_destinations = _names(config)
         self.forget(old_models - new_models, old_destinations - new_destinations)
@@ -283,6 +296,12 @@ class RouterMetrics:
             )
         if ctx.match is None:
             return
+        server = (ctx.match.server.meta.key,)
+        sent = len(ctx.legs) if ctx.legs else ctx.attempts
+        if sent:
+            self.upstream_requests.add(server, sent)
+        if ctx.failed_attempts:
+            self.upstream_failures.add(server, len(ctx.failed_attempts))
         if ctx.legs:
             self.pd.ended(ctx, model, path)
         # The pod's own count when it gave one; the estimate only when the pod took the

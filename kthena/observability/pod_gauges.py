@@ -1,7 +1,7 @@
 """
 The gauges set from the pods after each scrape round: model-server health, queue depth,
-GPU and memory, and each pod's health and pooled connections as a load-balancing
-target. Series of pods and servers that are gone are removed.
+GPU and memory, each pod's health and pooled connections as a load-balancing target, and
+its failed scrapes in a row. Series of pods and servers that are gone are removed.
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ class PodGauges:
             "kthena_lb_connection_pool_size", "Pooled connections to the target pod",
             ("target",), registry=r,
         )  # fmt: skip
+        self.scrape_failures = Gauge(
+            "kthena_router_pod_scrape_failures",
+            "Failed metric scrapes of the pod in a row (0 once a scrape succeeds)", ("target",),
+            registry=r,
+        )  # fmt: skip
         self._series: dict[int, set[tuple[str, ...]]] = {}
 
     def observe(self, plane: DataPlane) -> None:
@@ -80,6 +85,7 @@ class PodGauges:
             self.server_memory: {},
             self.lb_target_health: {},
             self.lb_pool_size: {},
+            self.scrape_failures: {},
         }
         for server, health in view.servers:
             key = server.meta.key
@@ -97,6 +103,7 @@ class PodGauges:
                 gpu_bytes += sum(p.state.gpu_memory_used.values())
                 system_bytes += p.state.system_memory
                 series[self.lb_target_health][(p.key, model)] = float(p in healthy)
+                series[self.scrape_failures][(p.key,)] = float(p.state.consecutive_failures)
             for gpu, utilizations in per_gpu.items():
                 series[self.server_gpu_utilization][(key, gpu)] = sum(utilizations) / len(
                     utilizations

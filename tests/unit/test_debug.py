@@ -506,6 +506,8 @@ def test_one_health_rule_in_every_view() -> None:
         metrics = admin.service.metrics
         assert metrics.pods.server_health.labels("default/base", "default")._value.get() == healthy
         assert metrics.pods.lb_target_health.labels("default/p0", "org/m")._value.get() == healthy
+        failures = metrics.pods.scrape_failures.labels("default/p0")._value.get()
+        assert failures == (0 if healthy else 3)  # failed scrapes in a row
         readyz = Client(admin.proxy_site)
         readyz.request("GET", "/readyz")
         assert readyz.got().status == (200 if healthy else 503)

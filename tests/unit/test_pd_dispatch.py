@@ -240,6 +240,8 @@ def test_pd_metrics_and_access_log_fields_say_what_the_pods_did() -> None:
     assert value(prefill + "_count", model=MODEL, path=path, status_code="503") is None
     decode = "kthena_router_request_decode_duration_seconds"
     assert value(decode + "_sum", model=MODEL, path=path, status_code="200") == pytest.approx(0.5)
+    assert value("kthena_router_upstream_requests_total", model_server="default/pd") == 3
+    assert value("kthena_router_upstream_failures_total", model_server="default/pd") == 1
     line = json_record(h.context)
     assert (line["selected_pod"], line["prefill_pod"]) == ("d2", "p2")
     assert (line["duration_prefill"], line["duration_decode"]) == (100, 500)

@@ -538,6 +538,13 @@ def test_without_retry_policy_three_connection_attempts_at_most() -> None:
     ctx = h.context
     assert (ctx.status, ctx.error_type, ctx.attempts) == (503, ErrorType.PROXY, 3)
     assert h.in_flight() == {"p0": 0, "p1": 0, "q0": 0}
+    registry, server = h.metrics.registry, {"model_server": "default/base"}
+    assert registry.get_sample_value("kthena_router_upstream_requests_total", server) == 3
+    assert registry.get_sample_value("kthena_router_upstream_failures_total", server) == 3
+    h.chat()
+    h.upstream.last.respond_json(COMPLETION)
+    assert registry.get_sample_value("kthena_router_upstream_requests_total", server) == 4
+    assert registry.get_sample_value("kthena_router_upstream_failures_total", server) == 3
 
 
 def test_without_retry_policy_other_failures_are_not_retried() -> None:
