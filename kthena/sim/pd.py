@@ -14,12 +14,16 @@ C{GET /sim/bootstrap/<room>} (a long poll) from decode simulators.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 SGLANG_DEFAULT_BOOTSTRAP_PORT = 8998
+
+RoomFetcher = Callable[[str, int, int, float], Deferred[int]]
+"""Asks a prefill simulator for a bootstrap room: (host, port, room, timeout) -> tokens."""
 
 
 class Role(enum.Enum):

@@ -17,10 +17,11 @@ from twisted.internet.defer import Deferred
 from kthena.interfaces import IServerReactor
 from kthena.listening import ListeningService
 from kthena.sim import metrics
-from kthena.sim.api import ApiError, RoomFetcher, SimAPI, SimIdentity
+from kthena.sim.api import SimAPI
 from kthena.sim.engine import EngineConfig, SimEngine
 from kthena.sim.faults import FaultDice, Faults
-from kthena.sim.pd import BootstrapRooms, Role
+from kthena.sim.identity import ApiError, SimIdentity
+from kthena.sim.pd import BootstrapRooms, Role, RoomFetcher
 from kthena.webutil import QuietSite
 
 DEFAULT_PORTS = {"vllm": 8000, "sglang": 30000}

@@ -24,9 +24,10 @@ from twisted.web.iweb import IResponse
 
 from kthena.podclient import BytesBody
 from kthena.sim import metrics
-from kthena.sim.api import SimAPI, SimIdentity
+from kthena.sim.api import SimAPI
 from kthena.sim.engine import EngineConfig, SimEngine, SimSequence
 from kthena.sim.faults import FaultDice, Faults
+from kthena.sim.identity import SimIdentity
 from kthena.sim.pd import BootstrapRooms, Role
 
 MODEL = "sim-model"
@@ -48,7 +49,7 @@ class RoomCall:
 
 
 class FakeRoomFetcher:
-    """A L{kthena.sim.api.RoomFetcher} whose answers the test gives by hand."""
+    """A L{kthena.sim.pd.RoomFetcher} whose answers the test gives by hand."""
 
     def __init__(self) -> None:
         self.calls: list[RoomCall] = []
