@@ -61,7 +61,14 @@ class ListeningService(Service):
         self._failure = None
         self._binding = True
         try:
-            d = serverFromString(self.reactor, self.description).listen(self.factory)
+            try:
+                endpoint = serverFromString(self.reactor, self.description)
+            except IndexError:  # Twisted's systemd: endpoint, with no such socket passed
+                raise CannotListenError(
+                    f"kthena: cannot listen on {self.description}: no such socket passed by "
+                    "systemd (LISTEN_FDS, LISTEN_FDNAMES)"
+                ) from None
+            d = endpoint.listen(self.factory)
             self._listening = d
             d.addCallbacks(self._bound, self._failed)
         finally:

@@ -18,11 +18,13 @@ after another (L{SequentialMultiService}):
  10. data plane (the request pipeline; stop: the drain)
  11. proxy listener (stop: the port closes first of all)
  12. reloader (SIGHUP, file changes)
+ 13. systemd (READY=1 once listening and the first scrape round is done; stop: STOPPING=1,
+     before the proxy's port closes)
 
 A reload is a protocol of the tree: the new config is loaded and validated whole, then
 each reconfigurable child takes it in that order (the store first, so that the scraper
 sees the new pods and the data plane the new routes); what cannot change while running
-is logged as needing a restart.
+is logged as needing a restart. systemd is told RELOADING=1 before and READY=1 after.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, SimulatorSpec, load_config
@@ -57,6 +60,9 @@ from kthena.sim.engine import EngineConfig
 from kthena.sim.pd import Role
 from kthena.sim.service import SimConfig, SimService
 from kthena.store import Datastore
+from kthena.systemd import Systemd, SystemdNotifier
+
+log = Logger()
 
 
 def load(path: str) -> RouterConfig:
@@ -118,10 +124,12 @@ class RouterService(SequentialMultiService):
         *,
         upstream: IUpstream | None = None,
         scheduler: IScheduler | None = None,
+        systemd: Systemd | None = None,
     ) -> None:
         """
         @param upstream: the client towards pods (an L{Upstream} when omitted).
         @param scheduler: a fixed scheduler (tests); built from the config otherwise.
+        @param systemd: the service manager to notify (a process of its own under systemd).
         """
         super().__init__()
         check_scheduler(config.scheduler)
@@ -171,12 +179,14 @@ class RouterService(SequentialMultiService):
             self.plane.scrape_pods()
             self.scraper.round_hooks.append(self._scraped)
         self.reloader = ConfigReloader(reactor, self, config_path, load, signals)
+        self.systemd = SystemdNotifier(reactor, systemd, self._serving, self._status)
         self._add(Simulators(config.simulators, reactor), ResourcesService(self.store))
         self._add(self.scraper, self.upstream, self.admin, self.access_log)
         if self.access_log is not None and signals is not None:
             # SIGUSR1: reopen the file after logrotate renamed it.
             self._add(SignalService(signals, signal.SIGUSR1, self.access_log.reopen))
         self._add(self.jwks, self.limits, self.fairness, self.plane, self.proxy, self.reloader)
+        self._add(self.systemd)
 
     def _data_plane(self, scheduler: IScheduler | None) -> DataPlane:
         """The pipeline, its observers registered here, in one place."""
@@ -216,16 +226,55 @@ class RouterService(SequentialMultiService):
         """After each scrape round: ready (after the first), and the pod gauges."""
         self.plane.readiness.scraped = True
         self.metrics.observe_pods(self.plane)
+        self.systemd.check()
+
+    def _serving(self) -> bool:
+        """Takes traffic: every listener listens and the first scrape round is done."""
+        listeners = [self.proxy, *(service for _, service in self.admin.listeners)]
+        return self.plane.readiness.scraped and all(s.port is not None for s in listeners)
+
+    def _status(self) -> str:
+        resources = self.config.resources
+        return (
+            f"generation {self.generation()}: {len(resources.routes)} routes, "
+            f"{len(resources.servers)} servers, {len(resources.pods)} pods"
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self._log_started()
+
+    def _log_started(self) -> None:
+        """What the router serves and where, in a few lines, once it started."""
+        log.info("kthena-router started, {status}", status=self._status())
+        for info in self.admin.all_listeners():
+            log.info(
+                "{name}: {endpoint} at {host}:{port} serves {serves}",
+                name=info.name,
+                endpoint=info.endpoint,
+                host=info.host,
+                port=info.port,
+                serves=", ".join(info.serves),
+            )
+        access = self.config.observability.access_log
+        log.info(
+            "access log: {where}",
+            where=f"{access.output} ({access.format})" if access.enabled else "off",
+        )
 
     def generation(self) -> int:
         return self.store.generation
 
     def reconfigure(self, config: RouterConfig) -> None:
         """A new config, validated whole: each reconfigurable child takes it, in order."""
-        for child in self:
-            if IReconfigurable.providedBy(child):
-                child.reconfigure(config)
-        self.config = config
+        self.systemd.reloading()
+        try:
+            for child in self:
+                if IReconfigurable.providedBy(child):
+                    child.reconfigure(config)
+            self.config = config
+        finally:
+            self.systemd.reloaded()
 
 
 def _simulator(spec: SimulatorSpec, reactor: IServerReactor) -> Service:
@@ -252,6 +301,7 @@ def makeRouterService(
     *,
     config_path: str | None = None,
     install_signal_handlers: bool = False,
+    systemd: Systemd | None = None,
 ) -> RouterService:
     """
     Build a router from a loaded config. To embed it, add the result to your
@@ -262,10 +312,14 @@ def makeRouterService(
     @param config_path: the file the config came from, to reload it on SIGHUP or change.
     @param install_signal_handlers: handle SIGHUP (reload) and SIGUSR1 (reopen the access
         log); for a process of its own.
+    @param systemd: tell systemd the router's state (L{Systemd.from_environment}); for a
+        process of its own.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor  # type: ignore[assignment]
     assert reactor is not None
-    return RouterService(config, reactor, registry, config_path, install_signal_handlers)
+    return RouterService(
+        config, reactor, registry, config_path, install_signal_handlers, systemd=systemd
+    )

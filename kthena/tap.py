@@ -5,12 +5,23 @@ the demo (the router with simulated pods in the same process).
 
 from __future__ import annotations
 
-from importlib import resources
+import sys
+from importlib import metadata, resources
+from typing import NoReturn
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from kthena.config.validate import ConfigError
+from kthena.systemd import Systemd
+
+log = Logger()
+
+
+def version() -> str:
+    """The installed package's version (one place: setup.cfg)."""
+    return metadata.version("kthena-router")
 
 
 def demo_config_path() -> str:
@@ -31,6 +42,11 @@ class Options(usage.Options):
         ["demo", None, "Run the demo: the router plus simulated pods, no config needed."],
     ]
 
+    def opt_version(self) -> NoReturn:
+        """Print kthena-router's version and exit."""
+        print(f"kthena-router {version()}")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         if self["demo"] and self["config"]:
             raise usage.UsageError("give --config FILE or --demo, not both")
@@ -47,6 +63,7 @@ def makeService(options: Options) -> IService:
     from kthena.service import load, makeRouterService
 
     path = options["config"]
+    log.info("kthena-router {version}, config {path}", version=version(), path=path)
     try:
         config = load(path)
         router = makeRouterService(  # may open files the config names (the access log)
@@ -54,6 +71,7 @@ def makeService(options: Options) -> IService:
             reactor,  # type: ignore[arg-type]
             config_path=path,
             install_signal_handlers=True,
+            systemd=Systemd.from_environment(),
         )
     except ConfigError as e:
         raise SystemExit(f"kthena-router: invalid config: {e}") from e

@@ -2,8 +2,8 @@
 The service tree is the lifecycle: children start in order and stop in reverse, one after
 another, and a stopped router leaves no timer, loop, pool, thread or listener behind,
 whatever its config (the demo, scraping on or off, the access log on or off or to a
-file, the debug endpoints on a listener of their own). Reloads go to each
-reconfigurable child in the tree's order.
+file, the debug endpoints on a listener of their own), under systemd's watchdog too.
+Reloads go to each reconfigurable child in the tree's order.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from kthena.config.router import parse_config
 from kthena.interfaces import IReconfigurable, IServerReactor
 from kthena.lifecycle import SequentialMultiService
 from kthena.service import RouterService, load
+from kthena.systemd import Systemd
 from kthena.tap import demo_config_path
 from tests.unit.routerfixtures import Doc, pod, server, simple_route
 
@@ -78,8 +79,12 @@ def test_a_stopped_router_leaves_nothing_behind(tmp_path: Path, name: str) -> No
     (tmp_path / "router.yaml").write_text("{}")
     clock = MemoryReactorClock()
     config = shape(tmp_path, name)
+    sent: list[str] = []
     router = RouterService(
-        config, cast(IServerReactor, clock), config_path=str(tmp_path / "router.yaml")
+        config,
+        cast(IServerReactor, clock),
+        config_path=str(tmp_path / "router.yaml"),
+        systemd=Systemd(sent.append, watchdog=1.0),
     )
     router.privilegedStartService()
     router.startService()
@@ -89,7 +94,8 @@ def test_a_stopped_router_leaves_nothing_behind(tmp_path: Path, name: str) -> No
     stopped = router.stopService()
     _settle(clock, stopped)
     assert not any(child.running for child in router)
-    assert clock.getDelayedCalls() == []
+    assert clock.getDelayedCalls() == []  # the watchdog's timer included
+    assert "WATCHDOG=1" in sent
     assert _writer_threads() == []
     assert router.proxy.port is None
     assert all(listener.port is None for _, listener in router.admin.listeners)
@@ -146,8 +152,12 @@ TREE = [
     "data plane",
     "proxy listener",
     "reloader",
+    "systemd",  # last: READY=1 once all the others run; first to stop: STOPPING=1
 ]
 """The router's children in start order (the order reloads reach them too)."""
+
+NOT_RECONFIGURABLE = {None, "systemd"}
+"""The router brackets a reload with RELOADING=1 and READY=1 itself."""
 
 
 def test_the_router_tree_in_order() -> None:
@@ -171,7 +181,7 @@ def test_a_reload_reaches_each_reconfigurable_child_in_order(monkeypatch: Any) -
             monkeypatch.setattr(child, "reconfigure", spy)
     new = parse_config({"resources": DOCS[:3], "maxBodyBytes": 5}, "t.yaml", Path("."), [])
     router.reconfigure(new)
-    assert seen == [name for name in TREE if name is not None]
+    assert seen == [name for name in TREE if name not in NOT_RECONFIGURABLE]
     assert set(router.store.pods) == {"default/p0"}  # the store first, then the rest
     assert router.proxy.site.max_body_bytes == 5
     assert router.config is new

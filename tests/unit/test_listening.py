@@ -48,6 +48,20 @@ def test_a_port_that_cannot_be_bound_is_fatal_at_once() -> None:
     assert isinstance(caught.value, SystemExit)  # twistd and twist exit with status 1
 
 
+def test_a_systemd_socket_that_was_not_passed_is_fatal_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    service = ListeningService(MemoryReactor(), "systemd:domain=INET:index=0", Factory())
+    with pytest.raises(CannotListenError) as caught:
+        service.privilegedStartService()
+    assert str(caught.value) == (
+        "kthena: cannot listen on systemd:domain=INET:index=0: no such socket passed by "
+        "systemd (LISTEN_FDS, LISTEN_FDNAMES)"
+    )
+
+
 class RecordingPort:
     stopped = 0
 
