@@ -182,11 +182,17 @@ class RouterService(SequentialMultiService):
         self.systemd = SystemdNotifier(reactor, systemd, self._serving, self._status)
         self._add(Simulators(config.simulators, reactor), ResourcesService(self.store))
         self._add(self.scraper, self.upstream, self.admin, self.access_log)
-        if self.access_log is not None and signals is not None:
-            # SIGUSR1: reopen the file after logrotate renamed it.
-            self._add(SignalService(signals, signal.SIGUSR1, self.access_log.reopen))
+        if signals is not None:
+            # SIGUSR1: reopen the file after logrotate renamed it (and with no access log,
+            # a logrotate postrotate that sends it anyway must not kill the router).
+            reopen = self._no_access_log if self.access_log is None else self.access_log.reopen
+            self._add(SignalService(signals, signal.SIGUSR1, reopen))
         self._add(self.jwks, self.limits, self.fairness, self.plane, self.proxy, self.reloader)
         self._add(self.systemd)
+
+    @staticmethod
+    def _no_access_log() -> None:
+        log.info("SIGUSR1: the access log is off, nothing to reopen")
 
     def _data_plane(self, scheduler: IScheduler | None) -> DataPlane:
         """The pipeline, its observers registered here, in one place."""

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
@@ -87,27 +86,34 @@ class RateLimits(MultiService):
 
     def state(self) -> Deferred[dict[str, object]]:
         """Each limited route's buckets (capacity, level, debt) and each backend, for
-        C{/debug/router/state}; no password or secret."""
+        C{/debug/router/state}; no password or secret. A backend that cannot answer
+        leaves its routes' levels out (and says why), not the rest of the view: an outage
+        is when an operator reads it."""
         routes = sorted(self.limiter.routes.values(), key=lambda r: r.route)
-        pending = [r.backend.levels([b.spec for b in r.buckets(None)]) for r in routes]
-        d: Deferred[Any] = gatherResults(pending, consumeErrors=True)
 
-        def view(levels: list[list[float | None]]) -> dict[str, object]:
-            return {
+        def levels(route: RouteLimits) -> Deferred[list[float | None] | str]:
+            d: Deferred[Any] = route.backend.levels([b.spec for b in route.buckets(None)])
+            return d.addErrback(lambda f: f"a backend cannot answer: {f.getErrorMessage()}")
+
+        d: Deferred[Any] = gatherResults([levels(r) for r in routes])
+
+        def view(results: list[list[float | None] | str]) -> dict[str, object]:
+            state: dict[str, object] = {
                 "fail_open": self.limiter.settings.fail_open,
                 "redis_timeout_seconds": self.limiter.settings.redis_timeout,
                 "backends": [self._backend_view(b) for b in (self.local, *self._redis.values())],
-                "routes": [_route_view(r, lv) for r, lv in zip(routes, levels, strict=True)],
+                "routes": [
+                    _route_view(r, None if isinstance(lv, str) else lv)
+                    | ({"error": lv} if isinstance(lv, str) else {})
+                    for r, lv in zip(routes, results, strict=True)
+                ],
             }
+            errors = [lv for lv in results if isinstance(lv, str)]
+            if errors:
+                state["error"] = errors[0]
+            return state
 
-        def unavailable(failure: Failure) -> dict[str, object]:
-            return {
-                "backends": [self._backend_view(b) for b in (self.local, *self._redis.values())],
-                "routes": [_route_view(r, None) for r in routes],
-                "error": f"a backend cannot answer: {_cause(failure).getErrorMessage()}",
-            }
-
-        return d.addCallbacks(view, unavailable)
+        return d.addCallback(view)
 
     def _backend_view(self, backend: IBucketBackend) -> dict[str, object]:
         if isinstance(backend, LocalBuckets):
@@ -174,12 +180,6 @@ def _bucket_view(
         "level": None if now is None else round(now, 3),
         "debt": None if now is None else round(max(0.0, -now), 3),
     }
-
-
-def _cause(failure: Failure) -> Failure:
-    """The failure inside a gathered one."""
-    value = failure.value
-    return value.subFailure if isinstance(value, FirstError) else failure
 
 
 def _reactor_pool(reactor: object) -> InThread:

@@ -254,7 +254,9 @@ def test_router_state(admin: AdminHarness) -> None:
     assert limits["backends"][1]["healthy"] is False  # never started here
     assert [(r["route"], r["backend"]) for r in limits["routes"]] == [("default/m", "redis")]
     assert limits["routes"][0]["buckets"][0]["level"] is None  # Redis cannot say
-    assert limits["error"] == "a backend cannot answer: not connected to redis redis.local:6379/0"
+    why = "a backend cannot answer: not connected to redis redis.local:6379/0"
+    assert limits["error"] == limits["routes"][0]["error"] == why
+    assert (limits["fail_open"], limits["redis_timeout_seconds"]) == (True, 0.05)  # still told
     assert state["listeners"] == [
         {
             "name": "proxy",

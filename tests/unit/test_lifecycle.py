@@ -8,6 +8,8 @@ Reloads go to each reconfigurable child in the tree's order.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -16,11 +18,13 @@ from typing import Any, cast
 import pytest
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
 from kthena.config.router import parse_config
 from kthena.interfaces import IReconfigurable, IServerReactor
-from kthena.lifecycle import SequentialMultiService
+from kthena.lifecycle import SequentialMultiService, SignalService
 from kthena.service import RouterService, load
 from kthena.systemd import Systemd
 from kthena.tap import demo_config_path
@@ -164,6 +168,32 @@ def test_the_router_tree_in_order() -> None:
     config = parse_config({"resources": DOCS}, "t.yaml", Path("."), [])
     router = RouterService(config, cast(IServerReactor, MemoryReactorClock()))
     assert [getattr(child, "name", None) for child in router] == TREE
+
+
+@implementer(IReactorFromThreads)
+class ThreadedClock(MemoryReactorClock):
+    """A clock that takes calls from signal handlers (as a real reactor does)."""
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+@pytest.mark.parametrize("access_log", [{"enabled": False}, {"output": "stdout"}])
+def test_sigusr1_never_kills_a_router_process(access_log: dict[str, Any]) -> None:
+    """logrotate's postrotate sends SIGUSR1 whatever the config: with the access log off
+    too, the router handles it (the default action ends the process)."""
+    top = {"observability": {"accessLog": access_log}, "resources": DOCS}
+    config = parse_config(top, "t.yaml", Path("."), [])
+    router = RouterService(
+        config, cast(IServerReactor, ThreadedClock()), install_signal_handlers=True
+    )
+    [usr1] = [c for c in router if isinstance(c, SignalService) and c.signum == signal.SIGUSR1]
+    usr1.startService()
+    try:
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled: the test goes on
+    finally:
+        usr1.stopService()
 
 
 def test_a_reload_reaches_each_reconfigurable_child_in_order(monkeypatch: Any) -> None:

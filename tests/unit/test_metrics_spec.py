@@ -18,6 +18,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
+from kthena.errors import ErrorType
 from kthena.observability.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,3 +179,10 @@ def test_two_routers_do_not_collide() -> None:
     second = RouterMetrics(CollectorRegistry(), Clock())
     first.requests.labels("m", "/v1/completions", "200", "successful_request").inc()
     assert "kthena_router_requests_total{" not in generate_latest(second.registry).decode()
+
+
+def test_docs_metrics_lists_every_error_type() -> None:
+    """docs/metrics.md's table of error_type values is the closed list, all of it."""
+    doc = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", doc, re.MULTILINE))
+    assert {e.value for e in ErrorType} <= listed
