@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -174,8 +175,10 @@ def test_the_router_tree_in_order() -> None:
 class ThreadedClock(MemoryReactorClock):
     """A clock that takes calls from signal handlers (as a real reactor does)."""
 
-    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
+    def callFromThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        callable(*args, **kwargs)
 
 
 @pytest.mark.parametrize("access_log", [{"enabled": False}, {"output": "stdout"}])
