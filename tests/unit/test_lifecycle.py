@@ -175,9 +175,7 @@ def test_the_router_tree_in_order() -> None:
 class ThreadedClock(MemoryReactorClock):
     """A clock that takes calls from signal handlers (as a real reactor does)."""
 
-    def callFromThread(
-        self, callable: Callable[..., Any], *args: object, **kwargs: object
-    ) -> None:
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
         callable(*args, **kwargs)
 
 
