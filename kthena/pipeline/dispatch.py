@@ -86,7 +86,9 @@ class Dispatcher:
         self.scheduling = scheduling
         self.observers = observers
         self.clock = clock
-        self.prefills = PrefillLegs(self._send, self.failed, self._attempt_failed, clock)
+        self.prefills = PrefillLegs(
+            self._send, self.failed, self._attempt_failed, outliers.succeeded, clock
+        )
         self.reconfigure(config)
 
     def reconfigure(self, config: RouterConfig) -> None:

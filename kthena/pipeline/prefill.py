@@ -41,14 +41,21 @@ class PrefillLegs:
     @param send: the dispatcher's request to a pod (with a body of the leg's).
     @param failed: the dispatcher's record of a pod's failed attempt.
     @param attempt_failed: the dispatcher's verdict on an attempt that raised.
+    @param succeeded: a pod served its leg (outlier detection's failures in a row end).
     """
 
     def __init__(
-        self, send: Send, failed: Failed, attempt_failed: AttemptFailed, clock: IReactorTime
+        self,
+        send: Send,
+        failed: Failed,
+        attempt_failed: AttemptFailed,
+        succeeded: Callable[[PodEndpoint], None],
+        clock: IReactorTime,
     ) -> None:
         self.send = send
         self.failed = failed
         self.attempt_failed = attempt_failed
+        self.succeeded = succeeded
         self.clock = clock
         self.connectors: dict[str, IKVConnector] = connectors()
 
@@ -111,6 +118,7 @@ class PrefillLegs:
                 why = f"prefill pod {pod.name} answered {response.code}"
                 self.failed(call, pod, why)
                 raise PrefillError(ProxyError(503, ErrorType.PROXY, why))
+            self.succeeded(pod)
             reply = _parsed(raw)
             estimate = call.record.input_estimate or 0
             leg.kv_blocks = kv_blocks(reply, call.match.server.kv_block_size, estimate)

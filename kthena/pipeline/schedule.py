@@ -72,27 +72,42 @@ class Scheduling:
         self, server: ModelServer, record: RequestRecord | None = None
     ) -> list[PodEndpoint]:
         """
-        The server's pods that may take a request now (see the module docstring); falling
-        back to unhealthy pods is logged once per server and marked in the record.
+        The server's pods that may take a request now (see the module docstring); for a
+        prefill/decode server, per role (no healthy prefill pod: all its prefill pods,
+        rather than no pair at all). Falling back to unhealthy pods is logged once per
+        server and marked in the record.
         """
         pods = self.store.server_pods(server)
         if not pods:
             return pods
-        healthy = self.health.healthy(pods)
+        if server.pd_group is None:
+            roles = {"": pods}
+        else:
+            roles = {role: [p for p in pods if server.pd_role(p.pod) == role]
+                     for role in ("decode", "prefill")}  # fmt: skip
+        chosen: list[PodEndpoint] = []
+        fallen: list[str] = []
+        for role, members in roles.items():
+            healthy = self.health.healthy(members)
+            if healthy or not members:
+                chosen.extend(healthy)
+            else:
+                chosen.extend(members)
+                fallen.append(f"{role} pod" if role else "pod")
         key = server.meta.key
-        if healthy:
+        if not fallen:
             self._degraded.discard(key)
-            return healthy
+            return chosen
         if key not in self._degraded:
             self._degraded.add(key)
             log.warn(
-                "no healthy pod serves {server}: scheduling among all {count} of them",
+                "no healthy {what} serves {server}: scheduling among all of them",
+                what=" and no healthy ".join(fallen),
                 server=key,
-                count=len(pods),
             )
         if record is not None:
             record.unhealthy_fallback = True
-        return pods
+        return chosen
 
     def schedule(
         self, record: RequestRecord, parsed: Parsed, match: RouteMatch

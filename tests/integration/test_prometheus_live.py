@@ -197,12 +197,6 @@ def router_config(workdir: Path) -> dict[str, Any]:
         "drainTimeout": "1s",
         "reloadInterval": "0s",
         "observability": {"accessLog": {"output": str(workdir / "access.log")}},
-        # A prefill leg that succeeds does not reset its pod's failures in a row (the
-        # router's bug: only aggregated attempts call the outlier detector's succeeded),
-        # so the default 5 would eject the group's only prefill pod after its fifth
-        # failure ever. 50: the flaky pod (every request fails, ~10/s) is still ejected
-        # within seconds; the prefill pod (about 0.6 failed legs/s) never in the run.
-        "upstream": {"outlierDetection": {"consecutiveFailures": 50}},
         "fairness": {"models": [{"model": "fair", "maxConcurrency": 1, "timeout": "300ms"}]},
         "simulators": [
             sim("chat-0", outputTokens=8),

@@ -38,6 +38,7 @@ def pd_harness(
     retry: bool = False,
     pd_policy: dict[str, Any] | None = None,
     rate_limit: dict[str, Any] | None = None,
+    upstream: dict[str, Any] | None = None,
     **kv_connector: Any,
 ) -> RouterHarness:
     spec: dict[str, Any] = {
@@ -58,7 +59,8 @@ def pd_harness(
     ]
     # the config's scheduler when the policy reads its prefix-cache score; by name otherwise
     h = RouterHarness(configured_scheduler="decodeOnlyPrefixHit" in (pd_policy or {}))
-    h.reload(parse_config({"resources": docs}, "pd.yaml", Path("."), []))
+    top: dict[str, Any] = {"resources": docs} | ({"upstream": upstream} if upstream else {})
+    h.reload(parse_config(top, "pd.yaml", Path("."), []))
     return h
 
 
@@ -452,3 +454,41 @@ def test_a_pd_requests_tokens_are_the_decodes_for_limits_and_fairness() -> None:
     output = {"model": MODEL, "path": "/v1/chat/completions", "token_type": "output"}
     assert h.metrics.registry.get_sample_value("kthena_router_tokens_total", output) == 3
     assert json_record(record)["output_tokens"] == 3
+
+
+def test_a_prefill_leg_served_ends_its_pods_failures_in_a_row() -> None:
+    """Outlier detection counts failures in a row: a prefill pod that fails now and then,
+    between legs it serves, is never ejected (its successes reset the count)."""
+    outliers = {"outlierDetection": {"consecutiveFailures": 2}}
+    h = pd_harness("nixl", retry=True, upstream=outliers)
+    for _ in range(3):  # p1 fails, the retry's p2 serves; then p1 serves
+        client = chat(h)
+        assert h.upstream.last.pod.name == "p1"
+        h.upstream.last.respond_json({"error": {"message": "busy"}}, code=503)
+        h.upstream.last.respond_json(PREFILL_REPLY)  # the next pair's prefill: p2
+        h.upstream.last.respond_json(COMPLETION)
+        assert client.got().status == 200
+        client = chat(h)
+        assert h.upstream.last.pod.name == "p1"
+        h.upstream.last.respond_json(PREFILL_REPLY)
+        h.upstream.last.respond_json(COMPLETION)
+        assert client.got().status == 200
+    assert h.pod("p1").outlier.ejections == 0
+
+
+def test_with_no_healthy_prefill_pod_the_unhealthy_ones_are_paired() -> None:
+    """As an aggregated server falls back to its unhealthy pods: a PD server whose prefill
+    pods are all ejected still pairs its healthy decode pods with them, rather than
+    refusing every request while the ejection lasts."""
+    h = pd_harness("nixl")
+    for name in ("p1", "p2"):
+        h.pod(name).outlier.ejected_until = h.clock.seconds() + 30
+    client = chat(h)
+    assert h.upstream.last.pod.name in ("p1", "p2")
+    h.upstream.last.respond_json(PREFILL_REPLY)
+    h.upstream.last.respond_json(COMPLETION)
+    assert client.got().status == 200
+    assert h.context.unhealthy_fallback
+    fallbacks = {"model_server": "default/pd"}
+    sample = "kthena_router_unhealthy_fallbacks_total"
+    assert h.metrics.registry.get_sample_value(sample, fallbacks) == 1
