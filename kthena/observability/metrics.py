@@ -269,9 +269,9 @@ class RouterMetrics:
         self.outlier_ejections.prune(lambda labels: labels["target"] not in pods)
         self.pd.observe_groups(plane)
 
-    def backend_error(self, backend: str, operation: str) -> None:
+    def backend_error(self, backend: str, operation: str, count: int = 1) -> None:
         """A rate-limit backend call failed (the limiter's outage tracker)."""
-        self.rate_limit_backend_errors.labels(backend, operation).inc()
+        self.rate_limit_backend_errors.labels(backend, operation).inc(count)
 
     def plugin_timer(self, model: str, plugin: str, kind: str, seconds: float) -> None:
         """Time one scheduler plugin call (the scheduler's timer)."""

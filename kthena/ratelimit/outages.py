@@ -16,14 +16,20 @@ from kthena.interfaces import IBucketBackend
 log = Logger()
 
 
+OPERATIONS = ("check", "settle")
+"""The calls a backend is asked for: each failure is counted by backend and operation."""
+
+
 class Outages:
     """
-    @param counted: told of each failed call (C{check} or C{settle}): the metric
+    @param counted: told of failed calls, C{(backend, operation, how many)}: the metric
         C{kthena_router_rate_limit_backend_errors_total}.
     @param fail_open: what failed checks do meanwhile, for the log.
     """
 
-    def __init__(self, counted: Callable[[str, str], None], fail_open: Callable[[], bool]) -> None:
+    def __init__(
+        self, counted: Callable[[str, str, int], None], fail_open: Callable[[], bool]
+    ) -> None:
         self.counted = counted
         self.fail_open = fail_open
         self._down: dict[int, int] = {}  # id(backend) -> failed calls since it went down
@@ -31,8 +37,14 @@ class Outages:
     def down(self, backend: IBucketBackend) -> bool:
         return id(backend) in self._down
 
+    def listed(self, backend: IBucketBackend) -> None:
+        """A backend in use: its error series exist from now on, at 0 until one fails, so
+        a rate over them reads 0 (not nothing) while it answers."""
+        for operation in OPERATIONS:
+            self.counted(backend.name, operation, 0)
+
     def failed(self, backend: IBucketBackend, operation: str, failure: Failure) -> None:
-        self.counted(backend.name, operation)
+        self.counted(backend.name, operation, 1)
         key = id(backend)
         if key in self._down:
             self._down[key] += 1

@@ -32,7 +32,7 @@ SWEEP_INTERVAL = 60.0
 @implementer(IReconfigurable)
 class RateLimits(MultiService):
     """
-    @param counted: told of each failed backend call, C{(backend, operation)}.
+    @param counted: told of failed backend calls, C{(backend, operation, how many)}.
     """
 
     name = "rate limits"
@@ -41,7 +41,7 @@ class RateLimits(MultiService):
         self,
         reactor: IReactorTime,
         config: RouterConfig,
-        counted: Callable[[str, str], None] = lambda backend, operation: None,
+        counted: Callable[[str, str, int], None] = lambda backend, operation, count: None,
         in_thread: InThread | None = None,
     ) -> None:
         """@param in_thread: runs tokenizer work in a thread (the reactor's pool when
@@ -137,6 +137,7 @@ class RateLimits(MultiService):
                 self.reactor, address, password, self.limiter.settings.redis_timeout
             )
             self._redis[key] = backend
+            self.outages.listed(backend)
             IService(backend).setServiceParent(self)
         return backend
 

@@ -728,3 +728,13 @@ def test_admin_and_debug_listen_keys() -> None:
         "tcp:9191",
     )
     assert parse_config({}, "r.yaml", Path("."), []).admin_listen is None
+
+
+def test_a_redis_in_use_has_its_error_series_at_zero(admin: AdminHarness) -> None:
+    """So that a rate over them reads 0, not nothing, while Redis answers (the alert and
+    the dashboard panel on them have data before the first failure)."""
+    registry = admin.service.registry
+    name = "kthena_router_rate_limit_backend_errors_total"
+    for operation in ("check", "settle"):
+        labels = {"backend": "redis", "operation": operation}
+        assert registry.get_sample_value(name, labels) == 0
