@@ -16,7 +16,9 @@ cost of a check and a settle on every request); --redis keeps them in that Redis
 makes the backend a prefill/decode group (two pods on the one nginx, the http connector):
 two upstream legs per request, to measure what PD adds to the router.
 
-Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50.
+Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50;
+and the baseline of the same run: a bare Twisted proxy with no logic (bench/bare_proxy.py,
+twisted.web + Agent, pinned to the router's core), with the router's req/s over its.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,7 @@ from pathlib import Path
 BACKEND = "127.0.0.20"
 BACKEND_PORT = 8000
 ROUTER_PORT = 18080
+BARE_PORT = 18090
 ROOT = Path(__file__).resolve().parents[1]
 
 CHAT_JSON = json.dumps(
@@ -211,6 +215,17 @@ def wait_for(url: str, timeout: float = 10.0) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"127.0.0.1:{port} did not come up")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--duration", type=int, default=10)
@@ -237,27 +252,45 @@ def main() -> None:
          str(workdir / "router.yaml")],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
+    bare = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, str(ROOT / "bench" / "bare_proxy.py"),
+         "--listen", str(BARE_PORT), "--backend", f"http://{BACKEND}:{BACKEND_PORT}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
     try:
         wait_for(f"http://127.0.0.1:{ROUTER_PORT}/healthz")
         direct = f"http://{BACKEND}:{BACKEND_PORT}/v1/chat/completions"
         routed = f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"
+        bare_url = f"http://127.0.0.1:{BARE_PORT}/v1/chat/completions"
+        wait_for_port(BARE_PORT)
         print(f"{'scenario':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
         for stream in (False, True):
             script = wrk_script(workdir, stream)
             kind = "stream" if stream else "json"
             base = run_wrk(direct, script, args.duration, args.connections)
+            proxy = run_wrk(bare_url, script, args.duration, args.connections)
             via = run_wrk(routed, script, args.duration, args.connections)
-            for name, r in ((f"direct {kind}", base), (f"router {kind}", via)):
+            rows = (
+                (f"direct {kind}", base),
+                (f"bare proxy {kind}", proxy),
+                (f"router {kind}", via),
+            )
+            for name, r in rows:
                 print(f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
                       f"{r['errors']:>8.0f}")  # fmt: skip
             added = via["p50_ms"] - base["p50_ms"]
             ratio = base["rps"] / max(via["rps"], 1)
             print(f"{'  added p50 ' + kind:<28}{'':>10}{added:>10.2f}{'':>18}"
                   f"  backend alone is {ratio:.1f}x the router")  # fmt: skip
+            bare_added = proxy["p50_ms"] - base["p50_ms"]
+            print(f"{'  router / bare proxy ' + kind:<28}{via['rps'] / max(proxy['rps'], 1):>10.2f}"
+                  f"{added / bare_added if bare_added > 0 else float('nan'):>10.2f}"
+                  "  (req/s ratio, added-p50 ratio)")  # fmt: skip
     finally:
         router.send_signal(signal.SIGTERM)
+        bare.send_signal(signal.SIGTERM)
         nginx.send_signal(signal.SIGQUIT)
-        for proc in (router, nginx):
+        for proc in (router, bare, nginx):
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
