@@ -4,8 +4,11 @@ Router throughput and added latency against direct access to the same backend.
 
 The backend is Debian's nginx answering a fixed chat completion (JSON) and a fixed SSE
 stream, so that it is never the bottleneck (it alone is shown to be many times faster).
-The router runs as `twistd kthena-router`, pinned to one core; wrk and nginx share the
-other core. Everything listens on loopback only; every run is bounded in time.
+The router runs as `twistd kthena-router`, pinned to one core, with everything on: the
+metrics, the JSON access log to a file, Kthena's default scoring (least-request,
+gpu-usage, least-latency, prefix-cache) on pods whose /metrics it scrapes every second;
+wrk and nginx share the other core. Everything listens on loopback only; every run is
+bounded in time.
 
     apt-get install -y nginx-light wrk
     python3 bench/router_bench.py [--duration 10] [--connections 32] [--limits [--redis H:P]]
@@ -80,6 +83,7 @@ def sse_body(tokens: int = 16) -> str:
 def nginx_conf(workdir: Path) -> str:
     (workdir / "chat.json").write_text(CHAT_JSON)
     (workdir / "stream.sse").write_text(sse_body())
+    (workdir / "metrics.txt").write_text(POD_METRICS)
     return f"""
 worker_processes 1;
 pid {workdir}/nginx.pid;
@@ -97,6 +101,10 @@ http {{
       alias {workdir}/chat.json;
       error_page 405 =200 $uri;
     }}
+    location = /metrics {{
+      default_type text/plain;
+      alias {workdir}/metrics.txt;
+    }}
     location = /stream {{
       internal;
       default_type text/event-stream;
@@ -108,12 +116,23 @@ http {{
 """
 
 
+POD_METRICS = """\
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="bench-model"} 0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="bench-model"} 0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="bench-model"} 0.1
+"""
+"""What the pods' /metrics say (nginx serves it): the router's scrapes succeed, so the
+pod is healthy and every score plugin has live numbers, as in production."""
+
 ROUTER_CONFIG = f"""
 listen: tcp:{ROUTER_PORT}:interface=127.0.0.1
 adminListen: tcp:0:interface=127.0.0.1
 reloadInterval: 0s
 observability:
-  accessLog: {{enabled: false}}
+  accessLog: {{format: json, output: ACCESS_LOG}}
 resources:
   - apiVersion: networking.serving.volcano.sh/v1alpha1
     kind: ModelRoute
@@ -240,7 +259,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kthena-bench-"))
     workdir.chmod(0o755)  # nginx workers (www-data) read the bodies from here
     (workdir / "nginx.conf").write_text(nginx_conf(workdir))
-    (workdir / "router.yaml").write_text(router_config(args.limits, args.redis, args.pd))
+    config = router_config(args.limits, args.redis, args.pd)
+    (workdir / "router.yaml").write_text(config.replace("ACCESS_LOG", str(workdir / "access.log")))
     nginx = subprocess.Popen(
         ["taskset", "-c", "1", "nginx", "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"]
     )
