@@ -12,7 +12,7 @@ bounded in time.
 
     apt-get install -y nginx-light wrk
     python3 bench/router_bench.py [--duration 10] [--connections 32] [--limits [--redis H:P]]
-        [--pd]
+        [--pd] [--client twisted|lean] [--server twisted|lean]
 
 --limits puts token and request limits on the route, high enough never to refuse (the
 cost of a check and a settle on every request); --redis keeps them in that Redis. --pd
@@ -245,21 +245,35 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise SystemExit(f"127.0.0.1:{port} did not come up")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--limits", action="store_true", help="limits on the route (never hit)")
     parser.add_argument("--redis", help="with --limits: the Redis (host:port) they live in")
     parser.add_argument("--pd", action="store_true", help="a prefill/decode group as backend")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--client", choices=("twisted", "lean"), default="twisted", help="upstream.client"
+    )
+    parser.add_argument(
+        "--server", choices=("twisted", "lean"), default="twisted", help="downstream.server"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed: apt-get install -y nginx-light wrk util-linux")
     workdir = Path(tempfile.mkdtemp(prefix="kthena-bench-"))
     workdir.chmod(0o755)  # nginx workers (www-data) read the bodies from here
     (workdir / "nginx.conf").write_text(nginx_conf(workdir))
-    config = router_config(args.limits, args.redis, args.pd)
+    config = router_config(args.limits, args.redis, args.pd).replace(
+        "reloadInterval: 0s\n",
+        f"reloadInterval: 0s\nupstream: {{client: {args.client}}}\n"
+        f"downstream: {{server: {args.server}}}\n",
+    )
     (workdir / "router.yaml").write_text(config.replace("ACCESS_LOG", str(workdir / "access.log")))
     nginx = subprocess.Popen(
         ["taskset", "-c", "1", "nginx", "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"]

@@ -41,6 +41,8 @@ from zope.interface import implementer
 from kthena.config.router import RouterConfig, SimulatorSpec, load_config
 from kthena.engines.scraper import PodScraper
 from kthena.fairness.service import FairQueues
+from kthena.http.client import LeanUpstream
+from kthena.http.server import LeanSite
 from kthena.identity.identity import build_identity
 from kthena.interfaces import IReconfigurable, IScheduler, IServerReactor, IUpstream
 from kthena.lifecycle import SequentialMultiService, SignalService, restart_needed
@@ -142,7 +144,7 @@ class RouterService(SequentialMultiService):
         self.store.replace(config.resources)
         self.metrics = RouterMetrics(self.registry, reactor, config)
         self.decisions = DecisionRing()
-        self.upstream = upstream if upstream is not None else Upstream(reactor, config.upstream)
+        self.upstream = upstream if upstream is not None else _upstream(reactor, config)
         self.access_log = access_log_for(
             config.observability.access_log, self.registry, reactor, config.source
         )
@@ -156,13 +158,20 @@ class RouterService(SequentialMultiService):
         )
         self.metrics.scrape_hooks.append(self.fairness.before_scrape)
         self.plane = self._data_plane(scheduler)
-        site = ProxySite(
-            ProxyResource(self.plane.pipeline),
-            config.max_body_bytes,
-            reactor,
-            config.downstream,
-            self.plane.pipeline.refused,
-        )
+        pipeline = self.plane.pipeline
+        site: ProxySite | LeanSite
+        if config.downstream.server == "lean":
+            site = LeanSite(
+                pipeline.handle, config.max_body_bytes, reactor, config.downstream, pipeline.refused
+            )
+        else:
+            site = ProxySite(
+                ProxyResource(pipeline),
+                config.max_body_bytes,
+                reactor,
+                config.downstream,
+                pipeline.refused,
+            )
         self.proxy = ProxyListener(reactor, config, site)
         self.admin = AdminService(
             reactor,
@@ -275,12 +284,20 @@ class RouterService(SequentialMultiService):
         """A new config, validated whole: each reconfigurable child takes it, in order."""
         self.systemd.reloading()
         try:
+            restart_needed("upstream.client", self.config.upstream.client, config.upstream.client)
             for child in self:
                 if IReconfigurable.providedBy(child):
                     child.reconfigure(config)
             self.config = config
         finally:
             self.systemd.reloaded()
+
+
+def _upstream(reactor: IServerReactor, config: RouterConfig) -> IUpstream:
+    """The client towards pods that C{upstream.client} names."""
+    if config.upstream.client == "lean":
+        return LeanUpstream(reactor, config.upstream)
+    return Upstream(reactor, config.upstream)
 
 
 def _simulator(spec: SimulatorSpec, reactor: IServerReactor) -> Service:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from kthena.config.validate import (
     Where,
     boolean,
+    choice,
     duration,
     integer,
     mapping,
@@ -33,6 +34,12 @@ The POST paths proxied to pods unless C{inferencePaths} says otherwise: OpenAI's
 APIs that vLLM and SGLang serve. Everything else (the engines' admin endpoints such as
 C{/v1/load_lora_adapter}) is answered 404 before any pod sees it.
 """
+
+UPSTREAM_CLIENTS = ("twisted", "lean")
+"""The HTTP clients towards pods (C{upstream.client})."""
+
+DOWNSTREAM_SERVERS = ("twisted", "lean")
+"""The HTTP servers under the pipeline (C{downstream.server})."""
 
 ROUTER_PATHS = frozenset({"/v1/models", "/healthz", "/readyz"})
 """Paths the router answers itself."""
@@ -67,6 +74,8 @@ class UpstreamConfig:
         request may be sent on a connection the pod is closing.
     @ivar forward_authorization: the client's C{Authorization} header goes to the pod (as
         Kthena does; needed when pods run with C{--api-key}); off, it is dropped.
+    @ivar client: the HTTP client towards pods: C{twisted} (C{Agent}) or C{lean}
+        (L{kthena.http.client}: C{httptools}, cheaper per request); a restart changes it.
     """
 
     connect_timeout: float = 5.0
@@ -75,6 +84,7 @@ class UpstreamConfig:
     pool_idle_timeout: float = 4.0
     forward_authorization: bool = True
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    client: str = "twisted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +94,15 @@ class DownstreamConfig:
     connections: the request head must arrive whole within C{header_timeout} of its first
     byte, and the body within C{body_timeout} of the head (else 408 and the connection
     closes); a keep-alive connection with no request is closed after C{idle_timeout}.
+
+    @ivar server: the HTTP server under the pipeline: C{twisted} (twisted.web) or C{lean}
+        (L{kthena.http.server}, parsing with httptools); changed only by a restart.
     """
 
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     idle_timeout: float = 60.0
+    server: str = "twisted"
 
 
 def parse_outlier(value: object, where: Where) -> OutlierConfig:
@@ -129,7 +143,7 @@ def parse_upstream(value: object, where: Where) -> UpstreamConfig:
         value,
         where,
         ("connectTimeout", "idleTimeout", "maxConnectionsPerPod", "poolIdleTimeout",
-         "forwardAuthorization", "outlierDetection"),
+         "forwardAuthorization", "outlierDetection", "client"),
     )  # fmt: skip
     d = UpstreamConfig()
     return UpstreamConfig(
@@ -150,11 +164,12 @@ def parse_upstream(value: object, where: Where) -> UpstreamConfig:
             where.at("forwardAuthorization"),
         ),
         outlier=parse_outlier(spec.get("outlierDetection"), where.at("outlierDetection")),
+        client=choice(spec.get("client", d.client), where.at("client"), UPSTREAM_CLIENTS),
     )
 
 
 def parse_downstream(value: object, where: Where) -> DownstreamConfig:
-    spec = mapping(value, where, ("headerTimeout", "bodyTimeout", "idleTimeout"))
+    spec = mapping(value, where, ("headerTimeout", "bodyTimeout", "idleTimeout", "server"))
     d = DownstreamConfig()
     return DownstreamConfig(
         header_timeout=positive_duration(
@@ -166,6 +181,7 @@ def parse_downstream(value: object, where: Where) -> DownstreamConfig:
         idle_timeout=positive_duration(
             spec.get("idleTimeout", d.idle_timeout), where.at("idleTimeout")
         ),
+        server=choice(spec.get("server", d.server), where.at("server"), DOWNSTREAM_SERVERS),
     )
 
 

@@ -15,16 +15,16 @@ and one access-log record, through the site's C{refused} callback.
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from kthena.config.traffic import DownstreamConfig
-from kthena.errors import ErrorType, error_object
-from kthena.record import RequestRecord, request_id
-from kthena.webutil import NoDelayHTTPChannel, json_bytes
+from kthena.errors import ErrorType
+from kthena.http.refusal import SHOWN_PATH, refusal
+from kthena.record import RequestRecord
+from kthena.webutil import NoDelayHTTPChannel
 
 
 class ChannelSite(Protocol):
@@ -40,8 +40,6 @@ class ChannelSite(Protocol):
 
 
 _LOST = Failure(ConnectionError("the connection was lost"))
-_SHOWN_PATH = 256
-"""Characters of an over-long request target kept in its record."""
 
 
 class ProxyChannel(NoDelayHTTPChannel):
@@ -126,7 +124,7 @@ class ProxyChannel(NoDelayHTTPChannel):
                 ErrorType.URI_TOO_LONG,
                 f"the request line is over {self.totalHeadersSize} bytes",
                 method=method[:16],
-                path=target[:_SHOWN_PATH],
+                path=target[:SHOWN_PATH],
             )
         else:
             self._refuse(
@@ -154,29 +152,21 @@ class ProxyChannel(NoDelayHTTPChannel):
         self._refused = True
         self._cancel_deadline()
         site = self._site
-        now = site.clock.seconds()
         if method is None:
             method = getattr(self, "_command", b"-")
         if path is None:
             path = getattr(self, "_path", b"-").partition(b"?")[0]
-        ctx = RequestRecord(
-            request_id=request_id(None),
-            method=method.decode("latin-1"),
-            path=path.decode("latin-1"),
-            started=self._head_started if self._head_started is not None else now,
-            protocol=getattr(self, "_version", b"HTTP/1.1").decode("latin-1"),
-        )
-        ctx.fail(status, error_type, message)
-        ctx.finished = now
-        body = json_bytes(error_object(status, error_type, message))
-        head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "content-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n"
-            "connection: close\r\n"
-            f"x-request-id: {ctx.request_id}\r\n\r\n"
+        ctx, answer = refusal(
+            status,
+            error_type,
+            message,
+            method=method,
+            path=path,
+            protocol=getattr(self, "_version", b"HTTP/1.1"),
+            started=self._head_started,
+            now=site.clock.seconds(),
         )
         assert self.transport is not None
-        self.transport.write(head.encode("ascii") + body)
+        self.transport.write(answer)
         self.loseConnection()
         site.refused(ctx)

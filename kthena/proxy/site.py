@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from io import BytesIO
+from typing import Protocol
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -90,20 +91,33 @@ class ProxySite(QuietSite):
         return clock
 
 
+class ListenerSite(Protocol):
+    """
+    What the listener changes on its site (L{ProxySite}, or the lean server's
+    L{kthena.http.server.LeanSite}), which must also provide C{IProtocolFactory}.
+    """
+
+    max_body_bytes: int
+    downstream: DownstreamConfig
+
+
 @implementer(IReconfigurable)
 class ProxyListener(ListeningService):
     """
     The proxy's listener and its site: a reload changes the body cap and the client
-    deadlines for new requests; a new C{listen} endpoint needs a restart.
+    deadlines for new requests; a new C{listen} endpoint or C{downstream.server} needs a
+    restart.
     """
 
     name = "proxy listener"
 
-    def __init__(self, reactor: IServerReactor, config: RouterConfig, site: ProxySite) -> None:
-        super().__init__(reactor, config.listen, site)
+    def __init__(self, reactor: IServerReactor, config: RouterConfig, site: ListenerSite) -> None:
+        super().__init__(reactor, config.listen, IProtocolFactory(site))
         self.site = site
+        self.server = config.downstream.server
 
     def reconfigure(self, config: RouterConfig) -> None:
         restart_needed("listen", self.description, config.listen)
+        restart_needed("downstream.server", self.server, config.downstream.server)
         self.site.max_body_bytes = config.max_body_bytes
         self.site.downstream = config.downstream

@@ -3,11 +3,15 @@ In-memory harness for the proxy's unit tests: a L{RouterCore} on a L{MemoryReact
 whose upstream client is a fake the test answers by hand, a L{ProxySite} driven through
 its real L{HTTPChannel} over a L{StringTransport}, and a small HTTP/1.1 response parser
 for what the client received.
+
+With C{KTHENA_TEST_SERVER=lean} in the environment the harness serves through the lean
+server (L{LeanSite}) instead, so the same tests check both HTTP layers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, parse_config
 from kthena.fairness.service import FairQueues
+from kthena.http.server import LeanSite
 from kthena.identity.identity import build_identity
 from kthena.interfaces import IReconfigurable, IScheduler, IServerReactor, IUpstream
 from kthena.lifecycle import SequentialMultiService
@@ -321,12 +326,16 @@ def parse_response(raw: bytes) -> WireResponse | None:
 
 
 CLIENT_PEER = IPv4Address("TCP", CLIENT_IP, 40000)
+LEAN = os.environ.get("KTHENA_TEST_SERVER") == "lean"
+"""Serve the harness through the lean server rather than twisted.web."""
 
 
 class Client:
     """One client connection to a site (the proxy's, or the admin one), in memory."""
 
-    def __init__(self, site: Site, peer: IPv4Address | IPv6Address = CLIENT_PEER) -> None:
+    def __init__(
+        self, site: Site | LeanSite, peer: IPv4Address | IPv6Address = CLIENT_PEER
+    ) -> None:
         self.transport = StringTransport(peerAddress=peer)
         protocol = site.buildProtocol(None)
         assert protocol is not None
@@ -478,13 +487,23 @@ class RouterHarness:
         for part in (self.jwks, self.limits, self.fairness, self.plane):
             part.setServiceParent(self.tree)
         self.resource = RecordingResource(self.plane.pipeline)
-        self.site = ProxySite(
-            self.resource,
-            self.config.max_body_bytes,
-            self.clock,
-            self.config.downstream,
-            self.plane.pipeline.refused,
-        )
+        self.site: ProxySite | LeanSite
+        if LEAN:
+            self.site = LeanSite(
+                self.plane.pipeline.handle,
+                self.config.max_body_bytes,
+                self.clock,
+                self.config.downstream,
+                self.plane.pipeline.refused,
+            )
+        else:
+            self.site = ProxySite(
+                self.resource,
+                self.config.max_body_bytes,
+                self.clock,
+                self.config.downstream,
+                self.plane.pipeline.refused,
+            )
 
     def pod(self, name: str) -> PodEndpoint:
         return self.store.pods[f"default/{name}"]

@@ -55,7 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "kthena.pipeline",
         ),
     ),
-    ("proxy", ("kthena.proxy",)),
+    ("proxy", ("kthena.proxy", "kthena.http")),
     ("observability", ("kthena.observability",)),
     ("service", ("kthena.service", "kthena.reload", "kthena.heap")),
     ("tap", ("kthena.tap",)),
