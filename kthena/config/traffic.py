@@ -84,7 +84,7 @@ class UpstreamConfig:
     pool_idle_timeout: float = 4.0
     forward_authorization: bool = True
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
-    client: str = "twisted"
+    client: str = "lean"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,7 @@ class DownstreamConfig:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     idle_timeout: float = 60.0
-    server: str = "twisted"
+    server: str = "lean"
 
 
 def parse_outlier(value: object, where: Where) -> OutlierConfig:

@@ -19,6 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.web.server import Site
 
 from kthena.config.router import parse_config
+from kthena.http.server import LeanSite
 from kthena.interfaces import IServerReactor
 from kthena.observability.admin import Runner
 from kthena.pods import PodEndpoint
@@ -184,9 +185,9 @@ class AdminHarness:
     # -- the proxy side
 
     @property
-    def proxy_site(self) -> ProxySite:
+    def proxy_site(self) -> ProxySite | LeanSite:
         site = self.service.proxy.factory
-        assert isinstance(site, ProxySite)
+        assert isinstance(site, ProxySite | LeanSite)
         return site
 
     def send_chat(self, model: str = "m", request_id: str = "req-1") -> Client:

@@ -4,8 +4,9 @@ whose upstream client is a fake the test answers by hand, a L{ProxySite} driven 
 its real L{HTTPChannel} over a L{StringTransport}, and a small HTTP/1.1 response parser
 for what the client received.
 
-With C{KTHENA_TEST_SERVER=lean} in the environment the harness serves through the lean
-server (L{LeanSite}) instead, so the same tests check both HTTP layers.
+The harness serves through the HTTP server its config names (C{downstream.server}: the lean
+one, L{LeanSite}, by default); C{KTHENA_TEST_SERVER=twisted} (or C{lean}) in the
+environment overrides it, so that the same tests check both HTTP layers.
 """
 
 from __future__ import annotations
@@ -326,8 +327,8 @@ def parse_response(raw: bytes) -> WireResponse | None:
 
 
 CLIENT_PEER = IPv4Address("TCP", CLIENT_IP, 40000)
-LEAN = os.environ.get("KTHENA_TEST_SERVER") == "lean"
-"""Serve the harness through the lean server rather than twisted.web."""
+SERVER_OVERRIDE = "KTHENA_TEST_SERVER"
+"""The environment variable naming the HTTP server every harness serves through."""
 
 
 class Client:
@@ -488,7 +489,7 @@ class RouterHarness:
             part.setServiceParent(self.tree)
         self.resource = RecordingResource(self.plane.pipeline)
         self.site: ProxySite | LeanSite
-        if LEAN:
+        if os.environ.get(SERVER_OVERRIDE, self.config.downstream.server) == "lean":
             self.site = LeanSite(
                 self.plane.pipeline.handle,
                 self.config.max_body_bytes,

@@ -1,18 +1,28 @@
 """
 The proxy's channel against slow and hostile clients: deadlines for the request head and
 body (408), over-long request lines (414), oversized heads (431), malformed requests
-(400); each answered with an OpenAI error object, closed, and recorded.
+(400); each answered with an OpenAI error object, closed, and recorded. On both HTTP
+servers (the lean one and twisted.web's, C{downstream.server}): they promise the same.
 """
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from kthena.errors import ErrorType
-from tests.unit.proxyfixtures import BASE_MODEL, RouterHarness
+from tests.unit.proxyfixtures import BASE_MODEL, SERVER_OVERRIDE, RouterHarness
 from tests.unit.test_proxy_resource import COMPLETION, HEX32, assert_error
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\n"
+
+
+@pytest.fixture(autouse=True, params=["lean", "twisted"])
+def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here, on each HTTP server."""
+    monkeypatch.setenv(SERVER_OVERRIDE, request.param)
+    return str(request.param)
 
 
 def test_slowloris_gets_408_after_the_head_deadline() -> None:

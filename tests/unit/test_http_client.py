@@ -439,7 +439,8 @@ def test_reconfigure_takes_the_pool_settings() -> None:
 
 
 def test_the_client_switch() -> None:
-    assert UpstreamConfig().client == "twisted"
+    assert UpstreamConfig().client == "lean"
+    assert parse_upstream({"client": "twisted"}, Where("upstream")).client == "twisted"
     assert parse_upstream({"client": "lean"}, Where("upstream")).client == "lean"
     with pytest.raises(ConfigError, match="client"):
         parse_upstream({"client": "fast"}, Where("upstream"))

@@ -28,20 +28,18 @@ def config(**downstream: object) -> RouterConfig:
     return parse_config(raw, "t.yaml", Path("."), [])
 
 
-def test_twisted_by_default() -> None:
-    assert config().downstream.server == "twisted"
+def test_lean_by_default() -> None:
+    assert config().downstream.server == "lean"
     router = RouterService(config(), cast(IServerReactor, MemoryReactorClock()))
-    assert isinstance(router.proxy.site, ProxySite)
-
-
-def test_lean_server_chosen() -> None:
-    lean = config(server="lean")
-    assert lean.downstream.server == "lean"
-    router = RouterService(lean, cast(IServerReactor, MemoryReactorClock()))
     site = router.proxy.site
     assert isinstance(site, LeanSite)
     assert site.handle == router.plane.pipeline.handle
     assert site.refused == router.plane.pipeline.refused
+
+
+def test_twisted_web_when_asked() -> None:
+    router = RouterService(config(server="twisted"), cast(IServerReactor, MemoryReactorClock()))
+    assert isinstance(router.proxy.site, ProxySite)
 
 
 def test_unknown_server_refused() -> None:
@@ -51,6 +49,9 @@ def test_unknown_server_refused() -> None:
 
 def test_a_reload_changes_the_lean_site_but_not_the_server() -> None:
     router = RouterService(config(server="lean"), cast(IServerReactor, MemoryReactorClock()))
+    with capturedLogs() as events:
+        router.proxy.reconfigure(config(server="twisted"))
+    assert [e.get("what") for e in events] == ["downstream.server"]
     new = parse_config(
         {"resources": DOCS, "maxBodyBytes": 5, "downstream": {"headerTimeout": "3s"}},
         "t.yaml",
@@ -59,7 +60,7 @@ def test_a_reload_changes_the_lean_site_but_not_the_server() -> None:
     )
     with capturedLogs() as events:
         router.proxy.reconfigure(new)
-    assert [e.get("what") for e in events] == ["downstream.server"]
+    assert [e.get("what") for e in events] == []  # the same server kind: nothing to restart
     site = router.proxy.site
     assert isinstance(site, LeanSite)  # still: a restart changes it
     assert (site.max_body_bytes, site.downstream.header_timeout) == (5, 3.0)

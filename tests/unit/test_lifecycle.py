@@ -105,7 +105,7 @@ def test_a_stopped_router_leaves_nothing_behind(tmp_path: Path, name: str) -> No
     assert router.proxy.port is None
     assert all(listener.port is None for _, listener in router.admin.listeners)
     upstream: Any = router.upstream
-    assert upstream.pool._connections == {}
+    assert upstream.pool.closed and upstream.pool._idle == {}
     if router.scraper is not None:
         assert router.scraper._requests == set()
         assert router.scraper._pool._connections == {}
