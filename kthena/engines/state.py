@@ -10,6 +10,7 @@ baseline instead of producing a negative figure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from kthena.engines.snapshot import EngineSnapshot
 
@@ -26,7 +27,20 @@ class PodState:
     @ivar finished_at_scrape: C{finished} when the last good scrape was taken: requests
         that ended since were still running in that scrape, so the scraped running count
         is that much too high now.
+    @cvar generation: bumped by every write to any pod's state but C{finished} (which
+        moves with every request that ends): scheduler plugins whose results depend only
+        on scraped figures keep them until it moves. A write, not only L{update}, so
+        that whoever sets a figure (a scrape, a test, a debug tool) is seen at once.
     """
+
+    generation: ClassVar[int] = 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Reads stay plain slot reads; a write costs a Python call (a scrape writes about
+        # fifteen fields per pod per interval; requests write only `finished`, unbumped).
+        if name != "finished":
+            PodState.generation += 1
+        object.__setattr__(self, name, value)
 
     waiting: float = 0.0
     running: float = 0.0

@@ -9,7 +9,6 @@ candidate's score per plugin, for C{/debug/routing/decisions}.
 
 from __future__ import annotations
 
-import operator
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -128,6 +127,25 @@ def _adapter_holders_first(
     return holders + [p for p in ranked if not p.serves_adapter(adapter)]
 
 
+def _weighted_sum(weights: Sequence[float]) -> Callable[..., list[float]]:
+    """
+    A function of one score list per plugin giving each pod's weighted sum in one pass
+    (C{sum} over each pod's column, in C) instead of a list per plugin (at 100 pods each
+    pass costs ~10 us). C{sum(column, 0.0)} adds the terms in plugin order, as a running
+    total would, so the totals are the same floats; a weight of 1 multiplies nothing.
+    """
+    weights = tuple(weights)
+    plain = all(w == 1 for w in weights)
+
+    def total(*scores: list[float]) -> list[float]:
+        columns = scores if plain else [
+            s if w == 1 else [x * w for x in s] for s, w in zip(scores, weights, strict=True)
+        ]  # fmt: skip
+        return [sum(column, 0.0) for column in zip(*columns, strict=True)]
+
+    return total
+
+
 @implementer(IScheduler)
 class Scheduler:
     """Runs the configured plugins; one instance per config generation."""
@@ -149,6 +167,7 @@ class Scheduler:
         self._random = rng or random.Random()
         self.algorithm = "+".join(s.name for s, _ in self.scores) or "filters-only"
         """The C{algorithm} label of C{kthena_lb_decisions_total}: the score plugins."""
+        self._total = _weighted_sum([w for _, w in self.scores]) if self.scores else None
 
     def schedule(self, request: SchedulingRequest) -> Decision:
         pods = list(request.pods)
@@ -175,24 +194,33 @@ class Scheduler:
             decision.candidates = pods
             decision.weighted = [0.0]
             return decision
-        totals = [0.0] * len(pods)
-        for scorer, weight in self.scores:
+        by_plugin = decision.by_plugin
+        every = []
+        for scorer, _ in self.scores:
             scores = scorer.score(request, pods)
             if timer is not None:
                 then, now = now, clock()
                 timer(model, scorer.name, "score", now - then)
-            decision.by_plugin[scorer.name] = scores
-            if weight == 1:
-                totals = list(map(operator.add, totals, scores))
-            else:
-                totals = [t + s * weight for t, s in zip(totals, scores, strict=True)]
-        # A random second key: equal totals end up in random order.
+            by_plugin[scorer.name] = scores
+            every.append(scores)
+        totals = [0.0] * len(pods) if self._total is None else self._total(*every)
+        decision.candidates = _adapter_holders_first(self._ranked(pods, totals), request)
+        decision.weighted = totals
+        return decision
+
+    def _ranked(self, pods: list[PodEndpoint], totals: list[float]) -> list[PodEndpoint]:
+        """
+        The pods by total, best first, equal totals in random order. Without equal totals
+        (the usual case: one set() says so) a float-keyed sort of the indices is enough;
+        otherwise a random second key per pod orders the equals.
+        """
+        if len(set(totals)) == len(totals):
+            order = sorted(range(len(totals)), key=totals.__getitem__, reverse=True)
+            return list(map(pods.__getitem__, order))
         draw = self._random.random
         draws = [draw() for _ in pods]
         ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)
-        decision.candidates = _adapter_holders_first([pods[i] for _, _, i in ranked], request)
-        decision.weighted = totals
-        return decision
+        return [pods[i] for _, _, i in ranked]
 
     def scheduled(self, decision: Decision, pod: PodEndpoint) -> None:
         """C{pod} served the request: let the hooks learn from it."""

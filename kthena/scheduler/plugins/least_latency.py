@@ -2,7 +2,8 @@
 C{least-latency}: favours pods with low TTFT and TPOT, each min-max normalised over the
 candidates and blended by C{TTFTTPOTWeightFactor} (1: TTFT only, 0: TPOT only). Pods
 with no latency observed yet share the top score, so they are not starved. Unlike
-Kthena, latencies within 10% of each other count as equal.
+Kthena, latencies within 10% of each other count as equal. The latencies are scraped, so
+the scores are kept per candidate set until the next scrape (L{ScrapeCache}).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from zope.interface import implementer
 from kthena.interfaces import IScorePlugin
 from kthena.pods import PodEndpoint
 from kthena.scheduler.plugins.args import check_args
+from kthena.scheduler.plugins.scrape_cache import ScrapeCache
 
 
 @implementer(IScorePlugin)
@@ -24,6 +26,7 @@ class LeastLatency:
 
     def __init__(self, factor: float = 0.5) -> None:
         self.factor = factor
+        self._kept = ScrapeCache[list[float]](self._scores)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> LeastLatency:
@@ -34,6 +37,9 @@ class LeastLatency:
         return cls(factor)
 
     def score(self, request: Any, pods: Sequence[PodEndpoint]) -> list[float]:
+        return self._kept.get(pods).copy()  # ours to keep: the caller's to change
+
+    def _scores(self, pods: Sequence[PodEndpoint]) -> list[float]:
         latencies = [(p.state.ttft, p.state.tpot) for p in pods]
         warm = [(ttft, tpot) for ttft, tpot in latencies if ttft > 0 and tpot > 0]
         if not warm:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import compress, repeat
+from operator import not_
 from typing import Any
 
 from zope.interface import implementer
@@ -24,6 +26,8 @@ from kthena.pods import PodEndpoint
 from kthena.scheduler.plugins.args import check_args
 
 _SCRATCH = "prefix-cache.hashes"
+POSITIONS_KEPT = 64
+"""Candidate sets whose pod places are kept (all dropped past this)."""
 
 
 def prefix_hashes(model: str, prompt: str, block_size: int, max_blocks: int) -> list[int]:
@@ -32,9 +36,10 @@ def prefix_hashes(model: str, prompt: str, block_size: int, max_blocks: int) -> 
     # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which UTF-8 cannot encode.
     previous = zlib.crc32(model.encode("utf-8", "surrogatepass"))
     data = prompt.encode("utf-8", "surrogatepass")
+    append = hashes.append
     for start in range(0, min(len(data), block_size * max_blocks), block_size):
         previous = hash((previous, data[start : start + block_size]))
-        hashes.append(previous)
+        append(previous)
     return hashes
 
 
@@ -56,6 +61,10 @@ class PrefixCache:
         self._index: OrderedDict[int, OrderedDict[str, None]] = OrderedDict()
         self.entries = 0
         """(block, pod) pairs held, kept as the index changes (read from another thread)."""
+        self._positions: dict[tuple[PodEndpoint, ...], tuple[dict[str, int], frozenset[str]]]
+        self._positions = {}
+        """Per candidate set: each pod's key to its place, and the keys (sets repeat from
+        one request to the next; building these per request costs a pass over the pods)."""
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> PrefixCache:
@@ -85,49 +94,73 @@ class PrefixCache:
             request.scratch[_SCRATCH] = hashes
         return hashes
 
+    def _places(self, pods: Sequence[PodEndpoint]) -> tuple[dict[str, int], frozenset[str]]:
+        key = tuple(pods)
+        kept = self._positions.get(key)
+        if kept is None:
+            if len(self._positions) >= POSITIONS_KEPT:
+                self._positions.clear()
+            places = {p.key: i for i, p in enumerate(key)}
+            kept = self._positions[key] = (places, frozenset(places))
+        return kept
+
     def score(self, request: Any, pods: Sequence[PodEndpoint]) -> list[float]:
         hashes = self._hashes(request)
+        scores = [0.0] * len(pods)
         if not hashes:
-            return [0.0] * len(pods)
-        wanted = {p.key for p in pods}
-        matched: dict[str, int] = {}
-        # The longest prefix first: a hash found stands for every block before it.
-        for length in range(len(hashes), 0, -1):
-            holders = self._index.get(hashes[length - 1])
-            if holders is None:
-                continue
-            for pod in holders:
-                if pod in wanted and pod not in matched:
-                    matched[pod] = length
-            if len(matched) >= min(self.top_k, len(wanted)):
-                break
+            return scores
+        places, keys = self._places(pods)
+        need = min(self.top_k, len(places))
+        unmatched = set(keys)
         scale = 100 / len(hashes)
-        return [matched.get(p.key, 0) * scale for p in pods]
+        # The longest prefix first: a hash found stands for every block before it. Each
+        # level's holders, looked up at once; the levels that hold no unmatched pod are
+        # skipped in C (the selector is lazy, so it sees the pods matched so far).
+        levels = list(map(self._index.get, hashes, repeat(())))
+        levels.reverse()
+        depth = len(hashes)
+        useful = map(not_, map(unmatched.isdisjoint, levels))
+        for length in compress(range(depth, 0, -1), useful):
+            new = unmatched.intersection(levels[depth - length])
+            unmatched -= new
+            for pod in new:
+                scores[places[pod]] = length * scale
+            if len(places) - len(unmatched) >= need:
+                break
+        return scores
 
     def scheduled(self, request: Any, pod: PodEndpoint) -> None:
         index = self._index
+        get = index.get
+        key = pod.key
+        most = self.top_k * 2
+        entries = self.entries
         for h in self._hashes(request):
-            holders = index.get(h)
+            holders = get(h)
             if holders is None:
-                holders = index[h] = OrderedDict()
-            else:
-                index.move_to_end(h)
-            if pod.key not in holders:
-                self.entries += 1
-            holders[pod.key] = None
-            holders.move_to_end(pod.key)
-            while len(holders) > self.top_k * 2:
+                index[h] = OrderedDict(((key, None),))
+                entries += 1
+                continue
+            index.move_to_end(h)
+            if key in holders:
+                holders.move_to_end(key)
+                continue
+            holders[key] = None
+            entries += 1
+            while len(holders) > most:
                 holders.popitem(last=False)
-                self.entries -= 1
+                entries -= 1
         while len(index) > self.max_hashes:
             _, evicted = index.popitem(last=False)
-            self.entries -= len(evicted)
+            entries -= len(evicted)
+        self.entries = entries
 
     def forget_pods(self, keys: Iterable[str]) -> None:
         """Drop pods that left the config from every prefix they held."""
         gone = set(keys)
         if not gone:
             return
+        self._positions.clear()  # they hold the pods that left
         for h in list(self._index):
             holders = self._index[h]
             for key in gone & holders.keys():
