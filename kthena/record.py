@@ -89,7 +89,7 @@ class RequestRecord:
     @ivar legs: a prefill/decode request's legs as sent, in order (C{pod} is the last
         decode leg's pod).
     @ivar pd_plan: a prefill/decode request's pairs (a L{kthena.pd.pairs.PDPlan}).
-    @ivar ticket: the fairness queue's ticket (a L{kthena.fairness.queue.Ticket}), until
+    @ivar ticket: the fairness queue's ticket (a L{kthena.fairness.ticket.Ticket}), until
         the request ends and hands it back.
     """
 

@@ -25,7 +25,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from kthena.config.fairness import FairnessConfig
-from kthena.fairness.queue import OTHER, ModelQueue, Ticket
+from kthena.fairness.queue import OTHER, ModelQueue
+from kthena.fairness.ticket import Ticket
 
 __all__ = ["OTHER", "Fairness", "HasFairness", "Ticket"]
 
@@ -128,8 +129,9 @@ class Fairness:
             return
         queue.release(ticket)
         idle = queue.settings is None and queue.in_flight <= 0
-        if idle and self._queues.get(queue.model) is queue:
-            del self._queues[queue.model]
+        model = queue.model
+        if idle and self._queues.get(model) is queue:
+            del self._queues[model]
 
     def record_usage(self, model: str, user: str, input_tokens: int, output_tokens: int) -> None:
         """A response's usage, for the model's history (ignored when it has no fairness)."""

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from kthena.config.fairness import SHEDDABLE, FairnessConfig, ModelFairness
 from kthena.errors import ErrorType, ProxyError
 from kthena.fairness.order import ClassQueue, Waiter
+from kthena.fairness.ticket import Ticket
 from kthena.fairness.usage import UsageHistory
 
 log = Logger()
@@ -36,44 +37,6 @@ OTHER = "other"
 """The label of every user outside the top N by recent usage."""
 
 _EPSILON = 1e-9
-
-
-class Ticket:
-    """
-    An admitted request: hand it back to L{kthena.fairness.fairness.Fairness.release}
-    when the request ends, whatever happened (releasing twice is harmless).
-
-    @ivar user_label: C{user} when among the model's top users by recent usage when it
-        was admitted, else C{"other"} (the C{user_id} label).
-    @ivar priority: the class it was ranked in.
-    @ivar waited: seconds it spent queued (0 when it went on at once).
-    @ivar queue: the queue that counts it in flight (C{None}: the model has no fairness).
-    """
-
-    __slots__ = ("model", "priority", "queue", "released", "user", "user_label", "waited")
-
-    def __init__(
-        self,
-        model: str,
-        user: str,
-        user_label: str,
-        priority: str,
-        waited: float,
-        queue: ModelQueue | None,
-    ) -> None:
-        self.model = model
-        self.user = user
-        self.user_label = user_label
-        self.priority = priority
-        self.waited = waited
-        self.released = False
-        self.queue = queue
-
-    def __repr__(self) -> str:
-        return (
-            f"<Ticket {self.model} {self.user!r} {self.priority} waited={self.waited:.3f}s"
-            f"{' released' if self.released else ''}>"
-        )
 
 
 class ModelQueue:

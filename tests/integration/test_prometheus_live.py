@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -475,16 +474,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
 def start_redis(workdir: Path) -> RedisServer:
     redis = RedisServer(workdir)
-    for port in REDIS_PORTS:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Redis does
-            try:
-                probe.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        redis.start(port)
-        return redis
-    pytest.fail(f"no free port for redis-server in {REDIS_PORTS}")
+    redis.start(ports=REDIS_PORTS)
+    return redis
 
 
 def wait_for_alerts(prometheus: Prometheus, start: float) -> dict[str, list[dict[str, str]]]:

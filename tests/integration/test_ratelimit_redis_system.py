@@ -13,7 +13,6 @@ bounded.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -74,17 +73,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A fresh redis-server on the first free port of L{PORTS}, killed after the test."""
     found = RedisServer(tmp_path)
-    for port in PORTS:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Redis does
-            try:
-                probe.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        found.start(port)
-        break
-    else:
-        pytest.fail(f"no free port for redis-server in {PORTS}")
+    found.start(ports=PORTS)
     try:
         yield found
     finally:

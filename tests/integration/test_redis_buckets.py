@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -114,12 +114,14 @@ class RedisServer:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, port: int | None = None) -> None:
-        """Start on C{port}, or on the first free port of L{PORTS}."""
-        for candidate in [port] if port else PORTS:
+    def start(self, port: int | None = None, ports: Iterable[int] = PORTS) -> None:
+        """Start on C{port}, or on the first free port of C{ports} (by default L{PORTS}:
+        each test module that starts Redis servers has a range of its own)."""
+        candidates = [port] if port else list(ports)
+        for candidate in candidates:
             if self._try(candidate):
                 return
-        pytest.fail(f"no redis-server could listen on {HOST} ports {PORTS}")
+        pytest.fail(f"no redis-server could listen on {HOST} ports {candidates}")
 
     def _try(self, port: int) -> bool:
         with socket.socket() as probe:
