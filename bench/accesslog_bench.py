@@ -47,8 +47,10 @@ from router_bench import run_wrk, wait_for, wrk_script  # noqa: E402
 BACKEND = "127.0.0.21"
 BACKEND_PORT = router_bench.BACKEND_PORT
 ROUTER_PORT = 18081
-ROUTER_CONFIG = router_bench.ROUTER_CONFIG.replace(router_bench.BACKEND, BACKEND).replace(
-    f"tcp:{router_bench.ROUTER_PORT}:", f"tcp:{ROUTER_PORT}:"
+ROUTER_CONFIG = (
+    router_bench.router_config(limits=False, redis=None)  # its access log: set per mode
+    .replace(router_bench.BACKEND, BACKEND)
+    .replace(f"tcp:{router_bench.ROUTER_PORT}:", f"tcp:{ROUTER_PORT}:")
 )
 
 

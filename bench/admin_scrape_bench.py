@@ -55,11 +55,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from router_bench import (  # noqa: E402
     BACKEND,
     BACKEND_PORT,
-    ROUTER_CONFIG,
     ROUTER_PORT,
     nginx_conf,
     wait_for,
 )
+from router_bench import router_config as bench_config  # noqa: E402
 
 # Addresses of its own (router_bench.py: 127.0.0.20 and 18080; accesslog_bench.py:
 # 127.0.0.21 and 18081), so that they may run at the same time (all figures would be off).
@@ -81,8 +81,10 @@ RENDERINGS = ("paced threads", "threads", "reactor thread")
 
 
 def router_config(models: int) -> dict[str, Any]:
-    text = ROUTER_CONFIG.replace(f"tcp:{ROUTER_PORT}:", f"tcp:{BENCH_ROUTER_PORT}:")
+    text = bench_config(limits=False, redis=None)  # router_bench's, with its access log off
+    text = text.replace(f"tcp:{ROUTER_PORT}:", f"tcp:{BENCH_ROUTER_PORT}:")
     raw: dict[str, Any] = yaml.safe_load(text.replace(BACKEND, BENCH_BACKEND))
+    raw["observability"]["accessLog"] = {"enabled": False}
     raw["adminListen"] = f"tcp:{ADMIN_PORT}:interface=127.0.0.1"
     base = raw["resources"][0]
     for i in range(models):
