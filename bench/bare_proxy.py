@@ -14,41 +14,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kthena.podclient import BytesBody  # the in-memory body the router sends too
 
 SKIP = {b"connection", b"transfer-encoding", b"content-length", b"keep-alive", b"host"}
-
-
-@implementer(IBodyProducer)
-class Body:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: object) -> Deferred[None]:
-        consumer.write(self.data)  # type: ignore[attr-defined]
-        d: Deferred[None] = Deferred()
-        d.callback(None)
-        return d
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class Relay(Protocol):
@@ -82,7 +62,7 @@ class BareProxy(Resource):
         headers = Headers(
             {k: v for k, v in request.requestHeaders.getAllRawHeaders() if k.lower() not in SKIP}
         )
-        d = self.agent.request(request.method, self.backend + request.uri, headers, Body(body))
+        d = self.agent.request(request.method, self.backend + request.uri, headers, BytesBody(body))
 
         def relay(response: IResponse) -> None:
             request.setResponseCode(response.code, response.phrase)

@@ -77,6 +77,13 @@ class PodEndpoints:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
 
+    def retime(self, connect_timeout: float) -> bool:
+        """A (reloaded) connect timeout; C{True} when it changed, so that endpoints made
+        with the old one must be made again."""
+        changed = connect_timeout != self.connect_timeout
+        self.connect_timeout = connect_timeout
+        return changed
+
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
         tcp = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
@@ -86,6 +93,16 @@ class PodEndpoints:
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
         return _NoDelayEndpoint(endpoint)
+
+
+DEFAULT_PORTS = {b"http": 80, b"https": 443}
+
+
+def host_header(base: Any, authority: str) -> bytes:
+    """A pod's C{Host} value: its host alone on the scheme's default port, else
+    C{host:port} (C{base}: the pod's root URI)."""
+    host: bytes = base.host
+    return host if base.port == DEFAULT_PORTS[base.scheme] else authority.encode("ascii")
 
 
 def pod_agent(reactor: IServerReactor, endpoints: PodEndpoints, pool: HTTPConnectionPool) -> Agent:

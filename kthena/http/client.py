@@ -27,13 +27,11 @@ from kthena.config.traffic import UpstreamConfig
 from kthena.http.connection import Key, NotSentError, PodConnection
 from kthena.http.pool import ConnectionPool
 from kthena.interfaces import IReconfigurable, IServerReactor, IUpstream
-from kthena.podclient import PodEndpoints
+from kthena.podclient import PodEndpoints, host_header
 from kthena.pods import PodEndpoint
 
 _Origin = tuple[IStreamClientEndpoint, bytes]
 """What a pod's requests share: the endpoint, the Host value."""
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def request_bytes(
@@ -75,8 +73,7 @@ class LeanUpstream(Service):
     def _settings(self, config: UpstreamConfig) -> None:
         self.pool.max_idle = config.max_connections_per_pod
         self.pool.idle_timeout = config.pool_idle_timeout
-        if self.endpoints.connect_timeout != config.connect_timeout:
-            self.endpoints.connect_timeout = config.connect_timeout
+        if self.endpoints.retime(config.connect_timeout):
             self._origins.clear()  # they hold endpoints made with the old timeout
 
     def reconfigure(self, config: RouterConfig) -> None:
@@ -136,7 +133,7 @@ class LeanUpstream(Service):
         scheme, authority = key
         base = URI.fromBytes(f"{scheme}://{authority}/".encode("ascii"))
         endpoint = self.endpoints.endpointForURI(base)
-        host = base.host if base.port == _DEFAULT_PORTS[scheme] else authority.encode("ascii")
+        host = host_header(base, authority)
         if len(self._origins) > 4096:  # pods come and go; never grow without bound
             self._origins.clear()
         self._origins[key] = (endpoint, host)
@@ -144,7 +141,7 @@ class LeanUpstream(Service):
 
     def idle_connections(self, pod: PodEndpoint) -> int:
         """Idle keep-alive connections pooled for C{pod} (for the debug views)."""
-        return sum(self.pool.count((scheme, pod.authority)) for scheme in _DEFAULT_PORTS)
+        return sum(self.pool.count((scheme, pod.authority)) for scheme in ("http", "https"))
 
     def close(self) -> Deferred[None]:
         """Close idle pooled connections (on shutdown)."""

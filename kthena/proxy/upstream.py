@@ -21,7 +21,7 @@ from zope.interface import implementer
 from kthena.config.router import RouterConfig
 from kthena.config.traffic import UpstreamConfig
 from kthena.interfaces import IReconfigurable, IServerReactor, IUpstream
-from kthena.podclient import BytesBody, PodEndpoints, client_pool, pod_agent
+from kthena.podclient import BytesBody, PodEndpoints, client_pool, host_header, pod_agent
 from kthena.pods import PodEndpoint
 
 _Origin = tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, URI, bytes]
@@ -49,8 +49,7 @@ class Upstream(Service):
         self.pool.maxPersistentPerHost = config.max_connections_per_pod
         # Twisted annotates this as int; any number of seconds works.
         self.pool.cachedConnectionTimeout = config.pool_idle_timeout  # type: ignore[assignment]
-        if self.endpoints.connect_timeout != config.connect_timeout:
-            self.endpoints.connect_timeout = config.connect_timeout
+        if self.endpoints.retime(config.connect_timeout):
             self._origins.clear()  # they hold endpoints made with the old timeout
 
     def reconfigure(self, config: RouterConfig) -> None:
@@ -91,9 +90,7 @@ class Upstream(Service):
         base = URI.fromBytes(f"{scheme}://{authority}/".encode("ascii"))
         endpoint = self.agent._getEndpoint(base)
         key = (base.scheme, base.host, base.port)
-        default_port = {b"http": 80, b"https": 443}[base.scheme]
-        host = base.host if base.port == default_port else authority.encode("ascii")
-        origin = (key, endpoint, base, host)
+        origin = (key, endpoint, base, host_header(base, authority))
         if len(self._origins) > 4096:  # pods come and go; never grow without bound
             self._origins.clear()
         self._origins[(scheme, authority)] = origin
