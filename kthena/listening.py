@@ -17,7 +17,12 @@ from __future__ import annotations
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -37,12 +42,20 @@ def _why(failure: Failure) -> str:
 
 
 class ListeningService(Service):
-    """Listen on C{description} while running."""
+    """Listen on C{description} while running (or on C{endpoint}, already made: a socket
+    inherited from a parent, which C{description} then only names)."""
 
-    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory) -> None:
+    def __init__(
+        self,
+        reactor: IReactorCore,
+        description: str,
+        factory: IProtocolFactory,
+        endpoint: IStreamServerEndpoint | None = None,
+    ) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
+        self.endpoint = endpoint
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
         self._binding = False
@@ -62,7 +75,7 @@ class ListeningService(Service):
         self._binding = True
         try:
             try:
-                endpoint = serverFromString(self.reactor, self.description)
+                endpoint = self.endpoint or serverFromString(self.reactor, self.description)
             except IndexError:  # Twisted's systemd: endpoint, with no such socket passed
                 raise CannotListenError(
                     f"kthena: cannot listen on {self.description}: no such socket passed by "

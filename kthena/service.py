@@ -30,11 +30,12 @@ is logged as needing a restart. systemd is told RELOADING=1 before and READY=1 a
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -127,11 +128,16 @@ class RouterService(SequentialMultiService):
         upstream: IUpstream | None = None,
         scheduler: IScheduler | None = None,
         systemd: Systemd | None = None,
+        listen_endpoint: IStreamServerEndpoint | None = None,
+        loader: Callable[[str], RouterConfig] = load,
     ) -> None:
         """
         @param upstream: the client towards pods (an L{Upstream} when omitted).
         @param scheduler: a fixed scheduler (tests); built from the config otherwise.
         @param systemd: the service manager to notify (a process of its own under systemd).
+        @param listen_endpoint: where the proxy listens, when not at C{config.listen}'s
+            endpoint (a socket inherited from a parent: C{--workers}).
+        @param loader: reads the config file again on a reload.
         """
         super().__init__()
         check_scheduler(config.scheduler)
@@ -172,7 +178,7 @@ class RouterService(SequentialMultiService):
                 config.downstream,
                 pipeline.refused,
             )
-        self.proxy = ProxyListener(reactor, config, site)
+        self.proxy = ProxyListener(reactor, config, site, listen_endpoint)
         self.admin = AdminService(
             reactor,
             config,
@@ -187,7 +193,7 @@ class RouterService(SequentialMultiService):
             self.scraper = PodScraper(reactor, self.store, config.pod_metrics)
             self.plane.scrape_pods()
             self.scraper.round_hooks.append(self._scraped)
-        self.reloader = ConfigReloader(reactor, self, config_path, load, signals)
+        self.reloader = ConfigReloader(reactor, self, config_path, loader, signals)
         self.systemd = SystemdNotifier(reactor, systemd, self._serving, self._status)
         self._add(Simulators(config.simulators, reactor), ResourcesService(self.store))
         self._add(self.scraper, self.upstream, self.admin, self.access_log)
@@ -325,6 +331,8 @@ def makeRouterService(
     config_path: str | None = None,
     install_signal_handlers: bool = False,
     systemd: Systemd | None = None,
+    listen_endpoint: IStreamServerEndpoint | None = None,
+    loader: Callable[[str], RouterConfig] = load,
 ) -> RouterService:
     """
     Build a router from a loaded config. To embed it, add the result to your
@@ -337,6 +345,8 @@ def makeRouterService(
         log); for a process of its own.
     @param systemd: tell systemd the router's state (L{Systemd.from_environment}); for a
         process of its own.
+    @param listen_endpoint: where the proxy listens instead of C{config.listen}'s endpoint.
+    @param loader: reads and validates the config file on a reload (L{load} by default).
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -344,5 +354,12 @@ def makeRouterService(
         reactor = global_reactor  # type: ignore[assignment]
     assert reactor is not None
     return RouterService(
-        config, reactor, registry, config_path, install_signal_handlers, systemd=systemd
+        config,
+        reactor,
+        registry,
+        config_path,
+        install_signal_handlers,
+        systemd=systemd,
+        listen_endpoint=listen_endpoint,
+        loader=loader,
     )

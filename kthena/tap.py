@@ -18,6 +18,8 @@ from kthena.systemd import Systemd
 
 log = Logger()
 
+MAX_WORKERS = 64
+
 
 def version() -> str:
     """The installed package's version (one place: setup.cfg)."""
@@ -37,6 +39,14 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Router config file (YAML)."],
+        [
+            "workers",
+            "w",
+            0,
+            "Run N router processes sharing the listen socket under this one (0: one "
+            "process, no parent).",
+            int,
+        ],
     ]
     optFlags = [
         ["demo", None, "Run the demo: the router plus simulated pods, no config needed."],
@@ -54,26 +64,55 @@ class Options(usage.Options):
             self["config"] = demo_config_path()
         if not self["config"]:
             raise usage.UsageError("give --config FILE (or --demo)")
+        if not 0 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers takes 0 to {MAX_WORKERS}")
 
 
 def makeService(options: Options) -> IService:
+    """One router; or, with C{--workers N}, the parent of N; or, started by such a parent
+    (C{$KTHENA_WORKER}), one of its workers."""
     from twisted.internet import reactor
 
     from kthena.heap import FrozenHeap
     from kthena.service import load, makeRouterService
+    from kthena.workers.sockets import InheritedEndpoint, NotShareableError, shareable
+    from kthena.workers.spec import WorkerSpec, worker_config
 
     path = options["config"]
-    log.info("kthena-router {version}, config {path}", version=version(), path=path)
+    spec = WorkerSpec.from_environment()
+    if spec is None:
+        log.info("kthena-router {version}, config {path}", version=version(), path=path)
     try:
         config = load(path)
+        if options["workers"] and spec is None:
+            from kthena.workers.service import WorkersService
+
+            shareable(config.listen)
+            return WorkersService(
+                config,
+                path,
+                options["workers"],
+                reactor,  # type: ignore[arg-type]
+                Systemd.from_environment(),
+            )
+        loader = load
+        endpoint = None
+        if spec is not None:
+            loader = lambda path: worker_config(load(path), spec)  # noqa: E731
+            config = worker_config(config, spec)
+            endpoint = InheritedEndpoint(reactor, spec.fd, spec.family)  # type: ignore[arg-type]
         router = makeRouterService(  # may open files the config names (the access log)
             config,
             reactor,  # type: ignore[arg-type]
             config_path=path,
             install_signal_handlers=True,
             systemd=Systemd.from_environment(),
+            listen_endpoint=endpoint,
+            loader=loader,
         )
     except ConfigError as e:
         raise SystemExit(f"kthena-router: invalid config: {e}") from e
+    except NotShareableError as e:
+        raise SystemExit(f"kthena-router: {e}") from e
     FrozenHeap().setServiceParent(router)
     return router

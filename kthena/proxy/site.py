@@ -10,7 +10,7 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Protocol
 
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -111,8 +111,14 @@ class ProxyListener(ListeningService):
 
     name = "proxy listener"
 
-    def __init__(self, reactor: IServerReactor, config: RouterConfig, site: ListenerSite) -> None:
-        super().__init__(reactor, config.listen, IProtocolFactory(site))
+    def __init__(
+        self,
+        reactor: IServerReactor,
+        config: RouterConfig,
+        site: ListenerSite,
+        endpoint: IStreamServerEndpoint | None = None,
+    ) -> None:
+        super().__init__(reactor, config.listen, IProtocolFactory(site), endpoint)
         self.site = site
         self.server = config.downstream.server
 
