@@ -605,3 +605,43 @@ def wait_for_log(router: RouterProcess, text: str, timeout: float) -> str:
         if time.monotonic() > deadline:
             pytest.fail(f"{text!r} not logged within {timeout} s:\n{log}")
         time.sleep(0.02)
+
+
+@dataclass
+class Message:
+    fields: dict[str, str]
+    at: float
+
+    @property
+    def kind(self) -> str:
+        return next(iter(self.fields))
+
+
+class NotifySocket:
+    """What systemd listens on (a datagram socket the test reads): every datagram the
+    router sends, as a L{Message}."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(str(path))
+
+    def next(self, timeout: float, router: RouterProcess) -> Message:
+        self.socket.settimeout(timeout)
+        try:
+            data = self.socket.recv(4096)
+        except TimeoutError:
+            pytest.fail(f"nothing from the router in {timeout} s:\n{router.log()}")
+        lines = data.decode().splitlines()
+        return Message(dict(line.split("=", 1) for line in lines), time.monotonic())
+
+    def until(self, kind: str, router: RouterProcess) -> tuple[Message, list[Message]]:
+        """The next C{kind} message, and the ones before it."""
+        before: list[Message] = []
+        deadline = time.monotonic() + START_TIMEOUT
+        while (message := self.next(max(0.01, deadline - time.monotonic()), router)).kind != kind:
+            before.append(message)
+        return message, before
+
+    def close(self) -> None:
+        self.socket.close()

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from kthena.systemd import Systemd
 from tests.integration.conftest import twistd_env
 from tests.integration.router_helpers import (
     STOP_TIMEOUT,
+    NotifySocket,
     RouterProcess,
     bound_port,
     free_port,
@@ -122,45 +122,6 @@ def stop_cleanly(router: RouterProcess) -> None:
 
 
 # -- sd_notify
-
-
-@dataclass
-class Message:
-    fields: dict[str, str]
-    at: float
-
-    @property
-    def kind(self) -> str:
-        return next(iter(self.fields))
-
-
-class NotifySocket:
-    """What systemd listens on: every datagram the router sends, as a L{Message}."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.socket.bind(str(path))
-
-    def next(self, timeout: float, router: RouterProcess) -> Message:
-        self.socket.settimeout(timeout)
-        try:
-            data = self.socket.recv(4096)
-        except TimeoutError:
-            pytest.fail(f"nothing from the router in {timeout} s:\n{router.log()}")
-        lines = data.decode().splitlines()
-        return Message(dict(line.split("=", 1) for line in lines), time.monotonic())
-
-    def until(self, kind: str, router: RouterProcess) -> tuple[Message, list[Message]]:
-        """The next C{kind} message, and the ones before it."""
-        before: list[Message] = []
-        deadline = time.monotonic() + WAIT
-        while (message := self.next(max(0.01, deadline - time.monotonic()), router)).kind != kind:
-            before.append(message)
-        return message, before
-
-    def close(self) -> None:
-        self.socket.close()
 
 
 @pytest.fixture

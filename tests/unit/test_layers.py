@@ -1,6 +1,6 @@
 """
 The import graph runs one way (ARCHITECTURE.md): config <- pods and the store <- engines
-<- scheduler <- pipeline stages <- proxy <- observability <- service <- tap, with leaf
+<- scheduler <- pipeline stages <- proxy <- observability <- service <- workers <- tap, with leaf
 modules for what everyone shares. A module imports only its own layer and those below,
 and no import cycle exists anywhere (type-checking imports included).
 """
@@ -58,6 +58,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("proxy", ("kthena.proxy", "kthena.http")),
     ("observability", ("kthena.observability",)),
     ("service", ("kthena.service", "kthena.reload", "kthena.heap")),
+    ("workers", ("kthena.workers",)),
     ("tap", ("kthena.tap",)),
 ]
 
