@@ -253,10 +253,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redis", help="with --limits: the Redis (host:port) they live in")
     parser.add_argument("--pd", action="store_true", help="a prefill/decode group as backend")
     parser.add_argument(
-        "--client", choices=("twisted", "lean"), default="twisted", help="upstream.client"
+        "--client", choices=("twisted", "lean"), default="lean", help="upstream.client"
     )
     parser.add_argument(
-        "--server", choices=("twisted", "lean"), default="twisted", help="downstream.server"
+        "--server", choices=("twisted", "lean"), default="lean", help="downstream.server"
     )
     return parser.parse_args()
 

@@ -55,7 +55,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 
+from kthena.workers.supervisor import WorkerMetrics
 from tests.integration.conftest import twistd_env, wait_until
 from tests.integration.router_helpers import (
     ADMIN_LISTEN,
@@ -485,7 +487,8 @@ def check_names_and_paths() -> None:
     }
     assert not unknown, f"metric names the router does not expose: {sorted(unknown)}"
     endpoints = http_request(LOOPBACK, ADMIN_PORT, "GET", "/debug/").json()["endpoints"]
-    patterns = [endpoint_pattern(e) for e in ["/metrics", "/debug/", *endpoints]]
+    parent = ["/debug/workers"]  # what the parent of --workers adds
+    patterns = [endpoint_pattern(e) for e in ["/metrics", "/debug/", *endpoints, *parent]]
     paths = {p.split("?", maxsplit=1)[0] for p in ADMIN_PATH.findall(docs)}
     wrong = [p for p in paths if not any(pattern.fullmatch(p) for pattern in patterns)]
     assert not wrong, f"admin paths the router does not serve: {sorted(wrong)}"
@@ -516,8 +519,12 @@ def wait_for_line(router: RouterProcess, path: Path, probe: str) -> None:
 
 
 def exposed_names(admin_port: int) -> set[str]:
-    """Every family (from the TYPE lines) and series name the router exposes."""
+    """Every family (from the TYPE lines) and series name the router exposes, and those
+    the parent of C{--workers} adds."""
     body = http_request(LOOPBACK, admin_port, "GET", "/metrics").body.decode()
+    parent = CollectorRegistry()
+    WorkerMetrics(parent).restarts.labels("0")
+    body += generate_latest(parent).decode()
     names: set[str] = set()
     for line in body.splitlines():
         if line.startswith("# TYPE "):

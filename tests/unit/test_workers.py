@@ -414,3 +414,25 @@ def test_debug_workers_lists_every_slot() -> None:
     assert isinstance(body, bytes)
     views = json.loads(body)["workers"]
     assert [(v["worker"], v["pid"], v["restarts"]) for v in views] == [(0, 100, 0), (1, None, 2)]
+
+
+COUNTING_GAUGES = {
+    "kthena_router_active_downstream_requests",
+    "kthena_router_active_upstream_requests",
+    "kthena_router_active_requests",
+    "kthena_router_fairness_queue_size",
+    "kthena_router_prefix_cache_entries",
+    "kthena_lb_connection_pool_size",
+}
+"""Gauges of a worker's own state, which the parent sums (docs/operations.md says which)."""
+
+
+def test_every_gauge_of_the_router_is_either_summed_or_mirrored() -> None:
+    from kthena.service import load, makeRouterService
+    from kthena.tap import demo_config_path
+    from kthena.workers.merge import MIRRORED
+
+    router = makeRouterService(load(demo_config_path()), MemoryReactorClock())  # type: ignore[arg-type]
+    gauges = {m.name for m in router.registry.collect() if m.type == "gauge"}
+    assert gauges == COUNTING_GAUGES | MIRRORED
+    assert not COUNTING_GAUGES & MIRRORED
