@@ -223,6 +223,29 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str
     return result
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of process C{pid} so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def timed_wrk(
+    pid: int, url: str, script: Path, duration: int, connections: int
+) -> dict[str, float]:
+    """L{run_wrk}, and the CPU process C{pid} spent per request meanwhile (C{cpu_us})."""
+    before = cpu_seconds(pid)
+    result = run_wrk(url, script, duration, connections)
+    requests = result["rps"] * duration
+    result["cpu_us"] = (cpu_seconds(pid) - before) / requests * 1e6 if requests else 0.0
+    return result
+
+
 def wait_for(url: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -297,21 +320,23 @@ def main() -> None:
         routed = f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"
         bare_url = f"http://127.0.0.1:{BARE_PORT}/v1/chat/completions"
         wait_for_port(BARE_PORT)
-        print(f"{'scenario':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+        print(f"{'scenario':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
+              f"{'CPU us/req':>12}")  # fmt: skip
         for stream in (False, True):
             script = wrk_script(workdir, stream)
             kind = "stream" if stream else "json"
             base = run_wrk(direct, script, args.duration, args.connections)
-            proxy = run_wrk(bare_url, script, args.duration, args.connections)
-            via = run_wrk(routed, script, args.duration, args.connections)
+            proxy = timed_wrk(bare.pid, bare_url, script, args.duration, args.connections)
+            via = timed_wrk(router.pid, routed, script, args.duration, args.connections)
             rows = (
                 (f"direct {kind}", base),
                 (f"bare proxy {kind}", proxy),
                 (f"router {kind}", via),
             )
             for name, r in rows:
+                cpu = f"{r['cpu_us']:>12.0f}" if "cpu_us" in r else ""
                 print(f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-                      f"{r['errors']:>8.0f}")  # fmt: skip
+                      f"{r['errors']:>8.0f}{cpu}")  # fmt: skip
             added = via["p50_ms"] - base["p50_ms"]
             ratio = base["rps"] / max(via["rps"], 1)
             print(f"{'  added p50 ' + kind:<28}{'':>10}{added:>10.2f}{'':>18}"
@@ -320,6 +345,8 @@ def main() -> None:
             print(f"{'  router / bare proxy ' + kind:<28}{via['rps'] / max(proxy['rps'], 1):>10.2f}"
                   f"{added / bare_added if bare_added > 0 else float('nan'):>10.2f}"
                   "  (req/s ratio, added-p50 ratio)")  # fmt: skip
+            print(f"{'  bare / router CPU per req ' + kind:<28}"
+                  f"{proxy['cpu_us'] / max(via['cpu_us'], 1):>10.2f}")  # fmt: skip
     finally:
         router.send_signal(signal.SIGTERM)
         bare.send_signal(signal.SIGTERM)

@@ -38,16 +38,6 @@ import router_bench
 
 ROUTER_PORT = 18180
 ADMIN_PORT = 18181
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system time of C{pid} (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def worker_pids() -> list[int]:
@@ -81,9 +71,9 @@ def measure(workdir: Path, workers: int, duration: int, connections: int) -> lis
         for stream in (False, True):
             script = router_bench.wrk_script(workdir, stream)
             url = f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"
-            before = [cpu_seconds(pid) for pid in pids]
+            before = [router_bench.cpu_seconds(pid) for pid in pids]
             result = router_bench.run_wrk(url, script, duration, connections)
-            used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+            used = [router_bench.cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
             total = sum(used)
             requests = result["rps"] * duration
             shares = "/".join(f"{u / total:.0%}" for u in used[1:]) if workers else "-"

@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from kthena.http.response import PodResponse
+from kthena.http.wire import EagerWire
 
 Key = tuple[str, str]
 """Which pod a connection goes to: (scheme, authority)."""
@@ -99,6 +100,7 @@ class PodConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._wire = cast(_Wire, self.transport)
+        self._eager = EagerWire(self.transport)
 
     def send(self, data: bytes, head_only: bool) -> Deferred[IResponse]:
         """
@@ -112,7 +114,7 @@ class PodConnection(Protocol):
         self._received = self._stopped = self._paused = self._complete = False
         waiting: Deferred[IResponse] = Deferred(self._cancel)
         self._waiting = waiting
-        self._wire.write(data)
+        self._eager.write(data)
         return waiting
 
     def close(self) -> Deferred[None]:

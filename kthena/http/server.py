@@ -31,6 +31,7 @@ from kthena.http.exchange import LeanExchange, Wire
 from kthena.http.head import CONTINUE, DateCache
 from kthena.http.incoming import Incoming, Refusal, StopParsingError
 from kthena.http.refusal import HEAD_LIMIT, SHOWN_PATH, refusal
+from kthena.http.wire import EagerWire
 from kthena.interfaces import IExchange
 from kthena.record import RequestRecord
 
@@ -92,8 +93,7 @@ class LeanChannel(Protocol):
 
     @property
     def wire(self) -> Wire:
-        wire: Wire = self.transport  # type: ignore[assignment]
-        return wire
+        return self._wire
 
     def date(self) -> bytes:
         return self.site.dates.value(self.site.clock.seconds())
@@ -108,6 +108,7 @@ class LeanChannel(Protocol):
             tcp.setTcpNoDelay(True)
         # A UNIX peer has no host: None, as for twisted.web's requests.
         self.client_host = getattr(self.transport.getPeer(), "host", None)
+        self._wire = EagerWire(self.transport)
         self._wait(self.site.downstream.idle_timeout, self._idle)
 
     def dataReceived(self, data: bytes) -> None:

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from zope.interface import implementer
@@ -212,11 +213,14 @@ class Scheduler:
         """
         The pods by total, best first, equal totals in random order. Without equal totals
         (the usual case: one set() says so) a float-keyed sort of the indices is enough;
-        otherwise a random second key per pod orders the equals.
+        otherwise a random second key per pod orders the equals. An C{itemgetter} of the
+        order picks the pods in one C call (half a C{map} of C{__getitem__}).
         """
+        if len(pods) < 2:
+            return list(pods)  # an itemgetter of one index gives the pod, not a tuple
         if len(set(totals)) == len(totals):
             order = sorted(range(len(totals)), key=totals.__getitem__, reverse=True)
-            return list(map(pods.__getitem__, order))
+            return list(itemgetter(*order)(pods))
         draw = self._random.random
         draws = [draw() for _ in pods]
         ranked = sorted(zip(totals, draws, range(len(pods)), strict=True), reverse=True)

@@ -182,6 +182,15 @@ def test_ranking_without_ties_is_by_total_and_ties_stay_random() -> None:
     assert set(firsts) == {"p1", "p3"} and min(firsts.values()) > 60
 
 
+def test_one_pod_or_two_rank_as_lists() -> None:
+    """The ranking picks pods with an itemgetter, which gives one index's pod bare."""
+    _, match, (a, b, _c) = cluster()
+    a.state.kv_usage, b.state.kv_usage = 0.5, 0.0
+    scheduler = Scheduler([], [(GPUUsage(), 1.0)])
+    assert scheduler.schedule(request(match, [a])).candidates == [a]
+    assert scheduler.schedule(request(match, [a, b])).candidates == [b, a]
+
+
 def test_the_same_plugin_twice_counts_twice() -> None:
     _, match, (a, b, _c) = cluster()
     a.state.kv_usage, b.state.kv_usage = 0.5, 0.0
