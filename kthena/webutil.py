@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
@@ -48,13 +49,14 @@ class QuietSite(Site):
 
 def json_bytes(value: object) -> bytes:
     """
-    Compact JSON, as the engines and the router send it: UTF-8, or ASCII with escapes when
-    the value holds a lone surrogate (valid JSON, C{"\\ud800"}, that UTF-8 cannot encode).
+    Compact JSON, as the engines and the router send it: UTF-8 (by orjson, several times
+    faster than the standard library on the request path), or, for what orjson refuses, a
+    lone surrogate (valid JSON, C{"\\ud800"}, that UTF-8 cannot encode) or an integer
+    beyond 64 bits, the standard library's ASCII with escapes.
     """
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     try:
-        return text.encode()
-    except UnicodeEncodeError:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
         return json.dumps(value, separators=(",", ":")).encode()
 
 

@@ -6,8 +6,11 @@ a shape the OpenAI API allows. Anything else is answered here, before any routin
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from kthena import prompt
 from kthena.errors import ErrorType, ProxyError
@@ -28,6 +31,30 @@ class Parsed:
     stream: bool
 
 
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+
+
+def loads(raw: bytes) -> Any:
+    """
+    The body's JSON, parsed once: by orjson (several times faster than the standard
+    library), or by the standard library for what orjson refuses (a lone surrogate
+    escape, C{NaN}) or reads otherwise (it makes an integer beyond 64 bits a float: a
+    body with 20 digits in a row goes to the standard library), whose error message a
+    client gets when neither takes it.
+
+    @raise ProxyError: 400, not JSON.
+    """
+    if not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw)
+        except ValueError:  # orjson.JSONDecodeError
+            pass
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ProxyError(400, ErrorType.INVALID_REQUEST, f"invalid JSON body: {e}") from e
+
+
 def parse(exchange: IExchange, record: RequestRecord, max_body_bytes: int) -> Parsed:
     """
     @raise ProxyError: 413 over the cap, 400 for JSON that is not an object or a prompt
@@ -36,10 +63,7 @@ def parse(exchange: IExchange, record: RequestRecord, max_body_bytes: int) -> Pa
     if exchange.too_large:
         raise ProxyError(413, ErrorType.TOO_LARGE, f"request body over {max_body_bytes} bytes")
     raw = exchange.body()
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise ProxyError(400, ErrorType.INVALID_REQUEST, f"invalid JSON body: {e}") from e
+    body = loads(raw)
     if not isinstance(body, dict):
         raise ProxyError(400, ErrorType.INVALID_REQUEST, "the body must be a JSON object")
     model = body.get("model")

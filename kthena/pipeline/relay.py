@@ -209,7 +209,19 @@ class Relay(Protocol):
         return complete
 
     def _scan_events(self, events: bytes) -> bytes:
-        """Record usage from events that carry it; drop the usage-only one when hidden."""
+        """
+        Record usage from events that carry it; drop the usage-only one when hidden. Only
+        the events from the last one that names C{usage} are split and read (the usage
+        chunk comes last, before C{[DONE]}); those before it pass as they are, unless
+        they carry a usage object too (an engine's continuous usage stats).
+        """
+        start = _last_event_end(events, max(0, events.rfind(b'"usage"')))
+        head, tail = events[:start], events[start:]
+        if head and _USAGE.search(head):
+            head = self._scan_each(head)
+        return head + self._scan_each(tail)
+
+    def _scan_each(self, events: bytes) -> bytes:
         kept: list[bytes] = []
         for event in _split_events(events):
             if _USAGE.search(event):
@@ -230,10 +242,10 @@ def _parses(body: bytes) -> bool:
     return True
 
 
-def _last_event_end(data: bytes) -> int:
-    """Where the last complete event ends (0: none is complete)."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
+def _last_event_end(data: bytes, before: int | None = None) -> int:
+    """Where the last complete event (before offset C{before}) ends (0: none is complete)."""
+    lf = data.rfind(b"\n\n", 0, before)
+    crlf = data.rfind(b"\r\n\r\n", 0, before)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 

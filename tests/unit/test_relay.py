@@ -236,6 +236,25 @@ def test_usage_in_chunks_with_choices_is_recorded_and_never_hidden() -> None:
     assert h.relay.usage == {"prompt_tokens": 5, "completion_tokens": 2}
 
 
+def test_continuous_usage_stats_and_the_usage_chunk_in_one_read() -> None:
+    """Only the tail from the last usage event is split and read: every usage object
+    before it still counts in order, and the usage-only chunk is still the one hidden."""
+    h = Harness(hide_usage=True)
+    stats = [{**chunk(t), "usage": {"completion_tokens": i}} for i, t in enumerate("ab", 1)]
+    null_after = {**chunk("c"), "usage": None}
+    h.feed(event(stats[0]) + event(stats[1]) + event(USAGE_ONLY) + event(null_after) + DONE)
+    assert h.request.body == event(stats[0]) + event(stats[1]) + event(null_after) + DONE
+    assert h.relay.usage == USAGE
+
+
+def test_events_before_the_usage_chunk_pass_as_they_came() -> None:
+    h = Harness(hide_usage=True)
+    crlf = event(chunk("a")).replace(b"\n\n", b"\r\n\r\n")
+    h.feed(crlf + event(chunk("b")) + event(USAGE_ONLY) + DONE)
+    assert h.request.body == crlf + event(chunk("b")) + DONE
+    assert h.relay.usage == USAGE
+
+
 def test_null_usage_is_not_usage() -> None:
     h = Harness(hide_usage=True)
     empty: dict[str, Any] = {"id": "cmpl-1", "choices": [], "usage": None}

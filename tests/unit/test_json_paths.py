@@ -1,0 +1,38 @@
+"""
+The request path's JSON: parsed once by orjson, with the standard library for what orjson
+refuses or reads otherwise, and re-serialised compactly, with the same fallback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kthena.errors import ProxyError
+from kthena.pipeline.parse import loads
+from kthena.webutil import json_bytes
+
+
+def test_what_orjson_reads_otherwise_is_read_as_python_does() -> None:
+    big = 2**70
+    assert loads(b'{"seed": %d}' % big) == {"seed": big}  # not a float
+    assert loads(b'{"x": "\\ud800"}') == {"x": "\ud800"}  # a lone surrogate escape
+    assert json.dumps(loads(b'{"t": NaN}')) == '{"t": NaN}'
+    assert loads('{"t": "h\u00e9llo", "n": [1, 2.5, null, true]}'.encode()) == {
+        "t": "h\u00e9llo",
+        "n": [1, 2.5, None, True],
+    }
+
+
+def test_what_neither_reads_is_a_400_with_pythons_message() -> None:
+    with pytest.raises(ProxyError) as raised:
+        loads(b'{"a": 1} trailing')
+    assert raised.value.status == 400
+    assert "invalid JSON body: Extra data: line 1 column 10" in str(raised.value)
+
+
+def test_bodies_are_compact_utf8_or_ascii_escapes_when_they_must() -> None:
+    assert json_bytes({"m": "h\u00e9", "n": [1, 2.5]}) == '{"m":"h\u00e9","n":[1,2.5]}'.encode()
+    assert json_bytes({"s": "\ud800"}) == b'{"s":"\\ud800"}'
+    assert json_bytes({"seed": 2**70}) == b'{"seed":%d}' % 2**70
