@@ -115,4 +115,8 @@ def makeService(options: Options) -> IService:
     except NotShareableError as e:
         raise SystemExit(f"kthena-router: {e}") from e
     FrozenHeap().setServiceParent(router)
+    if spec is not None:
+        from kthena.workers.orphan import OrphanWatch
+
+        OrphanWatch(reactor).setServiceParent(router)
     return router

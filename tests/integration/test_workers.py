@@ -211,3 +211,28 @@ def test_workers_need_a_tcp_listener(tmp_path: Path) -> None:
     assert status != 0
     assert "--workers shares the listen endpoint between processes" in router.log()
     assert not glob.glob(f"{tmp_path}/*.sock")
+
+
+def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
+    proxy, admin, sim = free_port(HOST), free_port(HOST), free_port(SIM_HOST)
+    config = tmp_path / "router.yaml"
+    write_config(config, _config(proxy, admin, sim, ["wk-model"]))
+    router = spawn_router(tmp_path, "--config", str(config), "--workers", "1")
+    try:
+
+        def ready() -> list[dict[str, Any]] | None:
+            try:
+                workers = _workers(admin)
+            except OSError:
+                return None
+            return workers if workers[0]["state"] == "ready" else None
+
+        pid = _until("ready", ready, router)[0]["pid"]
+        _chat(proxy, "wk-model")
+        router.process.send_signal(signal.SIGKILL)
+        router.process.wait(WAIT)
+        _until("the orphaned worker stopped", lambda: not _alive(pid), router)
+        with pytest.raises(OSError):
+            _chat(proxy, "wk-model")  # nobody holds the socket any more
+    finally:
+        router.stop()

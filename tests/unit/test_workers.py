@@ -436,3 +436,19 @@ def test_every_gauge_of_the_router_is_either_summed_or_mirrored() -> None:
     gauges = {m.name for m in router.registry.collect() if m.type == "gauge"}
     assert gauges == COUNTING_GAUGES | MIRRORED
     assert not COUNTING_GAUGES & MIRRORED
+
+
+def test_a_worker_whose_parent_is_gone_stops() -> None:
+    from kthena.workers.orphan import CHECK_INTERVAL, OrphanWatch
+
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    parents = [40]
+    watch = OrphanWatch(reactor, lambda: parents[0])
+    watch.startService()
+    reactor.advance(CHECK_INTERVAL * 3)
+    assert not reactor.hasStopped
+    parents[0] = 1  # handed to init
+    reactor.advance(CHECK_INTERVAL)
+    assert reactor.hasStopped
+    assert not reactor.getDelayedCalls()
