@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """
 Does a /metrics scrape slow the proxy? Proxy latency with no scrapes, one scrape a second
-and scrapes back to back, for three ways of rendering: the reactor's thread pool, paced
-to a quarter of the CPU (what the router does); the thread pool unpaced; the reactor
-thread (what a naive resource does).
+and scrapes back to back, for three ways of rendering: on the reactor thread in slices
+of half a millisecond, paced to a quarter of the CPU (what the router does); the same
+steps in the reactor's thread pool, paced (what the router did before: the render holds
+the GIL and starves the reactor thread); on the reactor thread in one go (what a naive
+resource does).
 
 The backend is Debian's nginx answering a fixed chat completion (as in router_bench.py).
 The router runs in a child Python process (an in-process router built with
@@ -74,7 +76,7 @@ PROMETHEUS_ACCEPT = (
 )
 """What Prometheus 3 sends when it scrapes."""
 SCRAPES = {"none": None, "every 1 s": 1.0, "back to back": 0.0}
-RENDERINGS = ("paced threads", "threads", "reactor thread")
+RENDERINGS = ("sliced", "paced threads", "one go")
 
 
 # -- the router process
@@ -96,19 +98,32 @@ def router_config(models: int) -> dict[str, Any]:
 
 
 def serve(rendering: str, models: int, workdir: Path) -> None:
+    from collections import deque
+    from collections.abc import Iterator
+
     from twisted.internet import reactor
-    from twisted.internet.defer import maybeDeferred
+    from twisted.internet.defer import Deferred
+    from twisted.internet.threads import deferToThreadPool
 
     from kthena.config.router import parse_config
+    from kthena.observability.admin import at_once
     from kthena.service import makeRouterService
+
+    def in_threads(steps: Iterator[None]) -> Deferred[Iterator[None]]:
+        def run() -> Iterator[None]:
+            deque(steps, maxlen=0)
+            return steps
+
+        return deferToThreadPool(reactor, reactor.getThreadPool(), run)  # type: ignore[arg-type]
 
     config = parse_config(router_config(models), "bench", workdir, [])
     router = makeRouterService(config, reactor)  # type: ignore[arg-type]
     resource = router.admin.metrics_resource
-    if rendering != "paced threads":  # the comparisons: no pacing
+    if rendering == "paced threads":
+        resource.runner = in_threads
+    if rendering == "one go":  # the naive resource: no pacing either
+        resource.runner = at_once
         resource.max_share = 1.0
-    if rendering == "reactor thread":
-        resource.runner = maybeDeferred
     router.startService()
     reactor.addSystemEventTrigger("before", "shutdown", router.stopService)
     reactor.run()
@@ -349,20 +364,8 @@ def measure(rendering: str, args: argparse.Namespace, workdir: Path) -> None:
         log.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--load", choices=("rate", "wrk"), default="rate")
-    parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--rate", type=int, default=600, help="requests/s (--load rate)")
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--models", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--serve", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        serve(args.serve, args.models, Path(args.workdir))
-        return
+def checked(args: argparse.Namespace) -> list[str]:
+    """The renderings asked for, once the arguments are within the bench's limits."""
     if not (
         1 <= args.models <= 1000
         and 1 <= args.duration <= 120
@@ -371,6 +374,30 @@ def main() -> None:
         and 1 <= args.connections <= 256
     ):
         raise SystemExit("limits: models 1000, duration 120, rounds 5, rate 5000, connections 256")
+    renderings = args.renderings.split(",")
+    if not set(renderings) <= set(RENDERINGS):
+        raise SystemExit(f"--renderings: some of {', '.join(RENDERINGS)}")
+    return renderings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--load", choices=("rate", "wrk"), default="rate")
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rate", type=int, default=600, help="requests/s (--load rate)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--models", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--renderings", default=",".join(RENDERINGS), help=f"some of {', '.join(RENDERINGS)}"
+    )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.models, Path(args.workdir))
+        return
+    renderings = checked(args)
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed: apt-get install -y nginx-light wrk util-linux")
@@ -395,7 +422,7 @@ def main() -> None:
                 "all requests, those overlapping a scrape (in) and the others (out)\n" + RATE_HEADER
             )
         for _ in range(args.rounds):  # rounds interleave, so a busy moment hits every mode
-            for rendering in RENDERINGS:
+            for rendering in renderings:
                 measure(rendering, args, workdir)
     finally:
         nginx.send_signal(signal.SIGQUIT)

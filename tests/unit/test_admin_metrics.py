@@ -1,19 +1,19 @@
 """
 GET /metrics on the admin listener, in memory: content negotiation (Prometheus text 0.0.4
 and OpenMetrics), gzip, family selection, the configured path, disabled metrics, which
-listeners a config asks for, and rendering off the reactor thread (bounded).
+listeners a config asks for, and rendering in slices on the reactor thread (bounded).
 """
 
 from __future__ import annotations
 
 import gzip
-import threading
+import itertools
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
@@ -23,13 +23,15 @@ from zope.interface import implementer
 
 from kthena.config.router import parse_config
 from kthena.config.scheduler import SchedulerConfig
+from kthena.observability import render as render_module
 from kthena.observability.admin import (
     MAX_WAITING_SCRAPES,
+    SLICE_PAUSE,
     AdminListenerPlan,
-    Exposition,
-    expose,
+    at_once,
     plan_listeners,
-    thread_runner,
+    runner_for,
+    sliced,
 )
 from kthena.scheduler.build import build_scheduler
 from tests.unit.adminfixtures import REMOTE_PEER, AdminHarness, completion
@@ -240,34 +242,46 @@ def test_listener_plans() -> None:
     assert plans(observability={"metrics": {"enabled": False}, "debug": {"enabled": False}}) == []
 
 
-# -- off the reactor thread
+# -- in slices on the reactor thread
 
 
-class HeldRenders:
-    """A runner that keeps each render until the test lets it run."""
+class HeldSteps:
+    """A runner that keeps each render's steps until the test takes them."""
 
     def __init__(self) -> None:
-        self.held: list[tuple[Callable[[], Exposition], Deferred[Exposition]]] = []
+        self.held: list[tuple[Iterator[None], Deferred[Iterator[None]]]] = []
 
-    def __call__(self, render: Callable[[], Exposition]) -> Deferred[Exposition]:
-        d: Deferred[Exposition] = Deferred()
-        self.held.append((render, d))
+    def __call__(self, steps: Iterator[None]) -> Deferred[Iterator[None]]:
+        d: Deferred[Iterator[None]] = Deferred()
+        self.held.append((steps, d))
         return d
 
     def release(self) -> None:
-        render, d = self.held.pop(0)
-        d.callback(render())
+        steps, d = self.held.pop(0)
+        deque(steps, maxlen=0)
+        d.callback(steps)
+
+
+class Spy(Collector):
+    """Counts its collections."""
+
+    def __init__(self) -> None:
+        self.collected = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.collected += 1
+        yield GaugeMetricFamily("spy", "collected last", value=1)
 
 
 def test_a_scrape_waits_for_its_render_and_extra_scrapes_are_refused() -> None:
-    runner = HeldRenders()
+    runner = HeldSteps()
     admin = AdminHarness(runner=runner)
     one_request(admin)
     resource = admin.service.admin.metrics_resource
     clients = [admin.connect() for _ in range(MAX_WAITING_SCRAPES)]
     for client in clients:
         client.request("GET", "/metrics")
-    assert all(c.response is None for c in clients)  # nothing answered on the reactor thread
+    assert all(c.response is None for c in clients)  # nothing answered before the steps
     assert len(runner.held) == 1  # one render at a time; the rest wait their turn
     assert resource.waiting == MAX_WAITING_SCRAPES
     refused = admin.get("/metrics")
@@ -282,17 +296,55 @@ def test_a_scrape_waits_for_its_render_and_extra_scrapes_are_refused() -> None:
     assert runner.held == []
 
 
-def test_a_scraper_that_hangs_up_is_let_go() -> None:
-    runner = HeldRenders()
+def test_a_scraper_that_hangs_up_before_its_turn_is_let_go() -> None:
+    runner = HeldSteps()
     admin = AdminHarness(runner=runner)
+    spy = Spy()
+    admin.service.registry.register(spy)
     client = admin.connect()
     client.request("GET", "/metrics")
     client.disconnect()
-    render, d = runner.held.pop(0)
-    skipped = render()
-    assert skipped.body == b""  # not rendered for nobody
-    d.callback(skipped)
+    runner.release()
+    assert spy.collected == 0  # not rendered for nobody
     assert client.transport.value() == b""
+    assert admin.service.admin.metrics_resource.waiting == 0
+
+
+def sliced_admin() -> AdminHarness:
+    """Renders a step a slice (a slice of 0 s), a slice each L{SLICE_PAUSE} of the clock."""
+    admin = AdminHarness()
+    admin.service.admin.metrics_resource.runner = sliced(admin.clock, slice_seconds=0.0)
+    return admin
+
+
+def test_renders_yield_to_the_reactor_between_slices() -> None:
+    admin = sliced_admin()
+    scraper = admin.connect()
+    scraper.request("GET", "/metrics")
+    slices = 0
+    while scraper.response is None:
+        if slices == 3:
+            one_request(admin)  # served between two slices
+        admin.clock.advance(SLICE_PAUSE)
+        slices += 1
+    assert slices > 10
+    assert scraper.got().status == 200
+    assert "# TYPE kthena_router_requests_total counter" in scraper.got().body.decode()
+
+
+def test_a_scraper_that_hangs_up_mid_render_stops_it() -> None:
+    admin = sliced_admin()
+    spy = Spy()
+    admin.service.registry.register(spy)  # collected last
+    scraper = admin.connect()
+    scraper.request("GET", "/metrics")
+    admin.clock.advance(SLICE_PAUSE)
+    admin.clock.advance(SLICE_PAUSE)
+    scraper.disconnect()
+    admin.clock.advance(SLICE_PAUSE)  # one more slice: it sees the scraper gone and stops
+    assert all(c.getTime() > admin.clock.seconds() for c in admin.clock.getDelayedCalls())
+    assert spy.collected == 0
+    assert scraper.transport.value() == b""
     assert admin.service.admin.metrics_resource.waiting == 0
 
 
@@ -309,88 +361,68 @@ def test_a_failed_render_is_a_500() -> None:
     assert response.json() == {"error": "rendering metrics failed"}
 
 
-class ThreadSpy(Collector):
-    """Records the thread each collection runs in."""
-
-    def __init__(self) -> None:
-        self.threads: list[int] = []
-
-    def collect(self) -> Iterator[Metric]:
-        self.threads.append(threading.get_ident())
-        yield GaugeMetricFamily("spy", "which thread renders", value=1)
-
-
-class FakePool:
-    """C{callInThreadWithCallback} on a real thread, joined before the result is given."""
-
-    def callInThreadWithCallback(
-        self, on_result: Callable[[bool, object], None], f: Callable[[], object]
-    ) -> None:
-        box: list[object] = []
-        worker = threading.Thread(target=lambda: box.append(f()))
-        worker.start()
-        worker.join()
-        on_result(True, box[0])
+def test_a_failed_slice_is_a_500() -> None:
+    admin = sliced_admin()
+    admin.service.registry.register(Broken())
+    scraper = admin.connect()
+    scraper.request("GET", "/metrics")
+    while scraper.response is None:
+        admin.clock.advance(SLICE_PAUSE)
+    assert scraper.got().status == 500
+    assert admin.service.admin.metrics_resource.waiting == 0
 
 
 @implementer(IReactorThreads)
 class ThreadedClock(MemoryReactorClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.pool = FakePool()
+    """A clock with the threads every real reactor has (none of them used)."""
 
     def getThreadPool(self) -> Any:
-        return self.pool
+        raise AssertionError("not used")
 
     def callInThread(self, callable: Callable[..., object], *args: object, **kw: object) -> None:
         raise AssertionError("not used")
 
     def callFromThread(self, callable: Callable[..., object], *args: object, **kw: object) -> None:
-        callable(*args, **kw)
+        raise AssertionError("not used")
 
     def suggestThreadPoolSize(self, size: int) -> None:
-        pass
+        raise AssertionError("not used")
 
 
-def test_renders_go_to_the_reactor_thread_pool() -> None:
-    registry = CollectorRegistry()
-    spy = ThreadSpy()
-    registry.register(spy)
-    results: list[Exposition] = []
-    thread_runner(ThreadedClock())(lambda: expose(registry, "", "")).addCallback(results.append)
-    (exposition,) = results
-    assert b"spy 1.0" in exposition.body
-    assert (exposition.content_type, exposition.gzipped) == (TEXT_0_0_4, False)
-    assert exposition.cpu_seconds > 0
-    assert spy.threads
-    assert threading.get_ident() not in spy.threads
+def test_real_reactors_render_in_slices_test_clocks_at_once() -> None:
+    taken: list[int] = []
+
+    def steps() -> Iterator[None]:
+        for i in range(3):
+            taken.append(i)
+            yield None
+
+    assert runner_for(MemoryReactorClock()) is at_once
+    clock = ThreadedClock()
+    done: list[object] = []
+    runner_for(clock)(steps()).addCallback(done.append)
+    clock.advance(SLICE_PAUSE * 0.99)
+    assert taken == []  # slices start after a pause
+    clock.advance(SLICE_PAUSE * 0.01)
+    assert taken  # a 0.5 ms slice takes a step or more
+    clock.advance(SLICE_PAUSE * 3)
+    assert taken == [0, 1, 2]
+    assert done
 
 
-def test_reactors_without_threads_render_in_place() -> None:
-    registry = CollectorRegistry()
-    spy = ThreadSpy()
-    registry.register(spy)
-    results: list[Exposition] = []
-    thread_runner(MemoryReactorClock())(lambda: expose(registry, "", "gzip")).addCallback(
-        results.append
-    )
-    (exposition,) = results
-    assert exposition.gzipped
-    assert b"spy 1.0" in gzip.decompress(exposition.body)
-    assert spy.threads == [threading.get_ident()]
-
-
-def test_back_to_back_scrapes_are_paced_to_a_share_of_the_cpu() -> None:
+def test_back_to_back_scrapes_are_paced_to_a_share_of_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """After a render that cost C of CPU, the next waits C x 3 (a quarter of the CPU)."""
-    costly = HeldRenders()
-    admin = AdminHarness(runner=costly)
+    runner = HeldSteps()
+    admin = AdminHarness(runner=runner)
     resource = admin.service.admin.metrics_resource
     resource.max_share = 0.25
 
     def render_costing(seconds: float) -> None:
-        render, d = costly.held.pop(0)
-        done = render()
-        d.callback(Exposition(done.body, done.content_type, done.gzipped, seconds))
+        cpu = itertools.chain([0.0], itertools.repeat(seconds))  # the first step costs it all
+        monkeypatch.setattr(render_module, "thread_time", lambda: next(cpu))
+        runner.release()
 
     first = admin.connect()
     first.request("GET", "/metrics")
@@ -398,16 +430,16 @@ def test_back_to_back_scrapes_are_paced_to_a_share_of_the_cpu() -> None:
     assert first.got().status == 200
     second = admin.connect()
     second.request("GET", "/metrics")
-    assert costly.held == []  # not yet: 0.3 s of pause first
+    assert runner.held == []  # not yet: 0.3 s of pause first
     admin.clock.advance(0.29)
-    assert costly.held == []
+    assert runner.held == []
     admin.clock.advance(0.02)
-    assert len(costly.held) == 1
+    assert len(runner.held) == 1
     render_costing(0.001)  # cheap: the next one may start at once
     assert second.got().status == 200
     third = admin.connect()
     third.request("GET", "/metrics")
-    assert len(costly.held) == 1
+    assert len(runner.held) == 1
     render_costing(0.0)
     assert third.got().status == 200
     assert resource.renders == 3

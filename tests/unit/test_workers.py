@@ -447,8 +447,9 @@ def test_a_worker_whose_parent_is_gone_stops() -> None:
     watch = OrphanWatch(reactor, lambda: parents[0])
     watch.startService()
     reactor.advance(CHECK_INTERVAL * 3)
-    assert not reactor.hasStopped
+    stopped = [reactor.hasStopped]
     parents[0] = 1  # handed to init
     reactor.advance(CHECK_INTERVAL)
-    assert reactor.hasStopped
+    stopped.append(reactor.hasStopped)
+    assert stopped == [False, True]
     assert not reactor.getDelayedCalls()
