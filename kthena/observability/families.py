@@ -10,7 +10,7 @@ import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,14 +81,26 @@ class FastFamily(Collector):
         yield self._empty()
 
     def collect(self) -> Iterator[Metric]:
+        yield self.collect_part(self.series())
+
+    def series(self) -> list[tuple[str, ...]]:
+        """Every series' label values, in order (a scrape collects them in parts)."""
+        return list(self._values)
+
+    def collect_part(self, series: Iterable[tuple[str, ...]]) -> Metric:
+        """The family with only these series (those removed since are left out)."""
         family = self._empty()
-        for labelvalues, value in list(self._values.items()):
+        values = self._values
+        for labelvalues in series:
+            value = values.get(labelvalues)
+            if value is None:
+                continue
             if self.kind == "unknown":
                 labels = dict(zip(self._labelnames, labelvalues, strict=True))
                 family.add_sample(self.name, labels, value)
             else:
                 family.add_metric(list(labelvalues), value)  # type: ignore[attr-defined]
-        yield family
+        return family
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,16 +177,28 @@ class FastHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
 
     def collect(self) -> Iterator[Metric]:
+        yield self.collect_part(self.series())
+
+    def series(self) -> list[tuple[str, ...]]:
+        """Every series' label values, in order (a scrape collects them in parts)."""
+        return list(self._series)
+
+    def collect_part(self, series: Iterable[tuple[str, ...]]) -> Metric:
+        """The family with only these series (those removed since are left out)."""
         family = HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
         bounds = [*(floatToGoString(b) for b in self._bounds), "+Inf"]
-        for values, series in list(self._series.items()):
-            snapshot = list(series)
+        held = self._series
+        for values in series:
+            counts = held.get(values)
+            if counts is None:
+                continue
+            snapshot = list(counts)
             cumulative = list(itertools.accumulate(snapshot[:-1]))
             family.add_metric(
                 list(values), buckets=list(zip(bounds, cumulative, strict=True)),
                 sum_value=snapshot[-1],
             )  # fmt: skip
-        yield family
+        return family
 
 
 @dataclass(frozen=True, slots=True)
