@@ -58,7 +58,10 @@ class PrefixCache:
         self.max_blocks = max_blocks
         self.max_hashes = max_hashes
         self.top_k = top_k
-        self._index: OrderedDict[int, OrderedDict[str, None]] = OrderedDict()
+        self._index: OrderedDict[int, list[str]] = OrderedDict()
+        """Each prefix hash to the keys of the pods that served it, the most recent last (a
+        list, not an ordered dict: at most C{2 x topKMatches} keys, and a third of the
+        memory of a full index)."""
         self.entries = 0
         """(block, pod) pairs held, kept as the index changes (read from another thread)."""
         self._positions: dict[tuple[PodEndpoint, ...], tuple[dict[str, int], frozenset[str]]]
@@ -138,17 +141,20 @@ class PrefixCache:
         for h in self._hashes(request):
             holders = get(h)
             if holders is None:
-                index[h] = OrderedDict(((key, None),))
+                index[h] = [key]
                 entries += 1
                 continue
             index.move_to_end(h)
-            if key in holders:
-                holders.move_to_end(key)
+            if holders[-1] == key:
                 continue
-            holders[key] = None
+            if key in holders:
+                holders.remove(key)
+                holders.append(key)
+                continue
+            holders.append(key)
             entries += 1
-            while len(holders) > most:
-                holders.popitem(last=False)
+            if len(holders) > most:  # one over: the least recent pod goes
+                del holders[0]
                 entries -= 1
         while len(index) > self.max_hashes:
             _, evicted = index.popitem(last=False)
@@ -161,10 +167,12 @@ class PrefixCache:
         if not gone:
             return
         self._positions.clear()  # they hold the pods that left
-        for h in list(self._index):
-            holders = self._index[h]
-            for key in gone & holders.keys():
-                del holders[key]
-                self.entries -= 1
-            if not holders:
+        for h, holders in list(self._index.items()):
+            kept = [key for key in holders if key not in gone]
+            if len(kept) == len(holders):
+                continue
+            self.entries -= len(holders) - len(kept)
+            if kept:
+                holders[:] = kept
+            else:
                 del self._index[h]
