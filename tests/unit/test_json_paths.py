@@ -36,3 +36,17 @@ def test_bodies_are_compact_utf8_or_ascii_escapes_when_they_must() -> None:
     assert json_bytes({"m": "h\u00e9", "n": [1, 2.5]}) == '{"m":"h\u00e9","n":[1,2.5]}'.encode()
     assert json_bytes({"s": "\ud800"}) == b'{"s":"\\ud800"}'
     assert json_bytes({"seed": 2**70}) == b'{"seed":%d}' % 2**70
+
+
+def test_a_body_holds_no_more_memory_than_its_length() -> None:
+    import tracemalloc
+
+    value = {"model": "m", "messages": [{"role": "user", "content": "x" * 4096}]}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        bodies = [json_bytes(value) for _ in range(20)]
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(bodies)
+    finally:
+        tracemalloc.stop()
+    assert held < len(bodies[0]) + 512
