@@ -207,6 +207,10 @@ class Scheduler:
         totals = [0.0] * len(pods) if self._total is None else self._total(*every)
         decision.candidates = _adapter_holders_first(self._ranked(pods, totals), request)
         decision.weighted = totals
+        # The decision lives as long as the request (a stream's: minutes) and holds this
+        # request for the post-schedule hooks, which read what the scores left in scratch:
+        # the rendered prompt (as long as the body's text) goes, built again if asked for.
+        request._prompt = None
         return decision
 
     def _ranked(self, pods: list[PodEndpoint], totals: list[float]) -> list[PodEndpoint]:

@@ -262,3 +262,18 @@ def test_a_full_prefix_index_stays_small() -> None:
         tracemalloc.stop()
     assert len(index) > 3000
     assert grown / len(index) < 250
+
+
+def test_a_decision_does_not_hold_the_rendered_prompt() -> None:
+    """It lives as long as its request; the post-schedule hook reads the hashes the score
+    left, so the index still learns the prompt."""
+    _, match, pods = cluster(3)
+    prefix = PrefixCache()
+    scheduler = Scheduler([], [(prefix, 1.0)], [prefix])
+    body = {"prompt": "a long shared system prompt " * 40}
+    decision = scheduler.schedule(SchedulingRequest("m", match, pods, body))
+    assert decision.request is not None
+    assert decision.request._prompt is None
+    scheduler.scheduled(decision, pods[1])
+    again = scheduler.schedule(SchedulingRequest("m", match, pods, body))
+    assert again.by_plugin["prefix-cache"] == [0.0, 100.0, 0.0]
