@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
 from twisted.application.service import Service
@@ -53,25 +54,50 @@ line itself.
 # -- sinks (writer thread)
 
 
-def _write_all(fd: int, lines: Sequence[str]) -> None:
-    data = memoryview("".join(line + "\n" for line in lines).encode("utf-8"))
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _encoded(lines: Sequence[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def line_chunks(lines: Sequence[str], limit: int = select.PIPE_BUF) -> Iterator[bytes]:
+    """
+    C{lines}, encoded, in writes of at most C{limit} bytes cut between lines (a line longer
+    than that is a write of its own): a pipe takes a write of at most C{PIPE_BUF} bytes
+    whole, so that lines from processes sharing it (the workers of C{--workers}) never mix.
+    """
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = (line + "\n").encode("utf-8")
+        if chunk and size + len(data) > limit:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        yield b"".join(chunk)
 
 
 @implementer(IAccessLogSink)
 class StreamSink:
     """
     Standard output or error, written to the file descriptor itself: under twistd,
-    C{sys.stdout} is redirected into the Twisted log, which would wrap every line.
+    C{sys.stdout} is redirected into the Twisted log, which would wrap every line. Written
+    a pipe's atomic write at a time (L{line_chunks}).
     """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
     def write(self, lines: Sequence[str]) -> None:
-        _write_all(self.fd, lines)
+        for data in line_chunks(lines):
+            _write_all(self.fd, data)
 
     def reopen(self) -> None:
         pass
@@ -98,7 +124,7 @@ class FileSink:
     def write(self, lines: Sequence[str]) -> None:
         if self._fd < 0:
             self._fd = self._open()
-        _write_all(self._fd, lines)
+        _write_all(self._fd, _encoded(lines))  # O_APPEND: one write lands whole
 
     def reopen(self) -> None:
         fd = self._open()

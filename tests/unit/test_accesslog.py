@@ -895,3 +895,22 @@ def test_every_request_through_the_harness_is_recorded_once() -> None:
         (404, "route_not_found"),
         (200, "client_disconnect"),
     ]
+
+
+def test_stream_lines_go_out_in_whole_pipe_writes() -> None:
+    """Workers share standard output: each write is at most PIPE_BUF bytes, cut between
+    lines, so that no line from one process lands inside another's."""
+    import select
+
+    from kthena.observability.accesslog import line_chunks
+
+    lines = [f"line {i} " + "x" * (i * 37 % 900) for i in range(60)]
+    long_line = "y" * (select.PIPE_BUF + 10)
+    chunks = list(line_chunks([*lines, long_line, "after"]))
+    assert (
+        b"".join(chunks) == "".join(f"{line}\n" for line in [*lines, long_line, "after"]).encode()
+    )
+    assert all(c.endswith(b"\n") for c in chunks)
+    assert len(chunks) > 5
+    assert [len(c) > select.PIPE_BUF for c in chunks].count(True) == 1  # the long line alone
+    assert chunks[-2] == long_line.encode() + b"\n"
