@@ -74,8 +74,8 @@ class WorkersService(SequentialMultiService):
     """
     The parent of N workers (see the module docstring).
 
-    @ivar runtime: the private directory of the workers' admin and notify sockets
-        (removed on stop).
+    @ivar runtime: the private directory of the workers' admin and notify sockets (made
+        on start, removed on stop).
     """
 
     def __init__(
@@ -91,15 +91,8 @@ class WorkersService(SequentialMultiService):
         self.config = config
         self.config_path = config_path
         self.reactor = reactor
-        self.runtime = tempfile.mkdtemp(prefix="kthena-workers-")
-        self.workers = [
-            Worker(
-                i,
-                os.path.join(self.runtime, f"w{i}.admin"),
-                os.path.join(self.runtime, f"w{i}.notify"),
-            )
-            for i in range(count)
-        ]
+        self.runtime = ""
+        self.workers = [Worker(i, "", "") for i in range(count)]
         self.registry = CollectorRegistry()
         self.supervisor = Supervisor(
             reactor,
@@ -183,6 +176,15 @@ class WorkersService(SequentialMultiService):
             log.warn("workers {left} did not say they reloaded", left=sorted(self._reloading))
         self._reloading = set()
         self.systemd.reloaded()
+
+    def startService(self) -> None:
+        # Made here, not at construction: twistd --uid drops privileges between the two,
+        # and the workers (as the dropped user) bind their sockets in it.
+        self.runtime = tempfile.mkdtemp(prefix="kthena-workers-")
+        for worker in self.workers:
+            worker.admin = os.path.join(self.runtime, f"w{worker.index}.admin")
+            worker.notify = os.path.join(self.runtime, f"w{worker.index}.notify")
+        super().startService()
 
     def stopService(self) -> Deferred[None]:
         d = super().stopService()
