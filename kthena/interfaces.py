@@ -286,6 +286,10 @@ class IExchange(Interface):
     def body() -> bytes:
         """The request body (kept in memory, capped)."""
 
+    def release_body() -> None:
+        """The body was read (once, to be parsed): let go of it, as the request may last
+        minutes (a stream); L{body} is empty from now on."""
+
     def answer(status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """Send a whole JSON answer (its head replaces any staged by begin) and end the response
         (nothing when the client left)."""

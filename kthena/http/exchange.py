@@ -104,6 +104,9 @@ class LeanExchange:
     def body(self) -> bytes:
         return self._body
 
+    def release_body(self) -> None:
+        self._body = b""
+
     # -- the response
 
     def answer(self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:

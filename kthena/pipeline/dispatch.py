@@ -19,6 +19,7 @@ only from a 2xx, as Kthena's.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NoReturn
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -134,6 +135,9 @@ class Dispatcher:
                     continue
                 response, verdict = await self._judge(call, pod, response, policy is not None, last)
                 if verdict is None:
+                    # No other attempt now: the bytes sent go (a stream lasts minutes).
+                    call.outgoing = dataclasses.replace(call.outgoing, body=b"")
+                    body = None
                     await relay_response(
                         call, pod, response, self.clock, self.idle_timeout, self.failed,
                         self.outliers.succeeded,

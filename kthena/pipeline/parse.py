@@ -63,6 +63,7 @@ def parse(exchange: IExchange, record: RequestRecord, max_body_bytes: int) -> Pa
     if exchange.too_large:
         raise ProxyError(413, ErrorType.TOO_LARGE, f"request body over {max_body_bytes} bytes")
     raw = exchange.body()
+    exchange.release_body()  # Parsed has it now, and the exchange lives as long as a stream
     body = loads(raw)
     if not isinstance(body, dict):
         raise ProxyError(400, ErrorType.INVALID_REQUEST, "the body must be a JSON object")

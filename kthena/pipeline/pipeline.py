@@ -160,6 +160,14 @@ class Pipeline:
             run.exchange.when_gone(lambda: self._client_lost(run))
 
     async def _stages(self, run: _Run) -> None:
+        run.call = await self._prepare(run)
+        run.record.dispatched = True
+        self.observers.started(run.record)
+        await self.dispatcher.dispatch(run.call)
+
+    async def _prepare(self, run: _Run) -> Call:
+        """Every stage before the pods; a coroutine of its own, so that what only they use
+        (the parsed body, the outgoing one) is not held while a stream is relayed."""
         exchange, record = run.exchange, run.record
         if self.readiness.draining:
             raise ProxyError(503, ErrorType.DRAINING, "the router is shutting down")
@@ -171,10 +179,7 @@ class Pipeline:
         await self.admission.admit(record, parsed)
         candidates = self.scheduling.schedule(record, parsed, match)
         out = outgoing(exchange, record, parsed, match, self.dispatcher.skip)
-        run.call = Call(exchange, record, match, candidates, out, parsed.body)
-        record.dispatched = True
-        self.observers.started(record)
-        await self.dispatcher.dispatch(run.call)
+        return Call(exchange, record, match, candidates, out, parsed.body)
 
     def _broke(self, failure: Failure, run: _Run) -> None:
         """A stage answered with an error, the call was cut, or something broke."""

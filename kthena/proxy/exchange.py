@@ -5,6 +5,7 @@ twisted.web's C{Request}, so that the HTTP layer under the pipeline can be repla
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,10 @@ class WebExchange:
     def body(self) -> bytes:
         content = self.request.content
         return content.getvalue() if content is not None else b""
+
+    def release_body(self) -> None:
+        if self.request.content is not None:
+            self.request.content = io.BytesIO()
 
     def answer(self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
         if self.gone:

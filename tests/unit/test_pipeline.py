@@ -223,3 +223,18 @@ def test_an_observer_that_raises_does_not_unsettle_the_request() -> None:
     h.upstream.last.respond_json(COMPLETION)
     assert client.got().status == 200
     assert_settled_once(h, 200, ErrorType.SUCCESS)
+
+
+def test_a_relayed_stream_holds_no_copy_of_the_request_body() -> None:
+    """A stream lasts minutes: once its answer is relayed (no other attempt can be made)
+    the request's bytes are let go, as the exchange let go of them once parsed."""
+    h = RouterHarness()
+    h.chat(stream=True)
+    sent = h.upstream.last.body
+    assert b'"messages"' in sent
+    response = h.upstream.last.answer(sse_response())
+    response.send(event(delta("partial")))
+    (run,) = h.plane.pipeline.inflight._running.values()
+    assert run.exchange.body() == b""
+    assert run.call is not None and run.call.outgoing.body == b""
+    assert run.call.outgoing.hide_usage  # the rest of what the relay reads is kept
