@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -234,7 +234,8 @@ def test_a_relayed_stream_holds_no_copy_of_the_request_body() -> None:
     assert b'"messages"' in sent
     response = h.upstream.last.answer(sse_response())
     response.send(event(delta("partial")))
-    (run,) = h.plane.pipeline.inflight._running.values()
+    (running,) = h.plane.pipeline.inflight._running.values()
+    run = cast(pipeline_module._Run, running)
     assert run.exchange.body() == b""
     assert run.call is not None and run.call.outgoing.body == b""
     assert run.call.outgoing.hide_usage  # the rest of what the relay reads is kept
