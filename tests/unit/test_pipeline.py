@@ -231,7 +231,7 @@ def test_a_relayed_stream_holds_no_copy_of_the_request_body() -> None:
     h = RouterHarness()
     h.chat(stream=True)
     sent = h.upstream.last.body
-    assert b'"messages"' in sent
+    assert sent is not None and b'"messages"' in sent
     response = h.upstream.last.answer(sse_response())
     response.send(event(delta("partial")))
     (running,) = h.plane.pipeline.inflight._running.values()
