@@ -39,6 +39,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 BACKEND = "127.0.0.20"
 BACKEND_PORT = 8000
@@ -246,6 +247,15 @@ def timed_wrk(
     return result
 
 
+def stop(process: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Signal C{process} and wait for it; kill it past C{timeout}."""
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def wait_for(url: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -348,14 +358,9 @@ def main() -> None:
             print(f"{'  bare / router CPU per req ' + kind:<28}"
                   f"{proxy['cpu_us'] / max(via['cpu_us'], 1):>10.2f}")  # fmt: skip
     finally:
-        router.send_signal(signal.SIGTERM)
-        bare.send_signal(signal.SIGTERM)
-        nginx.send_signal(signal.SIGQUIT)
-        for proc in (router, bare, nginx):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(router)
+        stop(bare)
+        stop(nginx, signal.SIGQUIT)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 

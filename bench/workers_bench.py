@@ -85,11 +85,7 @@ def measure(workdir: Path, workers: int, duration: int, connections: int) -> lis
                 + (f"  errors {result['errors']:.0f}" if result["errors"] else "")
             )
     finally:
-        router.send_signal(signal.SIGTERM)
-        try:
-            router.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            router.kill()
+        router_bench.stop(router, timeout=30)
     return rows
 
 
@@ -118,8 +114,7 @@ def main() -> None:
             for row in measure(workdir, workers, args.duration, args.connections):
                 print(row, flush=True)
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(timeout=15)
+        router_bench.stop(nginx, signal.SIGQUIT)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
