@@ -3,7 +3,8 @@ The parent of C{--workers N}: starts N router processes on the shared socket, re
 each one that ends while it runs, passes signals on, and stops them all with a drain.
 
 A worker is C{python -m twisted kthena-router --config FILE} with C{KTHENA_WORKER} in its
-environment (L{kthena.workers.spec}), the listening socket as descriptor 3, and
+environment (L{kthena.workers.spec}), the listening socket as descriptor 3, its log on
+its standard error, which the parent reads into its own (L{kthena.workers.logs}), and
 C{NOTIFY_SOCKET} naming a datagram socket of the parent's, on which the worker's own
 systemd notifier says when it is ready, reloading or stopping (L{kthena.workers.notify}).
 
@@ -35,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kthena.interfaces import IServerReactor
+from kthena.workers.logs import WorkerLog
 from kthena.workers.merge import Family, Merger
 from kthena.workers.sockets import bind_shared
 from kthena.workers.spec import ENVIRONMENT, INHERITED_FD, WorkerSpec
@@ -92,10 +94,15 @@ class Worker:
 
 
 class _WorkerProtocol(ProcessProtocol):
-    def __init__(self, ended: Callable[[Failure], None]) -> None:
+    def __init__(self, log: WorkerLog, ended: Callable[[Failure], None]) -> None:
+        self.log = log
         self._ended = ended
 
+    def errReceived(self, data: bytes) -> None:
+        self.log.received(data)
+
     def processEnded(self, reason: Failure) -> None:
+        self.log.ended()
         self._ended(reason)
 
 
@@ -190,17 +197,20 @@ class Supervisor(Service):
         env = {k: v for k, v in self.environ.items() if k not in DROPPED_ENVIRONMENT}
         env[ENVIRONMENT] = spec.encode()
         env["NOTIFY_SOCKET"] = worker.notify
-        argv = [sys.executable, "-m", "twisted", "--log-format", "text", "kthena-router"]
+        argv = [sys.executable, "-m", "twisted", "--log-file", "+", "--log-format", "json"]
+        argv += ["kthena-router"]
         argv += ["--config", self.config_path]
         worker.generation += 1
         generation = worker.generation
-        protocol = _WorkerProtocol(lambda reason: self._ended(worker, generation, reason))
+        protocol = _WorkerProtocol(
+            WorkerLog(worker.index), lambda reason: self._ended(worker, generation, reason)
+        )
         worker.process = self.reactor.spawnProcess(  # type: ignore[attr-defined]
             protocol,
             sys.executable,
             argv,
             env=env,
-            childFDs={0: 0, 1: 1, 2: 2, INHERITED_FD: self.port.fileno()},
+            childFDs={0: 0, 1: 1, 2: "r", INHERITED_FD: self.port.fileno()},
         )
         worker.pid = worker.process.pid
         worker.state = "starting"

@@ -193,6 +193,9 @@ def test_workers_share_the_socket_and_the_parent_speaks_for_them(tmp_path: Path)
         log = router.log()
         assert "Traceback" not in log
         assert "worker 0 (pid" in log and "killed by SIGKILL; starting it again" in log
+        # the workers' own lines are in the parent's log
+        assert "[worker 0 kthena.service#info] kthena-router started" in log
+        assert "[worker 1 kthena.service#info] kthena-router started" in log
     finally:
         router.stop()
         notify.close()

@@ -239,7 +239,7 @@ def test_workers_start_on_the_shared_socket_with_their_spec() -> None:
     supervisor, reactor, _, registry = _supervisor()
     assert len(reactor.spawned) == 2
     first = reactor.spawned[0]
-    assert first["childFDs"] == {0: 0, 1: 1, 2: 2, 3: 17}
+    assert first["childFDs"] == {0: 0, 1: 1, 2: "r", 3: 17}  # its log comes to the parent
     assert first["args"][-2:] == ["--config", "/etc/k.yaml"]
     env = first["env"]
     spec = WorkerSpec.decode(env[ENVIRONMENT])
@@ -453,3 +453,28 @@ def test_a_worker_whose_parent_is_gone_stops() -> None:
     stopped.append(reactor.hasStopped)
     assert stopped == [False, True]
     assert not reactor.getDelayedCalls()
+
+
+def test_a_workers_log_goes_on_in_the_parents() -> None:
+    import io
+
+    from twisted.logger import Logger, LogLevel, jsonFileLogObserver
+
+    from kthena.workers.logs import WorkerLog
+
+    stderr = io.StringIO()  # what the worker writes: twist --log-file + --log-format json
+    Logger("kthena.listening", observer=jsonFileLogObserver(stderr)).info("up on {n}", n=8)
+    data = stderr.getvalue().encode()
+    events: list[dict[str, Any]] = []
+    log = WorkerLog(1, events.append)
+    log.received(data[:20])  # a line across reads
+    assert events == []
+    log.received(data[20:] + b"Traceback (most recent call last):\n  File x")
+    log.ended()
+    first, second, third = events
+    assert first["log_format"] == "up on {n}" and first["n"] == 8
+    assert first["log_system"] == "worker 1 kthena.listening#info"
+    assert first["log_level"] is LogLevel.info
+    assert second["line"] == "Traceback (most recent call last):"
+    assert second["log_system"] == "worker 1 stderr#error"
+    assert third["line"] == "File x"
