@@ -87,12 +87,13 @@ def spawn(
     env: Mapping[str, str],
     prefix: Sequence[str] = (),
     pass_fds: Sequence[int] = (),
+    args: Sequence[str] = (),
 ) -> RouterProcess:
-    """The unit's command on C{config} (after C{prefix}) with C{env} added."""
+    """The unit's command on C{config} (after C{prefix}, then C{args}) with C{env} added."""
     log_path = workdir / f"router-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [*prefix, *unit_command(config)],
+            [*prefix, *unit_command(config), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -229,13 +230,15 @@ def listening_socket(host: str) -> socket.socket:
     return s
 
 
-def activated(workdir: Path, config: Path, sockets: Sequence[socket.socket]) -> RouterProcess:
+def activated(
+    workdir: Path, config: Path, sockets: Sequence[socket.socket], args: Sequence[str] = ()
+) -> RouterProcess:
     """The router on C{sockets} as systemd passes them. Twisted needs C{LISTEN_FDNAMES}
     (systemd 227 and later always set it: the socket unit's name for each, by default)."""
     fds = [s.fileno() for s in sockets]
     env = {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "kthena-router.socket:kthena-router.socket"}
     prefix = [sys.executable, "-c", LAUNCH, *map(str, fds)]
-    return spawn(workdir, config, env, prefix, pass_fds=fds)
+    return spawn(workdir, config, env, prefix, pass_fds=fds, args=args)
 
 
 def socket_config(workdir: Path) -> Path:
@@ -292,6 +295,27 @@ def test_socket_activation_restarts_lose_no_connection(tmp_path: Path) -> None:
         for s in (waiting, proxy_socket, admin_socket):
             if s is not None:
                 s.close()
+
+
+def test_workers_share_the_sockets_systemd_passed(tmp_path: Path) -> None:
+    """The socket unit with --workers 2: the parent takes both sockets (the proxy's, shared
+    by the workers; the admin one, its own merged /metrics) and the workers serve."""
+    proxy_socket, admin_socket = listening_socket(ACTIVATED_HOST), listening_socket(ACTIVATED_HOST)
+    proxy, admin = proxy_socket.getsockname()[1], admin_socket.getsockname()[1]
+    config = socket_config(tmp_path)
+    router = activated(tmp_path, config, [proxy_socket, admin_socket], ["--workers", "2"])
+    try:
+        wait_for_log(router, "[worker 1 kthena.service#info] kthena-router started", WAIT)
+        for _ in range(6):
+            assert http_request(ACTIVATED_HOST, proxy, "GET", "/v1/models").status == 200
+        reply = http_request(ACTIVATED_HOST, admin, "GET", "/metrics")
+        assert reply.status == 200
+        assert b"kthena_router_workers 2.0" in reply.body
+        stop_cleanly(router)
+    finally:
+        router.stop()
+        proxy_socket.close()
+        admin_socket.close()
 
 
 # -- the command line
