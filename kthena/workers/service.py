@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
@@ -39,7 +40,7 @@ from kthena.systemd import Systemd, SystemdNotifier
 from kthena.webutil import QuietSite
 from kthena.workers.admin import MergedMetrics, WorkerAsker, WorkersDebug
 from kthena.workers.notify import NotifyProtocol
-from kthena.workers.supervisor import Supervisor, Worker, WorkerMetrics
+from kthena.workers.supervisor import WORKER_WATCHDOG, Supervisor, Worker, WorkerMetrics
 
 log = Logger()
 
@@ -51,16 +52,23 @@ systemd it is ready again all the same."""
 class NotifySockets(Service):
     """Each worker's notify socket, bound before the first worker starts."""
 
-    def __init__(self, reactor: IServerReactor, workers: list[Worker], changed: object) -> None:
+    def __init__(
+        self,
+        reactor: IServerReactor,
+        workers: list[Worker],
+        changed: Callable[[Worker], None],
+        pinged: Callable[[Worker], None],
+    ) -> None:
         self.reactor = reactor
         self.workers = workers
         self.changed = changed
+        self.pinged = pinged
         self.ports: list[IListeningPort] = []
 
     def startService(self) -> None:
         super().startService()
         for worker in self.workers:
-            protocol = NotifyProtocol(worker, self.changed)  # type: ignore[arg-type]
+            protocol = NotifyProtocol(worker, self.changed, self.pinged)
             self.ports.append(self.reactor.listenUNIXDatagram(worker.notify, protocol))  # type: ignore[attr-defined]
 
     def stopService(self) -> None:
@@ -102,13 +110,16 @@ class WorkersService(SequentialMultiService):
             WorkerMetrics(self.registry),
             config.drain_timeout,
             self._changed,
+            # systemd's timeout for the parent, when it set one, is the workers' too
+            watchdog=2 * systemd.watchdog if systemd and systemd.watchdog else WORKER_WATCHDOG,
         )
         self.asker = WorkerAsker(reactor, self.workers)
         self.systemd = SystemdNotifier(reactor, systemd, self._all_ready, self._status)
         self._reloading: set[int] = set()
         self._reload_wait: object = None
         Simulators(config.simulators, reactor).setServiceParent(self)
-        NotifySockets(reactor, self.workers, self._changed).setServiceParent(self)
+        sockets = NotifySockets(reactor, self.workers, self._changed, self.supervisor.pinged)
+        sockets.setServiceParent(self)
         self._admin()
         self.supervisor.setServiceParent(self)
         if install_signal_handlers:

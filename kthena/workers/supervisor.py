@@ -16,6 +16,11 @@ listening socket first (so that, once every worker has closed its own, new conne
 are refused rather than queued with nobody to accept them), then sends each worker
 SIGTERM (each drains as a single router does) and waits for all; past the config's
 C{drainTimeout} and a grace of L{KILL_GRACE}, what is left gets SIGKILL.
+
+Each worker has a watchdog, as systemd gives the router one: its notifier says
+C{WATCHDOG=1} every half L{WORKER_WATCHDOG} (C{$WATCHDOG_USEC}, the parent's own when
+systemd set one) from a timer on its reactor; one that is ready and silent for longer is
+killed (and so started again), as systemd would kill a single router.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -47,6 +53,9 @@ RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 10.0
 KILL_GRACE = 10.0
+WORKER_WATCHDOG = 30.0
+"""A worker that says nothing for this long (seconds) while it serves is killed and started
+again: its reactor is wedged, and it would keep its share of the connections."""
 
 DROPPED_ENVIRONMENT = (
     "LISTEN_FDS",
@@ -68,6 +77,7 @@ class Worker:
     @ivar generation: how many processes this slot started (a scrape answered by an
         earlier one is not kept).
     @ivar last: its last scraped exposition (what it has counted so far).
+    @ivar pinged: when it last said C{WATCHDOG=1} (or became ready).
     """
 
     index: int
@@ -82,6 +92,7 @@ class Worker:
     failures: int = 0
     last: list[Family] = field(default_factory=list)
     ended: Deferred[None] | None = None
+    pinged: float = 0.0
 
     def view(self) -> dict[str, object]:
         return {
@@ -152,6 +163,7 @@ class Supervisor(Service):
         notified: Callable[[Worker], None] = lambda worker: None,
         environ: Mapping[str, str] = os.environ,
         bind: Callable[[IServerReactor, str], tcp.Port] = bind_shared,
+        watchdog: float = WORKER_WATCHDOG,
     ) -> None:
         self.reactor = reactor
         self.listen = listen
@@ -162,6 +174,8 @@ class Supervisor(Service):
         self.notified = notified
         self.environ = environ
         self.bind = bind
+        self.watchdog = watchdog
+        self._watch: LoopingCall | None = None
         self.merger = Merger()
         self.port: tcp.Port | None = None
         self._restarts: dict[int, IDelayedCall] = {}
@@ -186,6 +200,28 @@ class Supervisor(Service):
         self._bind()
         for worker in self.workers:
             self.spawn(worker)
+        self._watch = LoopingCall(self._check_watchdogs)
+        self._watch.clock = self.reactor
+        self._watch.start(self.watchdog / 4, now=False)
+
+    def pinged(self, worker: Worker) -> None:
+        """C{worker} said C{WATCHDOG=1} (or became ready)."""
+        worker.pinged = self.reactor.seconds()
+
+    def _check_watchdogs(self) -> None:
+        now = self.reactor.seconds()
+        for worker in self.live():
+            silent = now - worker.pinged
+            if worker.state in ("ready", "reloading") and silent > self.watchdog:
+                log.error(
+                    "worker {index} (pid {pid}) said nothing for {silent:.0f} s: SIGKILL",
+                    index=worker.index,
+                    pid=worker.pid,
+                    silent=silent,
+                )
+                assert worker.process is not None
+                worker.state = "stopping"  # once: it ends, and is started again, at once
+                worker.process.signalProcess("KILL")
 
     def spawn(self, worker: Worker) -> None:
         """Start a process in C{worker}'s slot."""
@@ -197,6 +233,7 @@ class Supervisor(Service):
         env = {k: v for k, v in self.environ.items() if k not in DROPPED_ENVIRONMENT}
         env[ENVIRONMENT] = spec.encode()
         env["NOTIFY_SOCKET"] = worker.notify
+        env["WATCHDOG_USEC"] = str(int(self.watchdog * 1_000_000))
         argv = [sys.executable, "-m", "twisted", "--log-file", "+", "--log-format", "json"]
         argv += ["kthena-router"]
         argv += ["--config", self.config_path]
@@ -269,6 +306,9 @@ class Supervisor(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self._watch = None
         for call in self._restarts.values():
             call.cancel()
         self._restarts.clear()

@@ -239,3 +239,34 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
             _chat(proxy, "wk-model")  # nobody holds the socket any more
     finally:
         router.stop()
+
+
+def test_a_wedged_worker_is_killed_and_started_again(tmp_path: Path) -> None:
+    """Under systemd's watchdog (2 s here) each worker pings the parent; one stopped
+    (SIGSTOP: a wedged reactor) is killed once silent that long, and started again."""
+    proxy, admin, sim = free_port(HOST), free_port(HOST), free_port(SIM_HOST)
+    config = tmp_path / "router.yaml"
+    write_config(config, _config(proxy, admin, sim, ["wk-model"]))
+    notify = NotifySocket(tmp_path / "notify")
+    os.environ.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
+    try:
+        router = spawn_router(tmp_path, "--config", str(config), "--workers", "2")
+    finally:
+        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+    try:
+        notify.until("READY", router)
+        wedged = _workers(admin)[1]["pid"]
+        os.kill(wedged, signal.SIGSTOP)
+
+        def replaced() -> bool:
+            second = _workers(admin)[1]
+            return bool(second["restarts"] == 1 and second["state"] == "ready")
+
+        _until("replaced", replaced, router)
+        assert "said nothing for" in router.log()
+        assert not _alive(wedged)
+        for _ in range(4):
+            _chat(proxy, "wk-model")
+    finally:
+        router.stop()
+        notify.close()

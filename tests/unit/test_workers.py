@@ -36,6 +36,7 @@ from kthena.workers.supervisor import (
     KILL_GRACE,
     RESTART_DELAY,
     STABLE_AFTER,
+    WORKER_WATCHDOG,
     Supervisor,
     Worker,
     WorkerMetrics,
@@ -245,7 +246,8 @@ def test_workers_start_on_the_shared_socket_with_their_spec() -> None:
     spec = WorkerSpec.decode(env[ENVIRONMENT])
     assert (spec.index, spec.fd, spec.admin) == (0, 3, "/none/w0.admin")
     assert env["NOTIFY_SOCKET"] == "/none/w0.notify"
-    assert "LISTEN_FDS" not in env and "WATCHDOG_USEC" not in env and env["HOME"] == "/root"
+    assert "LISTEN_FDS" not in env and env["HOME"] == "/root"
+    assert env["WATCHDOG_USEC"] == str(int(WORKER_WATCHDOG * 1e6))  # its own, not the parent's
     assert registry.get_sample_value("kthena_router_workers") == 2
     assert _restarts(registry, 1) == 0
     assert [w.state for w in supervisor.workers] == ["starting", "starting"]
@@ -315,15 +317,37 @@ def test_a_worker_that_does_not_stop_is_killed_after_the_drain() -> None:
     assert reactor.spawned[0]["process"].signals == ["TERM", "KILL"]
 
 
+def test_a_worker_that_stops_answering_its_watchdog_is_killed() -> None:
+    supervisor, reactor, _, _ = _supervisor()
+    first, second = supervisor.workers
+    first.state = second.state = "ready"
+    supervisor.pinged(first)
+    supervisor.pinged(second)
+    for _ in range(8):  # the first pings every few seconds, the second has gone quiet
+        reactor.advance(WORKER_WATCHDOG / 4)
+        supervisor.pinged(first)
+    assert reactor.spawned[0]["process"].signals == []
+    assert reactor.spawned[1]["process"].signals == ["KILL"]
+
+
+def test_the_watchdog_leaves_starting_and_stopping_workers_alone() -> None:
+    supervisor, reactor, _, _ = _supervisor()
+    supervisor.workers[1].state = "stopping"
+    reactor.advance(WORKER_WATCHDOG * 3)  # worker 0 is still starting
+    assert [s["process"].signals for s in reactor.spawned] == [[], []]
+
+
 def test_a_worker_tells_its_state_on_its_notify_socket() -> None:
     worker = Worker(0, "a", "n", process=FakeProcess(5), state="starting")  # type: ignore[arg-type]
     changes: list[str] = []
-    protocol = NotifyProtocol(worker, lambda w: changes.append(w.state))
+    pings: list[int] = []
+    protocol = NotifyProtocol(worker, lambda w: changes.append(w.state), lambda w: pings.append(1))
     protocol.datagramReceived(b"READY=1\nSTATUS=generation 1\nMAINPID=5")
     protocol.datagramReceived(b"RELOADING=1\nMONOTONIC_USEC=1")
     protocol.datagramReceived(b"WATCHDOG=1")
     protocol.datagramReceived(b"STOPPING=1\n")
     assert changes == ["ready", "reloading", "stopping"]
+    assert len(pings) == 2  # READY=1 and WATCHDOG=1
 
 
 class FakeAsker:
