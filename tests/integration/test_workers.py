@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.conftest import twistd_command, twistd_env
 from tests.integration.router_helpers import (
     STOP_TIMEOUT,
     NotifySocket,
@@ -95,6 +97,20 @@ def _until(what: str, check: Any, router: RouterProcess) -> Any:
             pytest.fail(f"not {what} within {WAIT} s:\n{router.log()}")
         time.sleep(0.05)
     return result
+
+
+def _ready(admin: int, router: RouterProcess) -> list[dict[str, Any]]:
+    """The workers, once the parent answers and every one is ready."""
+
+    def ready() -> list[dict[str, Any]] | None:
+        try:
+            workers = _workers(admin)
+        except OSError:
+            return None
+        return workers if all(w["state"] == "ready" for w in workers) else None
+
+    workers: list[dict[str, Any]] = _until("ready", ready, router)
+    return workers
 
 
 def _chat(proxy: int, model: str) -> None:
@@ -222,15 +238,7 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
     write_config(config, _config(proxy, admin, sim, ["wk-model"]))
     router = spawn_router(tmp_path, "--config", str(config), "--workers", "1")
     try:
-
-        def ready() -> list[dict[str, Any]] | None:
-            try:
-                workers = _workers(admin)
-            except OSError:
-                return None
-            return workers if workers[0]["state"] == "ready" else None
-
-        pid = _until("ready", ready, router)[0]["pid"]
+        pid = _ready(admin, router)[0]["pid"]
         _chat(proxy, "wk-model")
         router.process.send_signal(signal.SIGKILL)
         router.process.wait(WAIT)
@@ -270,3 +278,32 @@ def test_a_wedged_worker_is_killed_and_started_again(tmp_path: Path) -> None:
     finally:
         router.stop()
         notify.close()
+
+
+def test_ctrl_c_reaches_the_parent_only(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals its foreground process group: the workers run in groups
+    of their own, so the parent alone gets it and stops them in order (no restart)."""
+    proxy, admin, sim = free_port(HOST), free_port(HOST), free_port(SIM_HOST)
+    config = tmp_path / "router.yaml"
+    write_config(config, _config(proxy, admin, sim, ["wk-model"]))
+    log_path = tmp_path / "router.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            twistd_command("kthena-router", "--config", str(config), "--workers", "2"),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=twistd_env(),
+            start_new_session=True,  # the test's own group, as a shell's job
+        )
+    router = RouterProcess(process, log_path, config)
+    try:
+        pids = [w["pid"] for w in _ready(admin, router)]
+        assert all(os.getpgid(pid) == pid for pid in pids)  # each a group of its own
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(WAIT) in (0, -signal.SIGINT), router.log()
+        log = router.log()
+        assert "starting it again" not in log
+        assert "[worker 0 twisted.internet.base#info] Main loop terminated." in log
+    finally:
+        router.stop()
