@@ -2,8 +2,9 @@
 The parent of C{--workers N}: starts N router processes on the shared socket, restarts
 each one that ends while it runs, passes signals on, and stops them all with a drain.
 
-A worker is C{python -m twisted kthena-router --config FILE} with C{KTHENA_WORKER} in its
-environment (L{kthena.workers.spec}), the listening socket as descriptor 3, its log on
+A worker is C{python -m twisted kthena-router --config FILE}, in a process group of its
+own (L{OWN_GROUP}), with C{KTHENA_WORKER} in its environment (L{kthena.workers.spec}),
+the listening socket as descriptor 3, its log on
 its standard error, which the parent reads into its own (L{kthena.workers.logs}), and
 C{NOTIFY_SOCKET} naming a datagram socket of the parent's, on which the worker's own
 systemd notifier says when it is ready, reloading or stopping (L{kthena.workers.notify}).
