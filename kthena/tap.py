@@ -5,6 +5,7 @@ the demo (the router with simulated pods in the same process).
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata, resources
 from typing import NoReturn
@@ -19,6 +20,13 @@ from kthena.systemd import Systemd
 log = Logger()
 
 MAX_WORKERS = 64
+
+
+def workers_count(value: str) -> int:
+    """C{--workers}: a number, or C{auto} (the CPUs this process may run on)."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    return int(value)
 
 
 def version() -> str:
@@ -44,8 +52,8 @@ class Options(usage.Options):
             "w",
             0,
             "Run N router processes sharing the listen socket under this one (0: one "
-            "process, no parent).",
-            int,
+            "process, no parent; auto: one per CPU this process may run on).",
+            workers_count,
         ],
     ]
     optFlags = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import signal
 import socket
 from pathlib import Path
@@ -171,6 +172,11 @@ def test_workers_option() -> None:
     assert options["workers"] == 2
     with pytest.raises(Exception, match="--workers takes 0 to"):
         Options().parseOptions(["--demo", "--workers", "-1"])
+    auto = Options()
+    auto.parseOptions(["--demo", "--workers", "auto"])
+    assert auto["workers"] == len(os.sched_getaffinity(0)) >= 1
+    with pytest.raises(Exception, match="invalid literal"):
+        Options().parseOptions(["--demo", "--workers", "many"])
 
 
 class FakeProcess:
