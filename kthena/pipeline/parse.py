@@ -5,17 +5,14 @@ a shape the OpenAI API allows. Anything else is answered here, before any routin
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from typing import Any
-
-import orjson
 
 from kthena import prompt
 from kthena.errors import ErrorType, ProxyError
 from kthena.interfaces import IExchange
 from kthena.record import RequestRecord
+from kthena.webutil import json_loads
 
 
 @dataclass(slots=True)
@@ -31,26 +28,14 @@ class Parsed:
     stream: bool
 
 
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")
-
-
 def loads(raw: bytes) -> Any:
     """
-    The body's JSON, parsed once: by orjson (several times faster than the standard
-    library), or by the standard library for what orjson refuses (a lone surrogate
-    escape, C{NaN}) or reads otherwise (it makes an integer beyond 64 bits a float: a
-    body with 20 digits in a row goes to the standard library), whose error message a
-    client gets when neither takes it.
+    The body's JSON, parsed once (L{json_loads}).
 
-    @raise ProxyError: 400, not JSON.
+    @raise ProxyError: 400, not JSON (with the standard library's message).
     """
-    if not _LONG_DIGITS.search(raw):
-        try:
-            return orjson.loads(raw)
-        except ValueError:  # orjson.JSONDecodeError
-            pass
     try:
-        return json.loads(raw)
+        return json_loads(raw)
     except ValueError as e:
         raise ProxyError(400, ErrorType.INVALID_REQUEST, f"invalid JSON body: {e}") from e
 

@@ -8,7 +8,6 @@ ends. Each leg sent is kept in the record (L{kthena.record.Leg}).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from itertools import islice
 
@@ -26,7 +25,7 @@ from kthena.pipeline.call import Call
 from kthena.podclient import BodyCollector
 from kthena.pods import PodEndpoint
 from kthena.record import Leg, RequestRecord
-from kthena.webutil import json_bytes
+from kthena.webutil import json_bytes, json_loads
 
 PREFILL_BODY = 1024 * 1024
 """The most of a prefill leg's answer read (one token, and vLLM's kv_transfer_params)."""
@@ -131,7 +130,7 @@ class PrefillLegs:
 
 def _parsed(raw: bytes) -> object:
     try:
-        return json.loads(raw)
+        return json_loads(raw)
     except ValueError:  # UnicodeDecodeError too
         return None
 

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from kthena.failures import IncompleteBodyError
 from kthena.interfaces import IExchange
+from kthena.webutil import json_loads
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -39,7 +40,7 @@ _MAX_USAGE_SCAN = 8 * 1024 * 1024
 def _usage_of(data: bytes) -> dict[str, Any] | None:
     """A JSON document carrying a C{usage} object, or None."""
     try:
-        value = json.loads(data)
+        value = json_loads(data)
     except ValueError:
         return None
     if isinstance(value, dict) and isinstance(value.get("usage"), dict):
@@ -236,7 +237,7 @@ class Relay(Protocol):
 
 def _parses(body: bytes) -> bool:
     try:
-        json.loads(body)
+        json_loads(body)
     except ValueError:
         return False
     return True
