@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 JSON_TYPE = b"application/json"
 
@@ -107,3 +108,11 @@ def method_not_allowed(request: IRequest) -> bytes:
     request.setHeader(b"allow", b"GET, HEAD")
     method = request.method.decode("latin-1")
     return json_body(request, 405, {"error": f"{method} is not allowed: the endpoint is read-only"})
+
+
+def client_gone(request: IRequest) -> list[Failure]:
+    """A list that gets a failure once the client has left (an answer still being made
+    then is not worth finishing)."""
+    gone: list[Failure] = []
+    cast(Request, request).notifyFinish().addErrback(gone.append)
+    return gone

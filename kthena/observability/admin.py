@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
@@ -56,7 +56,7 @@ from kthena.observability.decisions import DecisionRing
 from kthena.observability.metrics import RouterMetrics
 from kthena.observability.render import Render
 from kthena.pipeline.plane import DataPlane
-from kthena.webutil import READ_METHODS, QuietSite, json_body, method_not_allowed
+from kthena.webutil import READ_METHODS, QuietSite, client_gone, json_body, method_not_allowed
 
 log = Logger()
 
@@ -184,8 +184,7 @@ class MetricsResource(Resource):
         accept_encoding = (request.getHeader(b"accept-encoding") or b"").decode("latin-1")
         args: dict[bytes, list[bytes]] = getattr(request, "args", None) or {}
         names = [n.decode("utf-8", "replace") for n in args.get(b"name[]", [])]
-        gone: list[Failure] = []
-        cast(Request, request).notifyFinish().addErrback(gone.append)
+        gone = client_gone(request)
         self.waiting += 1
         render = Render(self.registry, accept, accept_encoding, names, lambda: bool(gone))
 

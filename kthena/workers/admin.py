@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import gzip_accepted
@@ -31,11 +31,11 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from kthena.interfaces import IServerReactor
-from kthena.webutil import READ_METHODS, json_body, method_not_allowed
+from kthena.webutil import READ_METHODS, client_gone, json_body, method_not_allowed
 from kthena.workers.merge import Merger, parse
 from kthena.workers.supervisor import Worker
 
@@ -82,13 +82,6 @@ class WorkerAsker:
 
         answer: Deferred[Answer] = d.addCallback(read)
         return answer.addTimeout(ASK_TIMEOUT, self.reactor)
-
-
-def _gone(request: IRequest) -> list[Failure]:
-    """A list that gets a failure once the client has left."""
-    gone: list[Failure] = []
-    cast(Request, request).notifyFinish().addErrback(gone.append)
-    return gone
 
 
 class MergedMetrics(Resource):
@@ -147,7 +140,7 @@ class MergedMetrics(Resource):
     def render(self, request: IRequest) -> bytes | int:
         if request.method not in READ_METHODS:
             return method_not_allowed(request)
-        gone = _gone(request)
+        gone = client_gone(request)
         zipped = gzip_accepted((request.getHeader(b"accept-encoding") or b"").decode("latin-1"))
 
         def send(body: bytes) -> None:
@@ -194,7 +187,7 @@ class WorkersDebug(Resource):
     def render(self, request: IRequest) -> bytes | int:
         if request.postpath == [b"workers"]:
             return json_body(request, 200, {"workers": [w.view() for w in self.workers]})
-        gone = _gone(request)
+        gone = client_gone(request)
         live = [w for w in self.workers if w.process is not None]
         asked = [self._ask(worker, request.uri) for worker in live]
 

@@ -147,7 +147,4 @@ class Merger:
 
     def merge(self, live: Iterable[Sequence[Family]]) -> str:
         """The exposition of the live workers' families and the retired part."""
-        live = list(live)
-        if not live:
-            return render(self.retired)
         return render(merge([*live, self.retired]))

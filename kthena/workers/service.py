@@ -24,7 +24,12 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.logger import Logger
 
 from kthena.config.router import RouterConfig
@@ -116,7 +121,7 @@ class WorkersService(SequentialMultiService):
         self.asker = WorkerAsker(reactor, self.workers)
         self.systemd = SystemdNotifier(reactor, systemd, self._all_ready, self._status)
         self._reloading: set[int] = set()
-        self._reload_wait: object = None
+        self._reload_wait: IDelayedCall | None = None
         Simulators(config.simulators, reactor).setServiceParent(self)
         sockets = NotifySockets(reactor, self.workers, self._changed, self.supervisor.pinged)
         sockets.setServiceParent(self)
@@ -181,8 +186,8 @@ class WorkersService(SequentialMultiService):
 
     def _reloaded(self) -> None:
         wait, self._reload_wait = self._reload_wait, None
-        if wait is not None and wait.active():  # type: ignore[attr-defined]
-            wait.cancel()  # type: ignore[attr-defined]
+        if wait is not None and wait.active():
+            wait.cancel()
         if self._reloading:
             log.warn("workers {left} did not say they reloaded", left=sorted(self._reloading))
         self._reloading = set()
