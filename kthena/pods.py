@@ -40,7 +40,6 @@ class PodEndpoint:
     A pod as the data plane sees it: where to send requests, and what the router knows
     of it right now. Kept across config generations while the pod exists.
 
-    @ivar in_flight: requests the router has sent to this pod that have not ended.
     @ivar failures: attempts on this pod that failed before or instead of an answer, or
         were answered with a 5xx.
     @ivar engine: the inference engine of the ModelServer that selected it (its dialect).
@@ -52,13 +51,21 @@ class PodEndpoint:
     pod: Pod
     host: str
     port: int
-    in_flight: int = 0
     servers: tuple[str, ...] = ()
     failures: int = 0
     last_error: str | None = None
     engine: str = "vLLM"
     state: PodState = field(default_factory=PodState)
     outlier: OutlierState = field(default_factory=OutlierState)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests the router has sent to this pod that have not ended (its state's)."""
+        return self.state.in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self.state.in_flight = value
 
     @property
     def name(self) -> str:

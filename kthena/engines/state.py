@@ -14,6 +14,14 @@ from typing import ClassVar
 
 from kthena.engines.snapshot import EngineSnapshot
 
+WAITING_WEIGHT = 100
+"""A waiting request weighs this many running ones in L{PodState.work} (Kthena's)."""
+
+_PER_REQUEST = frozenset({"in_flight", "finished"})
+"""Fields every request writes: they do not bump L{PodState.generation}."""
+
+_WORK_INPUTS = frozenset({"waiting", "running", "in_flight", "finished", "finished_at_scrape"})
+
 
 @dataclass(slots=True)
 class PodState:
@@ -23,24 +31,50 @@ class PodState:
     @ivar prefix_period: (hits, queries) of the prefix cache over the last scrape period
         (an engine that only tells a rate: (rate, 1)), for its PD group's hit rate.
     @ivar loras: adapters the pod has loaded (from C{/v1/models}) or is running.
+    @ivar in_flight: the router's requests to the pod that have not ended.
     @ivar finished: the router's requests to the pod that have ended, ever.
     @ivar finished_at_scrape: C{finished} when the last good scrape was taken: requests
         that ended since were still running in that scrape, so the scraped running count
         is that much too high now.
-    @cvar generation: bumped by every write to any pod's state but C{finished} (which
-        moves with every request that ends): scheduler plugins whose results depend only
-        on scraped figures keep them until it moves. A write, not only L{update}, so
-        that whoever sets a figure (a scrape, a test, a debug tool) is seen at once.
+    @ivar work: the work the pod has as C{least-request} weighs it, kept current by
+        every write of what it is made of (L{_work}), so that scoring a hundred pods reads
+        one figure each instead of computing it from five.
+    @cvar generation: bumped by every write to any pod's state but C{in_flight} and
+        C{finished} (which move with every request): scheduler plugins whose results
+        depend only on scraped figures keep them until it moves. A write, not only
+        L{update}, so that whoever sets a figure (a scrape, a test, a debug tool) is seen
+        at once.
     """
 
     generation: ClassVar[int] = 0
 
     def __setattr__(self, name: str, value: object) -> None:
         # Reads stay plain slot reads; a write costs a Python call (a scrape writes about
-        # fifteen fields per pod per interval; requests write only `finished`, unbumped).
-        if name != "finished":
-            PodState.generation += 1
+        # fifteen fields per pod per interval; a request writes `in_flight` twice and
+        # `finished` once, unbumped).
         object.__setattr__(self, name, value)
+        if name not in _PER_REQUEST:
+            PodState.generation += 1
+        if name in _WORK_INPUTS:
+            try:
+                work = self._work()
+            except AttributeError:  # being built: __post_init__ computes it
+                return
+            object.__setattr__(self, "work", work)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "work", self._work())
+
+    def _work(self) -> float:
+        """
+        Kthena's running + 100 x waiting, the running count corrected with what this
+        router knows now: requests it has in flight to the pod (maybe not scraped yet),
+        and those that ended since the scrape (still counted in it).
+        """
+        running = self.running - self.finished + self.finished_at_scrape
+        in_flight = self.in_flight
+        running = in_flight if in_flight > running else running
+        return (running if running >= 0 else 0) + WAITING_WEIGHT * self.waiting
 
     waiting: float = 0.0
     running: float = 0.0
@@ -58,8 +92,10 @@ class PodState:
     consecutive_failures: int = 0
     scrapes: int = 0
     last_error: str | None = None
+    in_flight: int = 0
     finished: int = 0
     finished_at_scrape: int = 0
+    work: float = field(default=0.0, init=False)
     _previous: EngineSnapshot | None = None
 
     def update(self, snapshot: EngineSnapshot, now: float, finished: int | None = None) -> None:

@@ -51,10 +51,13 @@ def test_kept_scores_are_not_the_callers_to_change() -> None:
 
 
 def test_requests_ending_do_not_drop_kept_scores() -> None:
-    """C{finished} moves with every request: it must not cost a recomputation."""
+    """C{finished} and C{in_flight} move with every request: they must not cost a
+    recomputation."""
     _, _, (a, _b, _c) = cluster()
     generation = PodState.generation
     a.state.finished += 1
+    a.in_flight += 1
+    a.in_flight -= 1
     assert PodState.generation == generation
     a.state.waiting = 1
     assert PodState.generation == generation + 1
@@ -106,13 +109,18 @@ def test_least_request_score_is_the_documented_load() -> None:
     _, match, pods = cluster(6)
     rng = random.Random(7)
     plugin = LeastRequest()
-    for _ in range(50):
+    writes = {
+        "running": lambda p: setattr(p.state, "running", rng.choice([0, 3, 7.0, 12.5])),
+        "waiting": lambda p: setattr(p.state, "waiting", rng.choice([0, 0, 1, 2.0])),
+        "finished": lambda p: setattr(p.state, "finished", rng.randint(0, 9)),
+        "baseline": lambda p: setattr(p.state, "finished_at_scrape", rng.randint(0, 9)),
+        "in_flight": lambda p: setattr(p, "in_flight", rng.randint(0, 8)),
+        "scrape": lambda p: scrape(p, running=rng.randint(0, 20), waiting=rng.choice([0, 1])),
+    }
+    for _ in range(200):  # any one write, last or alone, is seen by the next score
         for p in pods:
-            p.state.running = rng.choice([0, 3, 7.0, 12.5])
-            p.state.waiting = rng.choice([0, 0, 1, 2.0])
-            p.state.finished = rng.randint(0, 9)
-            p.state.finished_at_scrape = rng.randint(0, 9)
-            p.in_flight = rng.randint(0, 8)
+            for name in rng.sample(sorted(writes), rng.randint(1, 3)):
+                writes[name](p)
         load = [
             max(p.state.running - p.state.finished + p.state.finished_at_scrape, p.in_flight, 0)
             + 100 * p.state.waiting

@@ -2,12 +2,14 @@
 C{least-request}: a filter dropping pods whose engine queue is full, and a score favouring
 pods with less work. Kthena counts the engine's running plus 100 x waiting requests, as
 last scraped; we correct the running count with what this router knows now: requests it
-has in flight to the pod (not scraped yet) and requests that finished since the scrape.
+has in flight to the pod (not scraped yet) and requests that finished since the scrape
+(L{PodState.work<kthena.engines.state.PodState>}).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 from zope.interface import implementer
@@ -17,7 +19,7 @@ from kthena.pods import PodEndpoint
 from kthena.scheduler.plugins.args import check_args
 from kthena.scheduler.plugins.scrape_cache import ScrapeCache
 
-WAITING_WEIGHT = 100
+_WORK = attrgetter("state.work")
 
 
 @implementer(IFilterPlugin, IScorePlugin)
@@ -44,22 +46,11 @@ class LeastRequest:
         return [p for p in pods if p.state.waiting < self.max_waiting_requests]
 
     def score(self, request: Any, pods: Sequence[PodEndpoint]) -> list[float]:
-        # In-flight counts change with every request, so this runs each time: one pass,
-        # conditionals instead of max() (a builtin call per pod costs more than the rest;
-        # maps of attrgetters cost more still). max(corrected, in_flight, 0) keeps the
-        # first of equal values, and so do the strict comparisons here.
-        load: list[float] = []
-        append = load.append
-        most = 0.0
-        for p in pods:
-            state = p.state
-            running = state.running - state.finished + state.finished_at_scrape
-            in_flight = p.in_flight
-            running = in_flight if in_flight > running else running
-            value = (running if running >= 0 else 0) + WAITING_WEIGHT * state.waiting
-            most = value if value > most else most
-            append(value)
+        # In-flight counts change with every request, so this runs each time; the work of
+        # each pod is kept current by its state (PodState.work), one C-level read a pod.
+        work = list(map(_WORK, pods))
+        most = max(work)
         if most <= 0:
-            return [100.0] * len(load)
+            return [100.0] * len(work)
         scale = 100 / most
-        return [(most - value) * scale for value in load]
+        return [(most - value) * scale for value in work]
