@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from kthena.http.response import PodResponse
-from kthena.http.wire import EagerWire
+from kthena.http.wire import EagerWire, hold, release
 
 Key = tuple[str, str]
 """Which pod a connection goes to: (scheme, authority)."""
@@ -57,13 +57,8 @@ class Owner(TypingProtocol):
 
 
 class _Wire(TypingProtocol):
-    """What a connection uses of its transport (TCP, or TLS over TCP)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def loseConnection(self) -> None: ...
-
-    def abortConnection(self) -> None: ...
+    """What a connection uses of its transport (TCP, or TLS over TCP) besides writes
+    and closes (its L{EagerWire}'s)."""
 
     def pauseProducing(self) -> None: ...
 
@@ -123,13 +118,13 @@ class PodConnection(Protocol):
             return succeed(None)
         closed: Deferred[None] = Deferred()
         self._closers.append(closed)
-        self._wire.loseConnection()
+        self._eager.loseConnection()
         return closed
 
     def _cancel(self, waiting: Deferred[IResponse]) -> None:
         self._waiting = None
         self._stopped = True
-        self._wire.abortConnection()
+        self._eager.abortConnection()
 
     # -- the answer
 
@@ -137,9 +132,19 @@ class PodConnection(Protocol):
         parser = self._parser
         if parser is None:  # idle, or aborted: nothing is expected
             if not self._stopped:
-                self._wire.abortConnection()
+                self._eager.abortConnection()
             return
         self._received = True
+        # What this read makes the router write (to the client: a stream's head, events
+        # and end) goes out as one send per connection once it is handled.
+        holding = hold()
+        try:
+            self._read(parser, data)
+        finally:
+            if holding:
+                release()
+
+    def _read(self, parser: HttpResponseParser, data: bytes) -> None:
         try:
             parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade):
@@ -217,7 +222,7 @@ class PodConnection(Protocol):
                 self._wire.resumeProducing()
             self.owner.release(self)
         else:
-            self._wire.loseConnection()
+            self._eager.loseConnection()
         if response is not None:  # its body ends after the connection may serve another
             response.body_ended(_DONE)
 
@@ -225,7 +230,7 @@ class PodConnection(Protocol):
         """The pod sent what is not HTTP: the request fails, the connection closes."""
         self._parser = None
         self._stopped = True
-        self._wire.abortConnection()
+        self._eager.abortConnection()
         waiting, self._waiting = self._waiting, None
         response, self._head = self._head, None
         if waiting is not None:
@@ -268,7 +273,7 @@ class PodConnection(Protocol):
         """The body is not wanted: abort (a pod stops generating when its client goes)."""
         if not self._stopped:
             self._stopped = True
-            self._wire.abortConnection()
+            self._eager.abortConnection()
 
 
 def _version(text: str) -> tuple[bytes, int, int]:

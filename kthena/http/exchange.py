@@ -30,6 +30,8 @@ class Wire(Protocol):
 
     def abortConnection(self) -> None: ...
 
+    def loseConnection(self) -> None: ...
+
 
 class Connection(Protocol):
     """What an exchange needs of the connection it came on (L{kthena.http.server})."""

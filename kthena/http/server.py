@@ -316,7 +316,7 @@ class LeanChannel(Protocol):
     def _close(self) -> None:
         self._closing = True
         self._stop_timer()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.wire.loseConnection()  # what a pod's read left held goes first
 
     # -- refusals and deadlines
 
