@@ -12,12 +12,14 @@ bounded in time.
 
     apt-get install -y nginx-light wrk
     python3 bench/router_bench.py [--duration 10] [--connections 32] [--limits [--redis H:P]]
-        [--pd] [--client twisted|lean] [--server twisted|lean]
+        [--pd] [--pods N] [--client twisted|lean] [--server twisted|lean]
 
 --limits puts token and request limits on the route, high enough never to refuse (the
 cost of a check and a settle on every request); --redis keeps them in that Redis. --pd
 makes the backend a prefill/decode group (two pods on the one nginx, the http connector):
-two upstream legs per request, to measure what PD adds to the router.
+two upstream legs per request, to measure what PD adds to the router. --pods N gives the
+model N pods (all the one nginx, each scraped): what scheduling and health checks cost
+per request with that many candidates.
 
 Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50;
 and the baseline of the same run: a bare Twisted proxy with no logic (bench/bare_proxy.py,
@@ -170,13 +172,19 @@ PD_PODS = """  - apiVersion: v1
 """.replace("BACKEND", BACKEND)
 
 
-def router_config(limits: bool, redis: str | None, pd: bool = False) -> str:
+def router_config(limits: bool, redis: str | None, pd: bool = False, pods: int = 1) -> str:
     """
     The router's config; with C{limits}, limits on the route that never refuse; with
     C{pd}, the backend is a prefill/decode group of two pods (the same nginx), so every
-    request is a prefill leg then a decode leg (C{http} connector).
+    request is a prefill leg then a decode leg (C{http} connector); C{pods} pods serve
+    the model (all of them the one nginx).
     """
     config = ROUTER_CONFIG
+    if pods > 1:
+        pod = config[config.index("  - apiVersion: v1\n    kind: Pod") :]
+        config = config.replace(
+            pod, "".join(pod.replace("bench-0", f"bench-{i}") for i in range(pods))
+        )
     if pd:
         config = config.replace("workloadSelector: {matchLabels: {app: bench}}", PD_SERVER)
         config = config[: config.index("  - apiVersion: v1\n    kind: Pod")] + PD_PODS
@@ -285,6 +293,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limits", action="store_true", help="limits on the route (never hit)")
     parser.add_argument("--redis", help="with --limits: the Redis (host:port) they live in")
     parser.add_argument("--pd", action="store_true", help="a prefill/decode group as backend")
+    parser.add_argument("--pods", type=int, default=1, help="pods serving the model")
     parser.add_argument(
         "--client", choices=("twisted", "lean"), default="lean", help="upstream.client"
     )
@@ -302,7 +311,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kthena-bench-"))
     workdir.chmod(0o755)  # nginx workers (www-data) read the bodies from here
     (workdir / "nginx.conf").write_text(nginx_conf(workdir))
-    config = router_config(args.limits, args.redis, args.pd).replace(
+    config = router_config(args.limits, args.redis, args.pd, args.pods).replace(
         "reloadInterval: 0s\n",
         f"reloadInterval: 0s\nupstream: {{client: {args.client}}}\n"
         f"downstream: {{server: {args.server}}}\n",

@@ -332,5 +332,8 @@ class IUpstream(Interface):
     def idle_connections(pod: PodEndpoint) -> int:
         """Idle keep-alive connections pooled for C{pod}."""
 
+    def configure(config: Any) -> None:
+        """Take new pool sizes and timeouts (an L{UpstreamConfig<kthena.config.traffic>})."""
+
     def close() -> Any:
         """Close the pooled connections; a Deferred that fires when they are."""

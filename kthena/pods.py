@@ -7,6 +7,7 @@ the pipeline and the views.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from kthena.config.resources import Pod
 from kthena.engines.state import PodState
@@ -24,7 +25,16 @@ class OutlierState:
     @ivar multiplier: how many base ejection times the next ejection lasts, less one;
         it decays while the pod behaves.
     @ivar back_at: when the last ejection ended.
+    @cvar epoch: bumped by every write of any pod's C{ejected_until}: who keeps health
+        verdicts (L{kthena.pipeline.health}) sees an ejection at once.
     """
+
+    epoch: ClassVar[int] = 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "ejected_until":
+            OutlierState.epoch += 1
+        object.__setattr__(self, name, value)
 
     consecutive_failures: int = 0
     ejected_until: float | None = None

@@ -40,7 +40,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from kthena.config.router import RouterConfig, SimulatorSpec, load_config
-from kthena.engines.scraper import PodScraper
+from kthena.config.traffic import UpstreamConfig
+from kthena.engines.scraper import PodScraper, client_settings
 from kthena.fairness.service import FairQueues
 from kthena.http.client import LeanUpstream
 from kthena.http.server import LeanSite
@@ -150,7 +151,11 @@ class RouterService(SequentialMultiService):
         self.store.replace(config.resources)
         self.metrics = RouterMetrics(self.registry, reactor, config)
         self.decisions = DecisionRing()
-        self.upstream = upstream if upstream is not None else _upstream(reactor, config)
+        self.upstream = (
+            upstream
+            if upstream is not None
+            else _upstream(reactor, config.upstream.client, config.upstream)
+        )
         self.access_log = access_log_for(
             config.observability.access_log, self.registry, reactor, config.source
         )
@@ -190,7 +195,10 @@ class RouterService(SequentialMultiService):
         )
         self.scraper: PodScraper | None = None
         if config.pod_metrics.enabled:
-            self.scraper = PodScraper(reactor, self.store, config.pod_metrics)
+            scrapes = _upstream(
+                reactor, config.upstream.client, client_settings(config.pod_metrics)
+            )
+            self.scraper = PodScraper(reactor, self.store, config.pod_metrics, scrapes)
             self.plane.scrape_pods()
             self.scraper.round_hooks.append(self._scraped)
         self.reloader = ConfigReloader(reactor, self, config_path, loader, signals)
@@ -299,11 +307,11 @@ class RouterService(SequentialMultiService):
             self.systemd.reloaded()
 
 
-def _upstream(reactor: IServerReactor, config: RouterConfig) -> IUpstream:
-    """The client towards pods that C{upstream.client} names."""
-    if config.upstream.client == "lean":
-        return LeanUpstream(reactor, config.upstream)
-    return Upstream(reactor, config.upstream)
+def _upstream(reactor: IServerReactor, client: str, settings: UpstreamConfig) -> IUpstream:
+    """A client towards pods of the kind C{upstream.client} names."""
+    if client == "lean":
+        return LeanUpstream(reactor, settings)
+    return Upstream(reactor, settings)
 
 
 def _simulator(spec: SimulatorSpec, reactor: IServerReactor) -> Service:

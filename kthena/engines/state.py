@@ -44,9 +44,13 @@ class PodState:
         depend only on scraped figures keep them until it moves. A write, not only
         L{update}, so that whoever sets a figure (a scrape, a test, a debug tool) is seen
         at once.
+    @cvar setbacks: bumped by every write that can make a healthy pod unhealthy (a failed
+        scrape, a scrape time cleared; staleness comes with time, not a write), so that
+        health verdicts of healthy pods are kept across their scrapes.
     """
 
     generation: ClassVar[int] = 0
+    setbacks: ClassVar[int] = 0
 
     def __setattr__(self, name: str, value: object) -> None:
         # Reads stay plain slot reads; a write costs a Python call (a scrape writes about
@@ -55,6 +59,10 @@ class PodState:
         object.__setattr__(self, name, value)
         if name not in _PER_REQUEST:
             PodState.generation += 1
+            if (name == "consecutive_failures" and value) or (
+                name == "scraped_at" and value is None
+            ):
+                PodState.setbacks += 1
         if name in _WORK_INPUTS:
             try:
                 work = self._work()

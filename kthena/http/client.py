@@ -68,16 +68,17 @@ class LeanUpstream(Service):
         )
         self.endpoints = PodEndpoints(reactor, config.connect_timeout)
         self._origins: dict[Key, _Origin] = {}
-        self._settings(config)
+        self.configure(config)
 
-    def _settings(self, config: UpstreamConfig) -> None:
+    def configure(self, config: UpstreamConfig) -> None:
+        """Take new pool sizes and timeouts (a reload's, or the scraper's own)."""
         self.pool.max_idle = config.max_connections_per_pod
         self.pool.idle_timeout = config.pool_idle_timeout
         if self.endpoints.retime(config.connect_timeout):
             self._origins.clear()  # they hold endpoints made with the old timeout
 
     def reconfigure(self, config: RouterConfig) -> None:
-        self._settings(config.upstream)
+        self.configure(config.upstream)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

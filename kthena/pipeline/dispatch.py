@@ -19,7 +19,6 @@ only from a 2xx, as Kthena's.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NoReturn
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -136,7 +135,7 @@ class Dispatcher:
                 response, verdict = await self._judge(call, pod, response, policy is not None, last)
                 if verdict is None:
                     # No other attempt now: the bytes sent go (a stream lasts minutes).
-                    call.outgoing = dataclasses.replace(call.outgoing, body=b"")
+                    call.outgoing = call.outgoing.without_body()
                     body = None
                     await relay_response(
                         call, pod, response, self.clock, self.idle_timeout, self.failed,

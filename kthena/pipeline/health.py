@@ -15,6 +15,7 @@ default) or any is (C{anyModel}).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,8 +23,10 @@ from twisted.internet.interfaces import IReactorTime
 
 from kthena.config.resources import ModelServer
 from kthena.config.router import PodMetricsConfig, RouterConfig
+from kthena.config.traffic import OutlierConfig
+from kthena.engines.state import PodState
 from kthena.pipeline.outlier import OutlierDetector
-from kthena.pods import PodEndpoint
+from kthena.pods import OutlierState, PodEndpoint
 from kthena.store import Datastore
 
 
@@ -39,6 +42,58 @@ class ServerHealth:
     pods: Sequence[PodEndpoint]
     healthy: Sequence[PodEndpoint]
     status: str
+
+
+KEPT = 64
+"""Pod sets whose verdicts are kept (all dropped past this)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """
+    Which pods of a set were healthy, and until when that stands: a pass over a hundred
+    pods costs a hundred microseconds, and it would run for every request.
+
+    It stands until a pod's scrape goes stale or its ejection ends (L{until}), a pod is
+    ejected (L{OutlierState.epoch}), the settings change, and, when every pod was
+    healthy, a write that can make one unhealthy (L{PodState.setbacks}: their scrapes do
+    not count); when some were not, any write to a pod's state (L{PodState.generation}).
+    """
+
+    healthy: list[PodEndpoint]
+    until: float
+    whole: bool
+    epoch: int
+    ejections: int
+    scrapes: PodMetricsConfig | None
+    outliers: OutlierConfig
+
+    @classmethod
+    def of(
+        cls, pods: Sequence[PodEndpoint], healthy: list[PodEndpoint], health: Health
+    ) -> _Verdict:
+        until = math.inf
+        scrapes = health.scrapes
+        for p in pods:
+            scraped, ejected = p.state.scraped_at, p.outlier.ejected_until
+            if scrapes is not None and scraped is not None:
+                until = min(until, scraped + scrapes.stale_after)
+            if ejected is not None:
+                until = min(until, ejected)
+        whole = len(healthy) == len(pods)
+        epoch = PodState.setbacks if whole else PodState.generation
+        return cls(
+            healthy, until, whole, epoch, OutlierState.epoch, scrapes, health.outliers.config
+        )
+
+    def stands(self, now: float, health: Health) -> bool:
+        return (
+            now < self.until
+            and self.epoch == (PodState.setbacks if self.whole else PodState.generation)
+            and self.ejections == OutlierState.epoch
+            and self.scrapes is health.scrapes
+            and self.outliers is health.outliers.config
+        )
 
 
 class Health:
@@ -58,6 +113,7 @@ class Health:
         self.clock = clock
         self.outliers = outliers
         self.scrapes = scrapes
+        self._kept: dict[tuple[PodEndpoint, ...], _Verdict] = {}
 
     def pod(self, pod: PodEndpoint, now: float | None = None) -> bool:
         """Whether a serving pod is healthy (C{now}: the reactor time, when known)."""
@@ -71,8 +127,17 @@ class Health:
         return not self.outliers.ejected(pod)
 
     def healthy(self, pods: Sequence[PodEndpoint]) -> list[PodEndpoint]:
+        """Those of C{pods} that are healthy now (a verdict kept while it stands)."""
         now = self.clock.seconds()
-        return [p for p in pods if self.pod(p, now)]
+        key = tuple(pods)
+        kept = self._kept.get(key)
+        if kept is not None and kept.stands(now, self):
+            return list(kept.healthy)
+        healthy = [p for p in pods if self.pod(p, now)]
+        if len(self._kept) >= KEPT:
+            self._kept.clear()
+        self._kept[key] = _Verdict.of(key, healthy, self)
+        return list(healthy)  # the caller's own list
 
     def server(self, server: ModelServer) -> ServerHealth:
         pods = self.store.server_pods(server)

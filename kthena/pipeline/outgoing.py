@@ -31,6 +31,10 @@ class Outgoing:
     body: bytes
     hide_usage: bool
 
+    def without_body(self) -> Outgoing:
+        """The same, its body let go (C{dataclasses.replace} costs five times as much)."""
+        return Outgoing(self.headers, b"", self.hide_usage)
+
 
 def outgoing(
     exchange: IExchange,

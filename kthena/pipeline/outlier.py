@@ -53,7 +53,9 @@ class OutlierDetector:
         return False
 
     def succeeded(self, pod: PodEndpoint) -> None:
-        pod.outlier.consecutive_failures = 0
+        state = pod.outlier
+        if state.consecutive_failures:  # every answer comes here: a write costs a call
+            state.consecutive_failures = 0
 
     def failed(self, pod: PodEndpoint, why: str, peers: Sequence[PodEndpoint]) -> None:
         """

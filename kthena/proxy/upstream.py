@@ -43,9 +43,10 @@ class Upstream(Service):
         self.endpoints = PodEndpoints(reactor, config.connect_timeout)
         self.agent = pod_agent(reactor, self.endpoints, self.pool)
         self._origins: dict[tuple[str, str], _Origin] = {}
-        self._settings(config)
+        self.configure(config)
 
-    def _settings(self, config: UpstreamConfig) -> None:
+    def configure(self, config: UpstreamConfig) -> None:
+        """Take new pool sizes and timeouts (a reload's, or the scraper's own)."""
         self.pool.maxPersistentPerHost = config.max_connections_per_pod
         # Twisted annotates this as int; any number of seconds works.
         self.pool.cachedConnectionTimeout = config.pool_idle_timeout  # type: ignore[assignment]
@@ -53,7 +54,7 @@ class Upstream(Service):
             self._origins.clear()  # they hold endpoints made with the old timeout
 
     def reconfigure(self, config: RouterConfig) -> None:
-        self._settings(config.upstream)
+        self.configure(config.upstream)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

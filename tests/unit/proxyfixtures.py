@@ -209,6 +209,9 @@ class FakeUpstream(Service):
         super().stopService()
         return self.close()
 
+    def configure(self, config: Any) -> None:
+        pass
+
     def idle_connections(self, pod: PodEndpoint) -> int:
         return self.idle.get(pod.key, 0)
 

@@ -108,7 +108,8 @@ def test_a_stopped_router_leaves_nothing_behind(tmp_path: Path, name: str) -> No
     assert upstream.pool.closed and upstream.pool._idle == {}
     if router.scraper is not None:
         assert router.scraper._requests == set()
-        assert router.scraper._pool._connections == {}
+        scrapes: Any = router.scraper.upstream
+        assert scrapes.pool.closed and scrapes.pool._idle == {}
 
 
 class Recorder(Service):
@@ -216,3 +217,32 @@ def test_a_reload_reaches_each_reconfigurable_child_in_order(monkeypatch: Any) -
     assert set(router.store.pods) == {"default/p0"}  # the store first, then the rest
     assert router.proxy.site.max_body_bytes == 5
     assert router.config is new
+
+
+@pytest.mark.parametrize("client", ["lean", "twisted"])
+def test_the_scraper_has_a_client_of_its_own_of_the_proxys_kind(
+    tmp_path: Path, client: str
+) -> None:
+    top: dict[str, Any] = {
+        "listen": "tcp:8080",
+        "observability": {"accessLog": {"enabled": False}},
+        "upstream": {"client": client},
+        "podMetrics": {"interval": "2s", "timeout": "1500ms"},
+        "resources": DOCS,
+    }
+    config = parse_config(top, str(tmp_path / "router.yaml"), tmp_path, [])
+    router = RouterService(config, cast(IServerReactor, MemoryReactorClock()))
+    assert router.scraper is not None
+    assert type(router.scraper.upstream) is type(router.upstream)
+    assert router.scraper.upstream is not router.upstream
+    scrapes: Any = router.scraper.upstream
+    if client == "lean":
+        assert (scrapes.pool.max_idle, scrapes.pool.idle_timeout) == (1, 4.0)
+    else:
+        assert (scrapes.pool.maxPersistentPerHost, scrapes.pool.cachedConnectionTimeout) == (1, 4.0)
+    assert scrapes.endpoints.connect_timeout == 1.5
+    top["podMetrics"] = {"interval": "5s", "timeout": "3s"}
+    router.scraper.reconfigure(parse_config(top, str(tmp_path / "router.yaml"), tmp_path, []))
+    assert scrapes.endpoints.connect_timeout == 3.0
+    idle = scrapes.pool.idle_timeout if client == "lean" else scrapes.pool.cachedConnectionTimeout
+    assert idle == 10.0
