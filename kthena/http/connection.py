@@ -22,7 +22,6 @@ from typing import cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -30,6 +29,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from kthena.http.deadline import Deadline
 from kthena.http.response import PodResponse
 from kthena.http.wire import EagerWire, hold, release
 
@@ -68,15 +68,15 @@ class _Wire(TypingProtocol):
 class PodConnection(Protocol):
     """
     @ivar reused: it served a whole answer already (a request on it may meet L{NotSentError}).
-    @ivar idle_timer: closes it while it waits in the pool (the pool's).
+    @ivar idle_deadline: closes it while it waits in the pool (the pool's).
     """
 
-    def __init__(self, owner: Owner, key: Key) -> None:
+    def __init__(self, owner: Owner, key: Key, idle_deadline: Deadline) -> None:
         self.owner = owner
         self.key = key
         self.reused = False
         self.lost = False
-        self.idle_timer: IDelayedCall | None = None
+        self.idle_deadline = idle_deadline
         self._closers: list[Deferred[None]] = []
         self._parser: HttpResponseParser | None = None
         self._waiting: Deferred[IResponse] | None = None

@@ -11,6 +11,8 @@ others age out when traffic drops.
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
@@ -18,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from kthena.http.connection import Key, PodConnection
+from kthena.http.deadline import Deadline
 
 
 class _Connections(Factory):
@@ -30,7 +33,7 @@ class _Connections(Factory):
         self.key = key
 
     def buildProtocol(self, addr: object) -> PodConnection:
-        return PodConnection(self.pool, self.key)
+        return PodConnection(self.pool, self.key, Deadline(self.pool.clock))
 
 
 class ConnectionPool:
@@ -47,9 +50,7 @@ class ConnectionPool:
         if not idle:
             return None
         connection = idle.pop()
-        if connection.idle_timer is not None:
-            connection.idle_timer.cancel()
-            connection.idle_timer = None
+        connection.idle_deadline.clear()
         return connection
 
     def connect(self, key: Key, endpoint: IStreamClientEndpoint) -> Deferred[PodConnection]:
@@ -69,7 +70,7 @@ class ConnectionPool:
             return
         idle = self._idle.setdefault(connection.key, [])
         idle.append(connection)
-        connection.idle_timer = self.clock.callLater(self.idle_timeout, self._expire, connection)
+        connection.idle_deadline.set(self.idle_timeout, partial(self._discard, connection))
         if len(idle) > self.max_idle:
             self._discard(idle[0])
 
@@ -80,10 +81,7 @@ class ConnectionPool:
             idle.remove(connection)
             if not idle:
                 del self._idle[connection.key]
-        if connection.idle_timer is not None:
-            if connection.idle_timer.active():
-                connection.idle_timer.cancel()
-            connection.idle_timer = None
+        connection.idle_deadline.stop()
 
     def count(self, key: Key) -> int:
         return len(self._idle.get(key, ()))
@@ -97,10 +95,6 @@ class ConnectionPool:
         closing = [c.close() for c in idle]
         done: Deferred[None] = gatherResults(closing).addCallback(lambda _: None)
         return done
-
-    def _expire(self, connection: PodConnection) -> None:
-        connection.idle_timer = None
-        self._discard(connection)
 
     def _discard(self, connection: PodConnection) -> None:
         self.lost(connection)

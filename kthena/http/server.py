@@ -21,12 +21,13 @@ from collections import deque
 from collections.abc import Callable
 
 from httptools import HttpParserUpgrade, HttpRequestParser
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from kthena.config.traffic import DownstreamConfig
 from kthena.errors import ErrorType
+from kthena.http.deadline import Deadline
 from kthena.http.exchange import LeanExchange, Wire
 from kthena.http.head import CONTINUE, DateCache
 from kthena.http.incoming import Incoming, Refusal, StopParsingError
@@ -89,7 +90,7 @@ class LeanChannel(Protocol):
         """False once a refusal is queued or the client wants no more requests read."""
         self._closing = False
         self._advancing = False
-        self._timer: IDelayedCall | None = None
+        self._deadline = Deadline(site.clock)
 
     @property
     def wire(self) -> Wire:
@@ -126,7 +127,7 @@ class LeanChannel(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
-        self._stop_timer()
+        self._deadline.stop()
         self._ready.clear()
         self._held.clear()
         current, self._current = self._current, None
@@ -307,7 +308,7 @@ class LeanChannel(Protocol):
         incoming = self._incoming
         if incoming is None:
             self._wait(self.site.downstream.idle_timeout, self._idle)
-        elif self._timer is None:  # held while another was answered: its deadlines now
+        elif not self._deadline.armed:  # held while another was answered: its deadlines now
             if incoming.head_done:
                 self._wait(self.site.downstream.body_timeout, self._body_timed_out)
             else:
@@ -315,7 +316,7 @@ class LeanChannel(Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self._stop_timer()
+        self._deadline.stop()
         self.wire.loseConnection()  # what a pod's read left held goes first
 
     # -- refusals and deadlines
@@ -351,25 +352,19 @@ class LeanChannel(Protocol):
         self.site.refused(record)
 
     def _wait(self, seconds: float, then: Callable[[], None]) -> None:
-        self._stop_timer()
-        self._timer = self.site.clock.callLater(seconds, then)
+        self._deadline.set(seconds, then)
 
     def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadline.clear()
 
     def _idle(self) -> None:
-        self._timer = None
         self._close()
 
     def _head_timed_out(self) -> None:
-        self._timer = None
         timeout = self.site.downstream.header_timeout
         self._timed_out(f"the request head did not arrive within {timeout}s")
 
     def _body_timed_out(self) -> None:
-        self._timer = None
         timeout = self.site.downstream.body_timeout
         self._timed_out(f"the request body did not arrive within {timeout}s")
 
