@@ -27,7 +27,6 @@ class Deadline:
         self._due = 0.0
         self._then: Callable[[], None] | None = None
 
-    @property
     def armed(self) -> bool:
         """A deadline is set (and has not passed)."""
         return self._then is not None

@@ -308,7 +308,7 @@ class LeanChannel(Protocol):
         incoming = self._incoming
         if incoming is None:
             self._wait(self.site.downstream.idle_timeout, self._idle)
-        elif not self._deadline.armed:  # held while another was answered: its deadlines now
+        elif not self._deadline.armed():  # held while another was answered: its deadlines now
             if incoming.head_done:
                 self._wait(self.site.downstream.body_timeout, self._body_timed_out)
             else:

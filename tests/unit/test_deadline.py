@@ -31,11 +31,11 @@ def test_a_deadline_fires_at_its_time_once() -> None:
     fired: list[float] = []
     deadline = Deadline(clock)
     deadline.set(10, lambda: fired.append(clock.seconds()))
-    assert deadline.armed
+    assert deadline.armed()
     clock.advance(9.999)
     assert fired == []
     clock.advance(0.001)
-    assert fired == [10.0] and not deadline.armed
+    assert fired == [10.0] and not deadline.armed()
     clock.advance(100)
     assert fired == [10.0] and clock.getDelayedCalls() == []
 
@@ -75,7 +75,7 @@ def test_cleared_and_stopped_deadlines_never_fire() -> None:
     deadline = Deadline(clock)
     deadline.set(10, lambda: fired.append("cleared"))
     deadline.clear()
-    assert not deadline.armed
+    assert not deadline.armed()
     clock.advance(20)
     assert fired == [] and clock.getDelayedCalls() == []  # it fired for nothing
     deadline.set(10, lambda: fired.append("stopped"))
