@@ -5,7 +5,6 @@ Small pieces of twisted.web that the router and the simulator both need.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, cast
 
 import orjson
@@ -49,7 +48,13 @@ class QuietSite(Site):
         pass
 
 
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
+"""Every digit to C{0}, every other byte to C{.}: a run of digits becomes a run of C{0},
+found by a substring search (a regex class repeated costs 15 times as much: 48 us for a
+2 KB body)."""
+_LONG_RUN = b"0" * 19
+"""Integers orjson reads as floats have 19 digits or more (below -2**63) or 20 (beyond
+2**64 - 1)."""
 
 
 def json_loads(raw: bytes) -> Any:
@@ -57,11 +62,11 @@ def json_loads(raw: bytes) -> Any:
     JSON from a client or a pod: by orjson (several times faster than the standard
     library), or by the standard library for what orjson refuses (a lone surrogate
     escape, C{NaN}) or reads otherwise (it makes an integer beyond 64 bits a float: a
-    document with 20 digits in a row goes to the standard library).
+    document with 19 digits in a row goes to the standard library).
 
     @raise ValueError: not JSON, with the standard library's message.
     """
-    if not _LONG_DIGITS.search(raw):
+    if _LONG_RUN not in raw.translate(_DIGITS):
         try:
             return orjson.loads(raw)
         except ValueError:  # orjson.JSONDecodeError

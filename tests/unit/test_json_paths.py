@@ -15,8 +15,9 @@ from kthena.webutil import json_bytes
 
 
 def test_what_orjson_reads_otherwise_is_read_as_python_does() -> None:
-    big = 2**70
-    assert loads(b'{"seed": %d}' % big) == {"seed": big}  # not a float
+    for big in (2**70, 2**64, -(2**63) - 1, 2**64 - 1, -(2**63)):
+        assert loads(b'{"seed": %d}' % big) == {"seed": big}  # not a float
+        assert loads(b"[%d]" % big) == [big]
     assert loads(b'{"x": "\\ud800"}') == {"x": "\ud800"}  # a lone surrogate escape
     assert json.dumps(loads(b'{"t": NaN}')) == '{"t": NaN}'
     assert loads('{"t": "h\u00e9llo", "n": [1, 2.5, null, true]}'.encode()) == {
