@@ -75,23 +75,28 @@ def _error(ctx: RequestRecord) -> tuple[str, str] | None:
     return ctx.error_type.value, ctx.error_message or ""
 
 
-def json_record(ctx: RequestRecord) -> dict[str, Any]:
+def format_json(ctx: RequestRecord) -> str:
     """
-    The JSON record: the specification's fields in its order, then current Kthena's
-    destination fields, and ours (C{user_id}, only when the config identifies callers);
-    as Kthena, a field that is not known (no model, no route, no pod, no tokens, no
-    attempt) is left out rather than written as C{null} or C{0}.
+    The JSON record, one object on one line: the specification's fields in its order,
+    then current Kthena's destination fields, and ours (C{user_id}, only when the config
+    identifies callers); as Kthena, a field that is not known (no model, no route, no
+    pod, no tokens, no attempt) is left out rather than written as C{null} or C{0}.
+    C{": "} and C{", "} separators, so that the specification's C{grep '"type":
+    "timeout"'} finds what it looks for.
+
+    Written out piece by piece, each string escaped by the standard library's own C
+    escaper: the same bytes as C{json.dumps} of the record, at a third of the cost of
+    building a dict and encoding it (the access log formats on the reactor thread).
     """
     total, request, upstream, response = durations(ctx)
     match = ctx.match
-    record: dict[str, Any] = {
-        "timestamp": timestamp(ctx.started),
-        "method": ctx.method,
-        "path": ctx.path,
-        "protocol": ctx.protocol,
-        "status_code": ctx.status,
-    }
-    optional: tuple[tuple[str, object], ...] = (
+    parts = [
+        f'{{"timestamp": "{timestamp(ctx.started)}", "method": {_string(ctx.method)}, '
+        f'"path": {_string(ctx.path)}, "protocol": {_string(ctx.protocol)}, '
+        f'"status_code": {ctx.status:d}'
+    ]
+    append = parts.append
+    strings: tuple[tuple[str, str | None], ...] = (
         ("model_name", ctx.model),
         ("model_route", match.route.meta.key if match is not None else None),
         ("model_server", match.server.meta.key if match is not None else None),
@@ -101,40 +106,47 @@ def json_record(ctx: RequestRecord) -> dict[str, Any]:
         ("backend_type", "model_server" if match is not None else None),
         ("backend_name", match.server.meta.key if match is not None else None),
         ("upstream_model", match.upstream_model(ctx.model or "") if match is not None else None),
+    )
+    for key, text in strings:
+        if text:
+            append(f', "{key}": {_string(text)}')
+    numbers: tuple[tuple[str, int | None], ...] = (
         ("upstream_status_code", ctx.upstream_status),
         ("upstream_attempts", ctx.attempts),
         ("input_tokens", ctx.input_tokens),
         ("output_tokens", ctx.output_tokens),
     )
-    for key, value in optional:
-        if value:
-            record[key] = value
-    record["duration_total"] = total
-    record["duration_request_processing"] = request
-    record["duration_upstream_processing"] = upstream
-    record["duration_response_processing"] = response
+    for key, number in numbers:
+        if number:
+            append(f', "{key}": {number:d}')
+    append(
+        f', "duration_total": {total:d}, "duration_request_processing": {request:d}, '
+        f'"duration_upstream_processing": {upstream:d}, '
+        f'"duration_response_processing": {response:d}'
+    )
     prefill, decode = ctx.leg("prefill"), ctx.leg("decode")
     if prefill is not None:
-        record["prefill_pod"] = prefill.pod
-        record["duration_prefill"] = _ms(prefill.seconds)
+        append(
+            f', "prefill_pod": {_string(prefill.pod)}, "duration_prefill": {_ms(prefill.seconds):d}'
+        )
     if decode is not None:
-        record["duration_decode"] = _ms(decode.seconds)
+        append(f', "duration_decode": {_ms(decode.seconds):d}')
     error = _error(ctx)
     if error is not None:
-        record["error"] = {"type": error[0], "message": error[1]}
+        append(f', "error": {{"type": {_string(error[0])}, "message": {_string(error[1])}}}')
+    append("}")
+    return "".join(parts)
+
+
+def json_record(ctx: RequestRecord) -> dict[str, Any]:
+    """The JSON record as a reader of the log gets it."""
+    record: dict[str, Any] = json.loads(format_json(ctx))
     return record
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False)
-"""One encoder for every record (C{json.dumps} with options builds one per call)."""
-
-
-def format_json(ctx: RequestRecord) -> str:
-    """
-    One JSON object on one line. C{": "} and C{", "} separators, so that the
-    specification's C{grep '"type": "timeout"'} finds what it looks for.
-    """
-    return _JSON.encode(json_record(ctx))
+_string: Callable[[str], str] = json.encoder.encode_basestring
+"""A JSON string of a str, escaped as C{json.dumps(..., ensure_ascii=False)} escapes (C)."""
 
 
 def _quoted(value: str) -> str:

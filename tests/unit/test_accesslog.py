@@ -222,6 +222,25 @@ def test_json_record_of_an_error_has_type_and_message() -> None:
     assert '"type": "timeout"' in format_json(timed_out())
 
 
+def test_a_json_line_is_what_json_dumps_writes_of_it() -> None:
+    """Written piece by piece, a line has json.dumps' own bytes: separators, escapes,
+    non-ASCII as is, whatever the strings hold."""
+    hostile = 'a "quoted" \\ back\nslash\t\x00\x1f \u00e9\u4e2d\U0001f600 \u2028'
+    records = [proxied(), timed_out(), refused()]
+    records.append(proxied(model=hostile, request_id=hostile, method='PO"ST', path="/v1/\n"))
+    records.append(proxied(user=hostile, identified=True, upstream_status=None, attempts=0))
+    failed = timed_out()
+    failed.error_message = hostile
+    records.append(failed)
+    for ctx in records:
+        line = format_json(ctx)
+        assert line == json.dumps(json.loads(line), ensure_ascii=False), line
+        assert "\n" not in line
+    assert json_record(records[3])["model_name"] == hostile
+    assert json_record(records[4])["user_id"] == hostile
+    assert json_record(records[5])["error"] == {"type": "timeout", "message": hostile}
+
+
 def test_json_record_of_a_refused_request() -> None:
     record = json_record(refused())
     assert record["error"] == {
