@@ -144,14 +144,13 @@ def json_record(ctx: RequestRecord) -> dict[str, Any]:
     return record
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False)
 _string: Callable[[str], str] = json.encoder.encode_basestring
 """A JSON string of a str, escaped as C{json.dumps(..., ensure_ascii=False)} escapes (C)."""
 
 
 def _quoted(value: str) -> str:
     """A double-quoted string with C{"}, C{\\} and control characters escaped."""
-    return _JSON.encode(value)
+    return _string(value)
 
 
 _NEEDS_QUOTES = frozenset(' "\\=')
