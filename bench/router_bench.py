@@ -12,14 +12,15 @@ bounded in time.
 
     apt-get install -y nginx-light wrk
     python3 bench/router_bench.py [--duration 10] [--connections 32] [--limits [--redis H:P]]
-        [--pd] [--pods N] [--client twisted|lean] [--server twisted|lean]
+        [--pd] [--pods N] [--prompt-bytes N] [--client twisted|lean] [--server twisted|lean]
 
 --limits puts token and request limits on the route, high enough never to refuse (the
 cost of a check and a settle on every request); --redis keeps them in that Redis. --pd
 makes the backend a prefill/decode group (two pods on the one nginx, the http connector):
 two upstream legs per request, to measure what PD adds to the router. --pods N gives the
 model N pods (all the one nginx, each scraped): what scheduling and health checks cost
-per request with that many candidates.
+per request with that many candidates. --prompt-bytes N sends a prompt of N bytes instead
+of "hello world" (what parsing, prompt checks and prefix hashing cost per byte).
 
 Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50;
 and the baseline of the same run: a bare Twisted proxy with no logic (bench/bare_proxy.py,
@@ -196,8 +197,13 @@ def router_config(limits: bool, redis: str | None, pd: bool = False, pods: int =
     return config.replace("LIMITS", rule)
 
 
-def wrk_script(workdir: Path, stream: bool) -> Path:
-    body = {"model": "bench", "messages": [{"role": "user", "content": "hello world"}]}
+def wrk_script(workdir: Path, stream: bool, prompt_bytes: int = 0) -> Path:
+    """wrk's request: a chat completion of "hello world", or of C{prompt_bytes} of text."""
+    content = "hello world"
+    if prompt_bytes > len(content):
+        words = "the quick brown fox jumps over the lazy dog " * (prompt_bytes // 44 + 1)
+        content = words[:prompt_bytes]
+    body = {"model": "bench", "messages": [{"role": "user", "content": content}]}
     if stream:
         body["stream"] = True
     path = workdir / ("stream.lua" if stream else "chat.lua")
@@ -295,6 +301,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pd", action="store_true", help="a prefill/decode group as backend")
     parser.add_argument("--pods", type=int, default=1, help="pods serving the model")
     parser.add_argument(
+        "--prompt-bytes", type=int, default=0, help='the prompt\'s size (default: "hello world")'
+    )
+    parser.add_argument(
         "--client", choices=("twisted", "lean"), default="lean", help="upstream.client"
     )
     parser.add_argument(
@@ -342,7 +351,7 @@ def main() -> None:
         print(f"{'scenario':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
               f"{'CPU us/req':>12}")  # fmt: skip
         for stream in (False, True):
-            script = wrk_script(workdir, stream)
+            script = wrk_script(workdir, stream, args.prompt_bytes)
             kind = "stream" if stream else "json"
             base = run_wrk(direct, script, args.duration, args.connections)
             proxy = timed_wrk(bare.pid, bare_url, script, args.duration, args.connections)
