@@ -10,6 +10,7 @@ OpenMetrics text format (comments, C{_created} lines and exemplars are skipped).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -23,39 +24,35 @@ class Sample:
     value: float
 
 
+_PAIR = re.compile(r'[ ,]*(?:(\})|([^=]*)="([^"\\]*(?:\\.[^"\\]*)*)")', re.DOTALL)
+"""Either the closing brace, or one C{name="value"} (escapes kept), after separators."""
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _unescape(value: str) -> str:
+    return _ESCAPE.sub(lambda m: _ESCAPES.get(m[0], m[1]), value)
+
+
 def _labels(text: str, start: int) -> tuple[dict[str, str], int]:
     """
     Parse C{a="x",b="y"}} from C{start} (just after the opening brace); values may hold
-    escaped quotes, commas and braces.
+    escaped quotes, commas and braces. One regular-expression match a label (in C: a
+    scrape of a 17 kB page has ~150 labels to read).
 
     @return: the labels and the index just after the closing brace.
     """
     labels: dict[str, str] = {}
-    i, n = start, len(text)
-    while i < n:
-        while i < n and text[i] in " ,":
-            i += 1
-        if i < n and text[i] == "}":
-            return labels, i + 1
-        eq = text.find("=", i)
-        if eq < 0 or eq + 1 >= n or text[eq + 1] != '"':
+    match = _PAIR.match
+    i = start
+    while True:
+        m = match(text, i)
+        if m is None:
             raise ValueError(f"malformed labels: {text!r}")
-        name = text[i:eq].strip()
-        j = eq + 2
-        chars: list[str] = []
-        while j < n and text[j] != '"':
-            if text[j] == "\\" and j + 1 < n:
-                pair = text[j : j + 2]
-                chars.append(_ESCAPES.get(pair, pair[1]))
-                j += 2
-            else:
-                chars.append(text[j])
-                j += 1
-        if j >= n:
-            raise ValueError(f"unterminated label value: {text!r}")
-        labels[name] = "".join(chars)
-        i = j + 1
-    raise ValueError(f"unclosed labels: {text!r}")
+        if m[1] is not None:
+            return labels, m.end()
+        value = m[3]
+        labels[m[2].strip()] = _unescape(value) if "\\" in value else value
+        i = m.end()
 
 
 def _value(text: str) -> float:
@@ -73,8 +70,10 @@ def samples(text: str, names: Collection[str]) -> Iterator[Sample]:
 
     @raise ValueError: on a malformed line among the wanted ones.
     """
+    prefixes = tuple(names)
     for line in text.splitlines():
-        if not line or line[0] == "#":
+        # Most lines are other metrics (histogram buckets, comments): one C call each.
+        if not line.startswith(prefixes):
             continue
         brace = line.find("{")
         space = line.find(" ")
