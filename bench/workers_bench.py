@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -40,9 +41,18 @@ ROUTER_PORT = 18180
 ADMIN_PORT = 18181
 
 
-def worker_pids() -> list[int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN_PORT}/debug/workers") as reply:
-        return [w["pid"] for w in json.load(reply)["workers"]]
+def worker_pids(count: int, timeout: float = 30.0) -> list[int]:
+    """The workers' pids, once all C{count} are ready: a worker still starting when the
+    load begins would take none of wrk's keep-alive connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN_PORT}/debug/workers") as reply:
+            workers = json.load(reply)["workers"]
+        if len(workers) == count and all(w["state"] == "ready" for w in workers):
+            return [w["pid"] for w in workers]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the workers did not all become ready: {workers}")
+        time.sleep(0.1)
 
 
 def config(workdir: Path) -> Path:
@@ -67,7 +77,7 @@ def measure(workdir: Path, workers: int, duration: int, connections: int) -> lis
     rows = []
     try:
         router_bench.wait_for(f"http://127.0.0.1:{ROUTER_PORT}/healthz", timeout=30)
-        pids = [router.pid, *(worker_pids() if workers else [])]
+        pids = [router.pid, *(worker_pids(workers) if workers else [])]
         for stream in (False, True):
             script = router_bench.wrk_script(workdir, stream)
             url = f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"
