@@ -205,22 +205,21 @@ class Relay(Protocol):
         complete, self._pending = data[:end], data[end:]
         if complete:
             self.deltas += complete.count(b'"delta"')
-            if _USAGE.search(complete):
-                complete = self._scan_events(complete)
+            complete = self._scan_events(complete)
         return complete
 
     def _scan_events(self, events: bytes) -> bytes:
         """
         Record usage from events that carry it; drop the usage-only one when hidden. Only
-        the events from the last one that names C{usage} are split and read (the usage
-        chunk comes last, before C{[DONE]}); those before it pass as they are, unless
-        they carry a usage object too (an engine's continuous usage stats).
+        the events from the first one carrying a usage object are split and read (the
+        usage chunk comes last, before C{[DONE]}; an engine's continuous usage stats put
+        one in every event); those before it pass as they are. One scan of the bytes.
         """
-        start = _last_event_end(events, max(0, events.rfind(b'"usage"')))
-        head, tail = events[:start], events[start:]
-        if head and _USAGE.search(head):
-            head = self._scan_each(head)
-        return head + self._scan_each(tail)
+        first = _USAGE.search(events)
+        if first is None:
+            return events
+        start = _last_event_end(events, first.start())
+        return events[:start] + self._scan_each(events[start:])
 
     def _scan_each(self, events: bytes) -> bytes:
         kept: list[bytes] = []
@@ -246,12 +245,19 @@ def _parses(body: bytes) -> bool:
 def _last_event_end(data: bytes, before: int | None = None) -> int:
     """Where the last complete event (before offset C{before}) ends (0: none is complete)."""
     lf = data.rfind(b"\n\n", 0, before)
-    crlf = data.rfind(b"\r\n\r\n", 0, before)
+    # A CRLF end beyond the LF one starts at most one byte before it: look only there.
+    crlf = data.rfind(b"\r\n\r\n", lf - 1 if lf > 0 else 0, before)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _split_events(data: bytes) -> list[bytes]:
-    events: list[bytes] = []
+    if b"\r" not in data:  # LF only, as engines write: split in C
+        parts = data.split(b"\n\n")
+        events = [part + b"\n\n" for part in parts[:-1]]
+        if parts[-1]:
+            events.append(parts[-1])
+        return events
+    events = []
     start = 0
     for match in _EVENT_END.finditer(data):
         events.append(data[start : match.end()])

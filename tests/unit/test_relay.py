@@ -473,3 +473,43 @@ def test_cancelling_done_stops_the_upstream() -> None:
     h.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
     assert h.error.check(CancelledError)
     assert h.request.writes == []
+
+
+def test_any_stream_cut_anywhere_is_relayed_whole_minus_the_hidden_usage_chunk() -> None:
+    """Random streams (LF, CRLF or mixed ends, usage objects in any event, continuous stats or a
+    final chunk, text that names usage), cut into random reads: the client gets every
+    event in order but the usage-only ones when hidden, and the usage is the last one."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(300):
+        ends = rng.choice([[b"\n\n"], [b"\r\n\r\n"], [b"\n\n", b"\r\n\r\n", b"\r\n\n"]])
+        events: list[tuple[bytes, dict[str, int] | None, bool]] = []
+        for i in range(rng.randint(0, 12)):
+            end = rng.choice(ends)
+            kind = rng.random()
+            if kind < 0.2:
+                usage = {"prompt_tokens": i, "completion_tokens": i + 1}
+                chunk = {"choices": [{"delta": {"content": "x"}}], "usage": usage}
+                events.append((b"data: " + json.dumps(chunk).encode() + end, usage, False))
+            elif kind < 0.3:
+                usage = {"prompt_tokens": 9, "completion_tokens": i}
+                body = json.dumps({"choices": [], "usage": usage}, separators=(",", ":"))
+                events.append((b"data: " + body.encode() + end, usage, True))
+            else:
+                text = rng.choice(['"usage": null', 'the "usage" word', "tok", "a\\nb"])
+                plain = {"choices": [{"delta": {"content": text}}], "usage": None}
+                events.append((b"data: " + json.dumps(plain).encode() + end, None, False))
+        events.append((b"data: [DONE]" + rng.choice(ends), None, False))
+        stream = b"".join(e for e, _, _ in events)
+        hide = rng.random() < 0.5
+        h = Harness(hide_usage=hide)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 6))))
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            h.feed(stream[a:b])
+        h.end()
+        assert h.result is None
+        expected = b"".join(e for e, _, usage_only in events if not (hide and usage_only))
+        assert h.request.body == expected
+        usages = [u for _, u, _ in events if u is not None]
+        assert h.usage() == (usages[-1] if usages else None)
