@@ -18,7 +18,6 @@ closed otherwise. How a connection's loss reads:
 from __future__ import annotations
 
 from typing import Protocol as TypingProtocol
-from typing import cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.defer import Deferred, succeed
@@ -56,15 +55,6 @@ class Owner(TypingProtocol):
     def lost(self, connection: PodConnection) -> None: ...
 
 
-class _Wire(TypingProtocol):
-    """What a connection uses of its transport (TCP, or TLS over TCP) besides writes
-    and closes (its L{EagerWire}'s)."""
-
-    def pauseProducing(self) -> None: ...
-
-    def resumeProducing(self) -> None: ...
-
-
 class PodConnection(Protocol):
     """
     @ivar reused: it served a whole answer already (a request on it may meet L{NotSentError}).
@@ -94,8 +84,7 @@ class PodConnection(Protocol):
         self._chunked = False
 
     def connectionMade(self) -> None:
-        self._wire = cast(_Wire, self.transport)
-        self._eager = EagerWire(self.transport)
+        self._wire = EagerWire(self.transport)
 
     def send(self, data: bytes, head_only: bool) -> Deferred[IResponse]:
         """
@@ -109,7 +98,7 @@ class PodConnection(Protocol):
         self._received = self._stopped = self._paused = self._complete = False
         waiting: Deferred[IResponse] = Deferred(self._cancel)
         self._waiting = waiting
-        self._eager.write(data)
+        self._wire.write(data)
         return waiting
 
     def close(self) -> Deferred[None]:
@@ -118,13 +107,13 @@ class PodConnection(Protocol):
             return succeed(None)
         closed: Deferred[None] = Deferred()
         self._closers.append(closed)
-        self._eager.loseConnection()
+        self._wire.loseConnection()
         return closed
 
     def _cancel(self, waiting: Deferred[IResponse]) -> None:
         self._waiting = None
         self._stopped = True
-        self._eager.abortConnection()
+        self._wire.abortConnection()
 
     # -- the answer
 
@@ -132,7 +121,7 @@ class PodConnection(Protocol):
         parser = self._parser
         if parser is None:  # idle, or aborted: nothing is expected
             if not self._stopped:
-                self._eager.abortConnection()
+                self._wire.abortConnection()
             return
         self._received = True
         # What this read makes the router write (to the client: a stream's head, events
@@ -222,7 +211,7 @@ class PodConnection(Protocol):
                 self._wire.resumeProducing()
             self.owner.release(self)
         else:
-            self._eager.loseConnection()
+            self._wire.loseConnection()
         if response is not None:  # its body ends after the connection may serve another
             response.body_ended(_DONE)
 
@@ -230,7 +219,7 @@ class PodConnection(Protocol):
         """The pod sent what is not HTTP: the request fails, the connection closes."""
         self._parser = None
         self._stopped = True
-        self._eager.abortConnection()
+        self._wire.abortConnection()
         waiting, self._waiting = self._waiting, None
         response, self._head = self._head, None
         if waiting is not None:
@@ -273,7 +262,7 @@ class PodConnection(Protocol):
         """The body is not wanted: abort (a pod stops generating when its client goes)."""
         if not self._stopped:
             self._stopped = True
-            self._eager.abortConnection()
+            self._wire.abortConnection()
 
 
 def _version(text: str) -> tuple[bytes, int, int]:

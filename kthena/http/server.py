@@ -110,7 +110,7 @@ class LeanChannel(Protocol):
         # A UNIX peer has no host: None, as for twisted.web's requests.
         self.client_host = getattr(self.transport.getPeer(), "host", None)
         self._wire = EagerWire(self.transport)
-        self._wait(self.site.downstream.idle_timeout, self._idle)
+        self._deadline.set(self.site.downstream.idle_timeout, self._close)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -176,7 +176,7 @@ class LeanChannel(Protocol):
         now = self.site.clock.seconds()
         self._incoming = Incoming(now)
         if self._first_in_line():
-            self._wait(self.site.downstream.header_timeout, self._head_timed_out)
+            self._deadline.set(self.site.downstream.header_timeout, self._head_timed_out)
 
     def on_url(self, url: bytes) -> None:
         incoming = self._incoming
@@ -218,7 +218,7 @@ class LeanChannel(Protocol):
         body = chunked or (length is not None and length[0] != b"0")
         first = self._first_in_line()
         if first:
-            self._stop_timer()
+            self._deadline.clear()
         if not body:
             return
         expect = headers.getRawHeaders(b"expect")
@@ -231,7 +231,7 @@ class LeanChannel(Protocol):
             if first:
                 self.wire.write(CONTINUE)
         if first:
-            self._wait(self.site.downstream.body_timeout, self._body_timed_out)
+            self._deadline.set(self.site.downstream.body_timeout, self._body_timed_out)
 
     def on_body(self, data: bytes) -> None:
         incoming = self._incoming
@@ -249,7 +249,7 @@ class LeanChannel(Protocol):
         incoming, self._incoming = self._incoming, None
         assert incoming is not None
         if self._first_in_line():
-            self._stop_timer()
+            self._deadline.clear()
         self._ready.append(self._exchange(incoming))
         if not incoming.keep_alive:  # the client sends no more requests (or none we read)
             self._parsing = False
@@ -307,12 +307,12 @@ class LeanChannel(Protocol):
             return
         incoming = self._incoming
         if incoming is None:
-            self._wait(self.site.downstream.idle_timeout, self._idle)
+            self._deadline.set(self.site.downstream.idle_timeout, self._close)
         elif not self._deadline.armed():  # held while another was answered: its deadlines now
             if incoming.head_done:
-                self._wait(self.site.downstream.body_timeout, self._body_timed_out)
+                self._deadline.set(self.site.downstream.body_timeout, self._body_timed_out)
             else:
-                self._wait(self.site.downstream.header_timeout, self._head_timed_out)
+                self._deadline.set(self.site.downstream.header_timeout, self._head_timed_out)
 
     def _close(self) -> None:
         self._closing = True
@@ -350,15 +350,6 @@ class LeanChannel(Protocol):
         self.wire.write(answer)
         self._close()
         self.site.refused(record)
-
-    def _wait(self, seconds: float, then: Callable[[], None]) -> None:
-        self._deadline.set(seconds, then)
-
-    def _stop_timer(self) -> None:
-        self._deadline.clear()
-
-    def _idle(self) -> None:
-        self._close()
 
     def _head_timed_out(self) -> None:
         timeout = self.site.downstream.header_timeout

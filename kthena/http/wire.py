@@ -49,7 +49,8 @@ def release() -> None:
 
 
 class EagerWire:
-    """A transport's C{write} and C{writeSequence}, sending at once when they can."""
+    """A transport as its connection uses it: C{write} and C{writeSequence} sending at once
+    when they can, the rest passed on."""
 
     __slots__ = ("_pending", "_socket", "transport")
 
@@ -105,6 +106,12 @@ class EagerWire:
 
     def unregisterProducer(self) -> None:
         self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
 
     def loseConnection(self) -> None:
         """Close once everything written, held or queued, is sent."""

@@ -75,6 +75,10 @@ def _error(ctx: RequestRecord) -> tuple[str, str] | None:
     return ctx.error_type.value, ctx.error_message or ""
 
 
+_string: Callable[[str], str] = json.encoder.encode_basestring
+"""A JSON string of a str, escaped as C{json.dumps(..., ensure_ascii=False)} escapes (C)."""
+
+
 def format_json(ctx: RequestRecord) -> str:
     """
     The JSON record, one object on one line: the specification's fields in its order,
@@ -144,30 +148,21 @@ def json_record(ctx: RequestRecord) -> dict[str, Any]:
     return record
 
 
-_string: Callable[[str], str] = json.encoder.encode_basestring
-"""A JSON string of a str, escaped as C{json.dumps(..., ensure_ascii=False)} escapes (C)."""
-
-
-def _quoted(value: str) -> str:
-    """A double-quoted string with C{"}, C{\\} and control characters escaped."""
-    return _string(value)
-
-
 _NEEDS_QUOTES = frozenset(' "\\=')
 
 
-def _bare_or_quoted(value: str) -> str:
+def _bare_or_string(value: str) -> str:
     """As is when it reads unambiguously in C{key=value}; quoted otherwise."""
     if value and value.isprintable() and _NEEDS_QUOTES.isdisjoint(value):
         return value
-    return _quoted(value)
+    return _string(value)
 
 
 def _in_quotes(value: str) -> str:
     """A piece of the quoted request line, escaped like a quoted value."""
     if value.isprintable() and '"' not in value and "\\" not in value:
         return value
-    return _quoted(value)[1:-1]
+    return _string(value)[1:-1]
 
 
 def format_text(ctx: RequestRecord) -> str:
@@ -186,7 +181,7 @@ def format_text(ctx: RequestRecord) -> str:
     ]
     error = _error(ctx)
     if error is not None:
-        parts.append(f"error={_bare_or_quoted(error[0])}:{_quoted(error[1])}")
+        parts.append(f"error={_bare_or_string(error[0])}:{_string(error[1])}")
     match = ctx.match
     known = (
         ("model_name", ctx.model),
@@ -197,7 +192,7 @@ def format_text(ctx: RequestRecord) -> str:
         ("user_id", ctx.user if ctx.identified else None),
         ("prefill_pod", prefill.pod if (prefill := ctx.leg("prefill")) is not None else None),
     )
-    parts.extend(f"{key}={_bare_or_quoted(value)}" for key, value in known if value)
+    parts.extend(f"{key}={_bare_or_string(value)}" for key, value in known if value)
     if ctx.attempts:
         parts.append(f"upstream={ctx.upstream_status or '-'}/{ctx.attempts}")
     inputs, outputs = ctx.input_tokens, ctx.output_tokens

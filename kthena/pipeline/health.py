@@ -60,7 +60,7 @@ class _Verdict:
     not count); when some were not, any write to a pod's state (L{PodState.generation}).
     """
 
-    healthy: list[PodEndpoint]
+    healthy: tuple[PodEndpoint, ...]
     until: float
     whole: bool
     epoch: int
@@ -70,7 +70,7 @@ class _Verdict:
 
     @classmethod
     def of(
-        cls, pods: Sequence[PodEndpoint], healthy: list[PodEndpoint], health: Health
+        cls, pods: Sequence[PodEndpoint], healthy: tuple[PodEndpoint, ...], health: Health
     ) -> _Verdict:
         until = math.inf
         scrapes = health.scrapes
@@ -131,13 +131,12 @@ class Health:
         now = self.clock.seconds()
         key = tuple(pods)
         kept = self._kept.get(key)
-        if kept is not None and kept.stands(now, self):
-            return list(kept.healthy)
-        healthy = [p for p in pods if self.pod(p, now)]
-        if len(self._kept) >= KEPT:
-            self._kept.clear()
-        self._kept[key] = _Verdict.of(key, healthy, self)
-        return list(healthy)  # the caller's own list
+        if kept is None or not kept.stands(now, self):
+            if len(self._kept) >= KEPT:
+                self._kept.clear()
+            healthy = tuple(p for p in key if self.pod(p, now))
+            kept = self._kept[key] = _Verdict.of(key, healthy, self)
+        return list(kept.healthy)  # the caller's own list
 
     def server(self, server: ModelServer) -> ServerHealth:
         pods = self.store.server_pods(server)
