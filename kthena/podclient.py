@@ -25,6 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11C
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from kthena.deferreds import stopping
 from kthena.interfaces import IServerReactor
 
 
@@ -116,7 +117,7 @@ class BodyCollector(Protocol):
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+        self.done: Deferred[bytes] = stopping(self._stop)
         self._parts: list[bytes] = []
         self._size = 0
 

@@ -56,6 +56,7 @@ class PodResponse:
         self.previousResponse: IResponse | None = None
         self._source: BodySource | None = source
         self._protocol: IProtocol | None = None
+        self._delivered = False
         self._held: list[bytes] = []
         self._end: Failure | None = None
 
@@ -64,8 +65,9 @@ class PodResponse:
 
     def deliverBody(self, protocol: IProtocol) -> None:
         """Give the body to C{protocol}: what arrived already, then the rest as it comes."""
-        if self._protocol is not None:
+        if self._delivered:
             raise RuntimeError("the body of a response is delivered once")
+        self._delivered = True
         self._protocol = protocol
         protocol.makeConnection(self)  # type: ignore[arg-type]
         held, self._held = self._held, []
@@ -83,12 +85,17 @@ class PodResponse:
             self._protocol.dataReceived(data)
 
     def body_ended(self, reason: Failure) -> None:
-        """The body ended (L{ResponseDone}) or broke; the connection is not ours any more."""
+        """
+        The body ended (L{ResponseDone}) or broke; the connection is not ours any more,
+        and the protocol is let go of (it holds this response as its transport: the cycle
+        would wait for the cyclic collector).
+        """
         self._source = None
-        if self._protocol is None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is None:
             self._end = reason
         else:
-            self._protocol.connectionLost(reason)
+            protocol.connectionLost(reason)
 
     # -- IPushProducer, for the body's protocol
 

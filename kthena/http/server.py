@@ -127,6 +127,9 @@ class LeanChannel(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
+        # The parser calls this channel back: the pair would be a cycle, left to the cyclic
+        # collector, on every closed connection. Nothing parses once closing.
+        del self._parser
         self._deadline.stop()
         self._ready.clear()
         self._held.clear()

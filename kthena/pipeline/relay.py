@@ -27,6 +27,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
+from kthena.deferreds import stopping
 from kthena.failures import IncompleteBodyError
 from kthena.interfaces import IExchange
 from kthena.webutil import json_loads
@@ -102,7 +103,7 @@ class Relay(Protocol):
         self.deltas = 0
         self.idle_expired = False
         self.stopped = False
-        self.done: Deferred[None] = Deferred(lambda _: self.stop())
+        self.done: Deferred[None] = stopping(self.stop)
         self._pending = b""
         self._body: list[bytes] | None = None if sse else []
         self._body_size = 0

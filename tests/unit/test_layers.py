@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "kthena",
             "kthena.redact",
             "kthena.failures",
+            "kthena.deferreds",
             "kthena.prompt",
             "kthena.errors",
             "kthena.lifecycle",
