@@ -11,7 +11,8 @@ wrk and nginx share the other core. Everything listens on loopback only; every r
 bounded in time.
 
     apt-get install -y nginx-light wrk
-    python3 bench/router_bench.py [--duration 10] [--connections 32] [--limits [--redis H:P]]
+    python3 bench/router_bench.py [--duration 10] [--rounds 1] [--connections 32]
+        [--limits [--redis H:P]]
         [--pd] [--pods N] [--prompt-bytes N] [--client twisted|lean] [--server twisted|lean]
 
 --limits puts token and request limits on the route, high enough never to refuse (the
@@ -25,6 +26,9 @@ of "hello world" (what parsing, prompt checks and prefix hashing cost per byte).
 Prints one line per scenario: requests/s, latency p50/p99, and the router's added p50;
 and the baseline of the same run: a bare Twisted proxy with no logic (bench/bare_proxy.py,
 twisted.web + Agent, pinned to the router's core), with the router's req/s over its.
+--rounds N runs the bare proxy and the router N times each, one after the other, and shows
+each figure's median (and each round's ratio): this VM's speed drifts by 10-40% from one
+minute to the next, which one run of each turns into a ratio off by as much.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -261,6 +266,11 @@ def timed_wrk(
     return result
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over C{runs} (of one scenario, taken in alternation)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def stop(process: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 15) -> None:
     """Signal C{process} and wait for it; kill it past C{timeout}."""
     process.send_signal(signum)
@@ -296,6 +306,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="runs of the bare proxy and the router, alternating; medians are shown",
+    )  # fmt: skip
     parser.add_argument("--limits", action="store_true", help="limits on the route (never hit)")
     parser.add_argument("--redis", help="with --limits: the Redis (host:port) they live in")
     parser.add_argument("--pd", action="store_true", help="a prefill/decode group as backend")
@@ -354,8 +368,11 @@ def main() -> None:
             script = wrk_script(workdir, stream, args.prompt_bytes)
             kind = "stream" if stream else "json"
             base = run_wrk(direct, script, args.duration, args.connections)
-            proxy = timed_wrk(bare.pid, bare_url, script, args.duration, args.connections)
-            via = timed_wrk(router.pid, routed, script, args.duration, args.connections)
+            proxies, vias = [], []
+            for _ in range(args.rounds):  # alternating: the VM's speed drifts between runs
+                for runs, pid, url in ((proxies, bare.pid, bare_url), (vias, router.pid, routed)):
+                    runs.append(timed_wrk(pid, url, script, args.duration, args.connections))
+            proxy, via = median_run(proxies), median_run(vias)
             rows = (
                 (f"direct {kind}", base),
                 (f"bare proxy {kind}", proxy),
@@ -375,6 +392,11 @@ def main() -> None:
                   "  (req/s ratio, added-p50 ratio)")  # fmt: skip
             print(f"{'  bare / router CPU per req ' + kind:<28}"
                   f"{proxy['cpu_us'] / max(via['cpu_us'], 1):>10.2f}")  # fmt: skip
+            if args.rounds > 1:
+                ratios = " ".join(
+                    f"{v['rps'] / max(p['rps'], 1):.2f}" for p, v in zip(proxies, vias, strict=True)
+                )
+                print(f"{'  each round ' + kind:<28}{ratios}  (router / bare proxy req/s)")
     finally:
         stop(router)
         stop(bare)
