@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "kthena.podclient",
         ),
     ),
+    ("sources", ("kthena.sources",)),
     ("simulator", ("kthena.sim",)),
     ("engines", ("kthena.engines",)),
     ("scheduler", ("kthena.scheduler",)),

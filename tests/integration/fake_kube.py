@@ -1,0 +1,230 @@
+"""
+A Kubernetes API server for the tests, speaking the list/watch protocol as the real one
+does: lists (paged with C{limit}/C{continue}) whose items carry no C{kind}, watches as
+one chunked response of JSON lines from a C{resourceVersion}, C{BOOKMARK} events when
+asked for, C{410 Gone} (an C{ERROR} event) for a version older than its history, the
+end of a watch after C{timeoutSeconds}, and bearer tokens. The test drives it: objects
+applied and deleted, connections dropped, watches gone silent, errors answered.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+Collection = tuple[str, str]
+"""(apiVersion, plural): C{("v1", "pods")}."""
+
+
+@dataclass
+class _Watcher:
+    request: Request
+    collection: Collection
+    namespace: str | None
+    bookmarks: bool
+    timer: IDelayedCall | None = None
+    ended: bool = False
+
+
+@dataclass
+class FakeKube:
+    clock: IReactorTime
+    version: int = 0
+    objects: dict[Collection, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    history: list[tuple[int, Collection, str, dict[str, Any]]] = field(default_factory=list)
+    oldest: int = 0
+    """Versions at or below this are compacted away: watching from one is a 410."""
+    token: str | None = None
+    """The bearer token every request must carry (none: any)."""
+    failing: int | None = None
+    """Answer every request with this status (a Status object)."""
+    silent: bool = False
+    """Watches are accepted and then say nothing (a half-open connection)."""
+    requests: list[tuple[str, dict[str, str], str | None]] = field(default_factory=list)
+    watchers: list[_Watcher] = field(default_factory=list)
+
+    # -- what a test does
+
+    def apply(self, api: str, plural: str, obj: dict[str, Any]) -> None:
+        """Create or replace an object, as C{kubectl apply} would; watchers are told."""
+        collection = (api, plural)
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", "default")
+        key = f"{meta['namespace']}/{meta['name']}"
+        kind = "MODIFIED" if key in self.objects.get(collection, {}) else "ADDED"
+        self._record(collection, kind, obj)
+        self.objects.setdefault(collection, {})[key] = obj
+
+    def delete(self, api: str, plural: str, namespace: str, name: str) -> None:
+        collection = (api, plural)
+        obj = self.objects.get(collection, {}).pop(f"{namespace}/{name}")
+        self._record(collection, "DELETED", obj)
+
+    def compact(self) -> None:
+        """Forget the history so far: a watch from any version seen is a 410."""
+        self.oldest = self.version
+        self.history.clear()
+
+    def bookmark(self) -> None:
+        for watcher in self._live():
+            if watcher.bookmarks:
+                self._send(
+                    watcher, "BOOKMARK", {"metadata": {"resourceVersion": str(self.version)}}
+                )
+
+    def end_watches(self) -> None:
+        """Every watch ended by the server, as its C{timeoutSeconds} would."""
+        for watcher in self._live():
+            self._end(watcher)
+
+    def drop(self) -> None:
+        """Every watch connection cut, without a word (a proxy restarting, say)."""
+        for watcher in self._live():
+            watcher.ended = True
+            transport: Any = watcher.request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
+        self.watchers.clear()
+
+    # -- the protocol
+
+    def _record(self, collection: Collection, kind: str, obj: dict[str, Any]) -> None:
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        self.history.append((self.version, collection, kind, copy.deepcopy(obj)))
+        if self.silent:
+            return
+        for watcher in self._live():
+            if watcher.collection == collection and _in(watcher.namespace, obj):
+                self._send(watcher, kind, obj)
+
+    def _live(self) -> list[_Watcher]:
+        self.watchers = [w for w in self.watchers if not w.ended]
+        return list(self.watchers)
+
+    def _send(self, watcher: _Watcher, kind: str, obj: dict[str, Any]) -> None:
+        line = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+        watcher.request.write(line)
+
+    def answer(self, request: Request) -> bytes | int:
+        path = request.path.decode()
+        params = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
+        authorization = request.getHeader(b"authorization")
+        self.requests.append((path, params, authorization.decode() if authorization else None))
+        request.setHeader(b"content-type", b"application/json")
+        if self.token is not None and authorization != f"Bearer {self.token}".encode():
+            return _status(request, 401, "Unauthorized", "invalid bearer token")
+        if self.failing is not None:
+            return _status(request, self.failing, "InternalError", "the test says so")
+        parsed = _collection(path)
+        if parsed is None:
+            return _status(request, 404, "NotFound", f"no such path {path}")
+        collection, namespace = parsed
+        if params.get("watch") in ("1", "true"):
+            return self._watch(request, collection, namespace, params)
+        return self._list(request, collection, namespace, params)
+
+    def _list(
+        self,
+        request: Request,
+        collection: Collection,
+        namespace: str | None,
+        params: dict[str, str],
+    ) -> bytes:
+        items = [
+            {k: v for k, v in copy.deepcopy(o).items() if k not in ("apiVersion", "kind")}
+            for o in self.objects.get(collection, {}).values()
+            if _in(namespace, o)
+        ]
+        start = int(params.get("continue") or 0)
+        limit = int(params.get("limit") or 0) or len(items) or 1
+        page = items[start : start + limit]
+        meta: dict[str, Any] = {"resourceVersion": str(self.version)}
+        if start + limit < len(items):
+            meta["continue"] = str(start + limit)
+        return json.dumps({"kind": "List", "metadata": meta, "items": page}).encode()
+
+    def _watch(
+        self,
+        request: Request,
+        collection: Collection,
+        namespace: str | None,
+        params: dict[str, str],
+    ) -> int:
+        since = int(params.get("resourceVersion") or 0)
+        watcher = _Watcher(
+            request, collection, namespace, params.get("allowWatchBookmarks") == "true"
+        )
+        request.write(b"")  # the head goes now, as the real server's does
+        if since < self.oldest:
+            status = {"kind": "Status", "code": 410, "reason": "Expired",
+                      "message": f"too old resource version: {since} ({self.oldest})"}  # fmt: skip
+            self._send(watcher, "ERROR", status)
+            request.finish()
+            return NOT_DONE_YET
+        if not self.silent:
+            for version, where, kind, obj in self.history:
+                if version > since and where == collection and _in(namespace, obj):
+                    self._send(watcher, kind, obj)
+        self.watchers.append(watcher)
+        seconds = int(params.get("timeoutSeconds") or 0)
+        if seconds:
+            watcher.timer = self.clock.callLater(seconds, self._end, watcher)
+        request.notifyFinish().addBoth(lambda _: self._gone(watcher))
+        return NOT_DONE_YET
+
+    def _end(self, watcher: _Watcher) -> None:
+        watcher.timer = None
+        if not watcher.ended:
+            watcher.ended = True
+            watcher.request.finish()
+
+    def _gone(self, watcher: _Watcher) -> None:
+        watcher.ended = True
+        if watcher.timer is not None and watcher.timer.active():
+            watcher.timer.cancel()
+
+
+def _in(namespace: str | None, obj: dict[str, Any]) -> bool:
+    return namespace is None or obj.get("metadata", {}).get("namespace") == namespace
+
+
+def _collection(path: str) -> tuple[Collection, str | None] | None:
+    """C{/api/v1[/namespaces/NS]/PLURAL} or C{/apis/GROUP/VERSION[/namespaces/NS]/PLURAL}."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"]:
+        api, rest = "v1", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 4:
+        api, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+    else:
+        return None
+    if len(rest) == 3 and rest[0] == "namespaces":
+        return (api, rest[2]), rest[1]
+    if len(rest) == 1:
+        return (api, rest[0]), None
+    return None
+
+
+def _status(request: Request, code: int, reason: str, message: str) -> bytes:
+    request.setResponseCode(code)
+    return json.dumps(
+        {"kind": "Status", "status": "Failure", "code": code, "reason": reason, "message": message}
+    ).encode()
+
+
+class FakeKubeResource(Resource):
+    isLeaf = True
+
+    def __init__(self, kube: FakeKube) -> None:
+        super().__init__()
+        self.kube = kube
+
+    def render_GET(self, request: Request) -> bytes | int:
+        return self.kube.answer(request)
