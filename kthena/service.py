@@ -6,7 +6,9 @@ The tree is the lifecycle. Its children start in this order and stop in reverse,
 after another (L{SequentialMultiService}):
 
   1. simulators (the demo's in-process pods: up first, down last)
-  2. resources (the datastore: the config's routes, servers and pods)
+  2. resources (the datastore: the config's routes, servers and pods), and the Kubernetes
+     source when the config has a C{kubernetes} section (its objects join the config's;
+     stop: the watches end)
   3. pod scraper (each pod's metrics; stop: loop, scrapes in flight and pool end)
   4. upstream (the client towards pods; stop: pooled connections close)
   5. admin (C{/metrics}, C{/debug})
@@ -25,12 +27,15 @@ A reload is a protocol of the tree: the new config is loaded and validated whole
 each reconfigurable child takes it in that order (the store first, so that the scraper
 sees the new pods and the data plane the new routes); what cannot change while running
 is logged as needing a restart. systemd is told RELOADING=1 before and READY=1 after.
+A change in the cluster goes the same way, with the config as loaded and the cluster's
+objects merged into its resources (L{kthena.sources.merge}); no RELOADING=1 for it.
 """
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -63,6 +68,8 @@ from kthena.scheduler.build import check_scheduler
 from kthena.sim.engine import EngineConfig
 from kthena.sim.pd import Role
 from kthena.sim.service import SimConfig, SimService
+from kthena.sources.merge import with_cluster
+from kthena.sources.source import KubernetesSource
 from kthena.store import Datastore
 from kthena.systemd import Systemd, SystemdNotifier
 
@@ -143,6 +150,12 @@ class RouterService(SequentialMultiService):
         super().__init__()
         check_scheduler(config.scheduler)
         self.config = config
+        """The config in force: as loaded, with the cluster's objects among its resources."""
+        self.loaded = config
+        """The config as loaded from its file (or given)."""
+        self.cluster: list[dict[str, Any]] = []
+        """The Kubernetes objects last handed over by the source."""
+        self._problems: set[str] = set()
         self.config_path = config_path
         self.reactor = reactor
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -201,9 +214,11 @@ class RouterService(SequentialMultiService):
             self.scraper = PodScraper(reactor, self.store, config.pod_metrics, scrapes)
             self.plane.scrape_pods()
             self.scraper.round_hooks.append(self._scraped)
+        self.source = self._kubernetes_source(config)
         self.reloader = ConfigReloader(reactor, self, config_path, loader, signals)
         self.systemd = SystemdNotifier(reactor, systemd, self._serving, self._status)
         self._add(Simulators(config.simulators, reactor), ResourcesService(self.store))
+        self._add(self.source)
         self._add(self.scraper, self.upstream, self.admin, self.access_log)
         if signals is not None:
             # SIGUSR1: reopen the file after logrotate renamed it (and with no access log,
@@ -212,6 +227,16 @@ class RouterService(SequentialMultiService):
             self._add(SignalService(signals, signal.SIGUSR1, reopen))
         self._add(self.jwks, self.limits, self.fairness, self.plane, self.proxy, self.reloader)
         self._add(self.systemd)
+
+    def _kubernetes_source(self, config: RouterConfig) -> KubernetesSource | None:
+        """The config's Kubernetes source, if any: the router is not ready until it listed."""
+        if not config.kubernetes.enabled:
+            return None
+        source = KubernetesSource(self.reactor, config.kubernetes, self._cluster_changed)
+        self.plane.readiness.listed = False
+        self.plane.resource_watches = source.status
+        self.metrics.read_watches(source.status)
+        return source
 
     @staticmethod
     def _no_access_log() -> None:
@@ -299,12 +324,31 @@ class RouterService(SequentialMultiService):
         self.systemd.reloading()
         try:
             restart_needed("upstream.client", self.config.upstream.client, config.upstream.client)
-            for child in self:
-                if IReconfigurable.providedBy(child):
-                    child.reconfigure(config)
-            self.config = config
+            self.loaded = config
+            self._take(config)
         finally:
             self.systemd.reloaded()
+
+    def _take(self, loaded: RouterConfig) -> None:
+        """The loaded config, with the cluster's objects when there is a source, to each
+        reconfigurable child in order."""
+        config = loaded
+        if self.source is not None:
+            resources, problems = with_cluster(loaded.resources, self.cluster)
+            for problem in sorted(set(problems) - self._problems):  # once while it stands
+                log.warn("{problem}", problem=problem)
+            self._problems = set(problems)
+            config = replace(loaded, resources=resources)
+        for child in self:
+            if IReconfigurable.providedBy(child):
+                child.reconfigure(config)
+        self.config = config
+
+    def _cluster_changed(self, objects: list[dict[str, Any]]) -> None:
+        """The Kubernetes source's objects changed (the first time: every kind is listed)."""
+        self.cluster = objects
+        self._take(self.loaded)
+        self.plane.readiness.listed = True
 
 
 def _upstream(reactor: IServerReactor, client: str, settings: UpstreamConfig) -> IUpstream:

@@ -20,6 +20,7 @@ from kthena.config.documents import build_resource_set, parse_document
 from kthena.config.fairness import FairnessConfig, parse_fairness
 from kthena.config.files import yaml_documents
 from kthena.config.identity import IdentityConfig, parse_identity
+from kthena.config.kubernetes import KubernetesConfig, parse_kubernetes
 from kthena.config.limits import RateLimitSettings, parse_rate_limits, parse_tokenizers
 from kthena.config.observability import ObservabilityConfig, parse_observability
 from kthena.config.resources import Resource, ResourceSet
@@ -110,6 +111,7 @@ class RouterConfig:
     tokenizers: tuple[tuple[str, str], ...] = ()
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     source: str = "<defaults>"
     files: tuple[str, ...] = ()
 
@@ -134,6 +136,7 @@ _TOP = (
     "tokenizers",
     "identity",
     "fairness",
+    "kubernetes",
 )
 
 
@@ -316,6 +319,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         tokenizers=parse_tokenizers(spec.get("tokenizers"), where.at("tokenizers"), base),
         identity=identity,
         fairness=fairness,
+        kubernetes=parse_kubernetes(spec.get("kubernetes"), where.at("kubernetes"), base),
         source=source,
         files=(source, *files),
     )

@@ -10,7 +10,7 @@ path) and series of routes, servers and models that leave the config are removed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -21,8 +21,10 @@ from kthena.interfaces import IReconfigurable, IRequestObserver
 from kthena.observability.families import FastFamily, FastHistogram
 from kthena.observability.pd_metrics import PDMetrics
 from kthena.observability.pod_gauges import PodGauges
+from kthena.observability.watch_metrics import WatchFamilies
 from kthena.pipeline.plane import DataPlane
 from kthena.record import RequestRecord
+from kthena.sources.source import WatchStatus
 
 if TYPE_CHECKING:
     from kthena.pods import PodEndpoint
@@ -201,6 +203,10 @@ class RouterMetrics:
         """Where the gauges read at scrape time come from (the router's calls, scheduler)."""
         self.active_requests.set_function(active)
         self.prefix_cache_entries.set_function(prefix_entries)
+
+    def read_watches(self, watches: Callable[[], Sequence[WatchStatus]]) -> None:
+        """Where the Kubernetes source's watch families are read from, when scraped."""
+        self.registry.register(WatchFamilies(watches))
 
     def before_scrape(self) -> None:
         """Each scrape, on the reactor thread before rendering: the hooks set their gauges."""

@@ -183,6 +183,8 @@ class Readiness:
 
     @ivar draining: set on shutdown; new requests are refused with 503.
     @ivar scraped: the first scrape round is done (or pods are not scraped).
+    @ivar listed: the resources a Kubernetes source reads were listed once (or there is
+        no such source).
     """
 
     def __init__(self, health: Health, config: RouterConfig) -> None:
@@ -190,6 +192,7 @@ class Readiness:
         self.rule = config.readiness
         self.draining = False
         self.scraped = True
+        self.listed = True
 
     def reconfigure(self, config: RouterConfig) -> None:
         self.rule = config.readiness
@@ -198,6 +201,8 @@ class Readiness:
         """Whether ready, why, and the models no healthy pod serves."""
         if self.draining:
             return False, "draining", []
+        if not self.listed:
+            return False, "not ready: the Kubernetes resources are not listed yet", []
         if not self.scraped:
             return False, "not ready: the first scrape of the pods is not done", []
         without = self.health.models_without_healthy_pods()

@@ -11,7 +11,7 @@ plugin timer and the ejection counter are handed in by whoever builds it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -45,6 +45,7 @@ from kthena.pods import PodEndpoint
 from kthena.ratelimit.estimate import CharsEstimator
 from kthena.ratelimit.service import RateLimits
 from kthena.scheduler.framework import Timer
+from kthena.sources.source import WatchStatus
 from kthena.store import Datastore
 
 log = Logger()
@@ -63,6 +64,8 @@ class DataPlane(Service):
     @ivar inflight: the requests in flight (the drain waits for them).
     @ivar started_at: the router's start, epoch seconds.
     @ivar cut: how many requests the drain had to cut (once stopped).
+    @ivar resource_watches: the Kubernetes source's watches as they stand (none without
+        one), for the debug views and the metrics.
     """
 
     name = "data plane"
@@ -101,6 +104,7 @@ class DataPlane(Service):
         self.readiness = Readiness(self.health, config)
         self.inflight = InFlight()
         self.cut: int | None = None
+        self.resource_watches: Callable[[], Sequence[WatchStatus]] = tuple
         estimator = estimator or CharsEstimator()
         self.limits = limits
         self.fairness = fairness

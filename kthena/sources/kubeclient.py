@@ -151,11 +151,13 @@ class KubeClient:
         params: Mapping[str, str],
         on_event: Callable[[dict[str, Any]], None],
         idle_timeout: float,
+        on_open: Callable[[], None] = lambda: None,
     ) -> None:
         """
-        Watch C{path}: C{on_event} gets each event object as it arrives. Returns when the
-        server ends the watch; raises L{KubeError} for an error status, L{WatchIdleError} when
-        it fell silent. Cancelling it closes the connection.
+        Watch C{path}: C{on_open} is told when the server accepted the watch, C{on_event}
+        gets each event object as it arrives. Returns when the server ends the watch;
+        raises L{KubeError} for an error status, L{WatchIdleError} when it fell silent.
+        Cancelling it closes the connection.
         """
         response: IResponse = await self.http.get(
             self._url(path),
@@ -166,6 +168,7 @@ class KubeClient:
         )
         if response.code != 200:
             raise _status_error(response.code, await treq.content(response))
+        on_open()
         lines = _Lines(self.reactor, on_event, idle_timeout)
         response.deliverBody(lines)
         await lines.done

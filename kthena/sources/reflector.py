@@ -62,7 +62,8 @@ class Reflector:
     @ivar objects: the kind's objects by C{namespace/name}, as the API gave them (with
         C{apiVersion} and C{kind} set: list items come without them).
     @ivar synced: a list completed at least once.
-    @ivar last_sync: clock time of the last list or watch event (bookmarks included).
+    @ivar last_sync: clock time of the last list, watch accepted or watch event
+        (bookmarks included): when the router last heard from the API about the kind.
     @ivar errors: failed lists and watches, ever (a C{410} is not one: it asks for a
         list).
     @ivar failing: the last attempt failed; C{last_error} says how.
@@ -177,7 +178,7 @@ class Reflector:
             "timeoutSeconds": str(self._random.randint(low, high)),
         }
         await self.client.watch(
-            self.kind.path(self.namespace), params, self._event, self.idle_timeout
+            self.kind.path(self.namespace), params, self._event, self.idle_timeout, self._seen
         )
 
     def _event(self, event: dict[str, Any]) -> None:

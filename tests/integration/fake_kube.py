@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 Collection = tuple[str, str]
 """(apiVersion, plural): C{("v1", "pods")}."""
@@ -228,3 +228,27 @@ class FakeKubeResource(Resource):
 
     def render_GET(self, request: Request) -> bytes | int:
         return self.kube.answer(request)
+
+
+def serve(reactor: Any) -> tuple[FakeKube, Any]:
+    """A fake API listening on 127.0.0.1 (any port), and its listening port."""
+    kube = FakeKube(reactor)
+    port = reactor.listenTCP(0, Site(FakeKubeResource(kube)), interface="127.0.0.1")
+    return kube, port
+
+
+def kubeconfig(path: Any, port: int, token: str = "the-token") -> str:
+    """A kubeconfig file at C{path} whose current context is the fake on C{port}."""
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+                "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {"token": token}}],
+            }
+        )
+    )
+    return str(path)

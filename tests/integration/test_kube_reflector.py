@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.task import deferLater
-from twisted.web.server import Site
 
 from kthena.sources.kubeaccess import KubeAccess
 from kthena.sources.kubeclient import KubeClient
 from kthena.sources.reflector import Backoff, Kind, Reflector
-from tests.integration.fake_kube import FakeKube, FakeKubeResource
+from tests.integration.fake_kube import FakeKube, serve
 from tests.integration.router_helpers import inline
 
 PODS = Kind("v1", "Pod", "pods")
@@ -84,8 +83,7 @@ async def api() -> AsyncIterator[Harness]:
     from twisted.internet import reactor as global_reactor
 
     reactor: Any = global_reactor
-    kube = FakeKube(reactor)
-    port: Any = reactor.listenTCP(0, Site(FakeKubeResource(kube)), interface="127.0.0.1")
+    kube, port = serve(reactor)
     harness = Harness(reactor, kube, port.getHost().port)
     try:
         yield harness

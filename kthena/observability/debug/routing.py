@@ -98,12 +98,36 @@ class Routing(Views):
                 "by_model": dict(sorted(by_model.items())),
             },
             "listeners": [listener.view() for listener in self.sources.listeners()],
+            "kubernetes": self._watches(now),
             "upstream": {
                 "max_connections_per_pod": config.upstream.max_connections_per_pod,
                 "pool_idle_timeout_seconds": config.upstream.pool_idle_timeout,
                 "connect_timeout_seconds": config.upstream.connect_timeout,
                 "pools": pools,
             },
+        }
+
+    def _watches(self, now: float) -> dict[str, object] | None:
+        """The Kubernetes source's watches: synced, objects, errors, the last sync's age."""
+        watches = self.plane.resource_watches()
+        if not watches:
+            return None
+        return {
+            "watches": [
+                {
+                    "kind": w.kind,
+                    "namespace": w.namespace,
+                    "synced": w.synced,
+                    "objects": w.objects,
+                    "errors": w.errors,
+                    "failing": w.failing,
+                    "last_error": w.last_error,
+                    "last_sync_age_seconds": None
+                    if w.last_sync is None
+                    else round(max(0.0, now - w.last_sync), 3),
+                }
+                for w in watches
+            ]
         }
 
     def _target_views(self, route: ModelRoute, rule: Rule) -> list[dict[str, object]]:
