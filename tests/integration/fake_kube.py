@@ -123,6 +123,9 @@ class FakeKube:
             return _status(request, 401, "Unauthorized", "invalid bearer token")
         if self.failing is not None:
             return _status(request, self.failing, "InternalError", "the test says so")
+        discovery = _DISCOVERY.get(path.rstrip("/"))
+        if discovery is not None:
+            return json.dumps(discovery).encode()
         parsed = _collection(path)
         if parsed is None:
             return _status(request, 404, "NotFound", f"no such path {path}")
@@ -149,7 +152,10 @@ class FakeKube:
         meta: dict[str, Any] = {"resourceVersion": str(self.version)}
         if start + limit < len(items):
             meta["continue"] = str(start + limit)
-        return json.dumps({"kind": "List", "metadata": meta, "items": page}).encode()
+        api, plural = collection
+        kind = next((k for p, k, _ in _KINDS.get(api, ()) if p == plural), "")
+        body = {"kind": f"{kind}List", "apiVersion": api, "metadata": meta, "items": page}
+        return json.dumps(body).encode()
 
     def _watch(
         self,
@@ -190,6 +196,68 @@ class FakeKube:
         watcher.ended = True
         if watcher.timer is not None and watcher.timer.active():
             watcher.timer.cancel()
+
+
+_KINDS: dict[str, list[tuple[str, str, bool]]] = {
+    "v1": [
+        ("pods", "Pod", True),
+        ("services", "Service", True),
+        ("configmaps", "ConfigMap", True),
+        ("serviceaccounts", "ServiceAccount", True),
+        ("namespaces", "Namespace", False),
+    ],
+    "apps/v1": [("deployments", "Deployment", True)],
+    "rbac.authorization.k8s.io/v1": [
+        ("clusterroles", "ClusterRole", False),
+        ("clusterrolebindings", "ClusterRoleBinding", False),
+        ("roles", "Role", True),
+        ("rolebindings", "RoleBinding", True),
+    ],
+    "networking.serving.volcano.sh/v1alpha1": [
+        ("modelroutes", "ModelRoute", True),
+        ("modelservers", "ModelServer", True),
+    ],
+}
+"""What discovery tells a real client (kubectl) the server serves."""
+
+
+def _discovery() -> dict[str, Any]:
+    answers: dict[str, Any] = {
+        "/version": {"major": "1", "minor": "32", "gitVersion": "v1.32.0-fake"},
+        "/api": {
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}
+            ],
+        },
+    }
+    groups = []
+    for group_version, kinds in _KINDS.items():
+        answers["/api/v1" if group_version == "v1" else f"/apis/{group_version}"] = {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": group_version,
+            "resources": [
+                {
+                    "name": plural,
+                    "singularName": kind.lower(),
+                    "namespaced": namespaced,
+                    "kind": kind,
+                    "verbs": ["get", "list", "watch"],
+                }
+                for plural, kind, namespaced in kinds
+            ],
+        }
+        if group_version != "v1":
+            group, version = group_version.split("/")
+            entry = {"groupVersion": group_version, "version": version}
+            groups.append({"name": group, "versions": [entry], "preferredVersion": entry})
+    answers["/apis"] = {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+    return answers
+
+
+_DISCOVERY = _discovery()
 
 
 def _in(namespace: str | None, obj: dict[str, Any]) -> bool:
