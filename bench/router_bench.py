@@ -11,7 +11,7 @@ wrk and nginx share the other core. Everything listens on loopback only; every r
 bounded in time.
 
     apt-get install -y nginx-light wrk
-    python3 bench/router_bench.py [--duration 10] [--rounds 1] [--connections 32]
+    python3 bench/router_bench.py [--duration 10] [--rounds 1] [--floor] [--connections 32]
         [--limits [--redis H:P]]
         [--pd] [--pods N] [--prompt-bytes N] [--client twisted|lean] [--server twisted|lean]
 
@@ -28,7 +28,9 @@ and the baseline of the same run: a bare Twisted proxy with no logic (bench/bare
 twisted.web + Agent, pinned to the router's core), with the router's req/s over its.
 --rounds N runs the bare proxy and the router N times each, one after the other, and shows
 each figure's median (and each round's ratio): this VM's speed drifts by 10-40% from one
-minute to the next, which one run of each turns into a ratio off by as much.
+minute to the next, which one run of each turns into a ratio off by as much. --floor adds
+bench/floor_proxy.py (Twisted and httptools with no logic: the least any proxy on this
+stack spends) to each round, and the router's CPU a request above it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ BACKEND = "127.0.0.20"
 BACKEND_PORT = 8000
 ROUTER_PORT = 18080
 BARE_PORT = 18090
+FLOOR_PORT = 18095
+PATH = "/v1/chat/completions"
 ROOT = Path(__file__).resolve().parents[1]
 
 CHAT_JSON = json.dumps(
@@ -310,6 +314,10 @@ def parse_args() -> argparse.Namespace:
         "--rounds", type=int, default=1,
         help="runs of the bare proxy and the router, alternating; medians are shown",
     )  # fmt: skip
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="also the floor: bench/floor_proxy.py (Twisted + httptools, nothing else)",
+    )  # fmt: skip
     parser.add_argument("--limits", action="store_true", help="limits on the route (never hit)")
     parser.add_argument("--redis", help="with --limits: the Redis (host:port) they live in")
     parser.add_argument("--pd", action="store_true", help="a prefill/decode group as backend")
@@ -324,6 +332,50 @@ def parse_args() -> argparse.Namespace:
         "--server", choices=("twisted", "lean"), default="lean", help="downstream.server"
     )
     return parser.parse_args()
+
+
+def scenario(
+    args: argparse.Namespace, script: Path, stream: bool, targets: dict[str, tuple[int, int]]
+) -> None:
+    """
+    One scenario (JSON or stream): nginx directly, then each target (C{name: (pid,
+    port)}) C{args.rounds} times in alternation; the medians, the ratios.
+    """
+    kind = "stream" if stream else "json"
+    base = run_wrk(
+        f"http://{BACKEND}:{BACKEND_PORT}{PATH}", script, args.duration, args.connections
+    )
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    for _ in range(args.rounds):  # alternating: the VM's speed drifts between runs
+        for name, (pid, port) in targets.items():
+            url = f"http://127.0.0.1:{port}{PATH}"
+            runs[name].append(timed_wrk(pid, url, script, args.duration, args.connections))
+    medians = {name: median_run(done) for name, done in runs.items()}
+    proxy, via = medians["bare proxy"], medians["router"]
+    for name, r in [("direct", base), *medians.items()]:
+        cpu = f"{r['cpu_us']:>12.0f}" if "cpu_us" in r else ""
+        print(f"{name + ' ' + kind:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+              f"{r['errors']:>8.0f}{cpu}")  # fmt: skip
+    added = via["p50_ms"] - base["p50_ms"]
+    ratio = base["rps"] / max(via["rps"], 1)
+    print(f"{'  added p50 ' + kind:<28}{'':>10}{added:>10.2f}{'':>18}"
+          f"  backend alone is {ratio:.1f}x the router")  # fmt: skip
+    bare_added = proxy["p50_ms"] - base["p50_ms"]
+    print(f"{'  router / bare proxy ' + kind:<28}{via['rps'] / max(proxy['rps'], 1):>10.2f}"
+          f"{added / bare_added if bare_added > 0 else float('nan'):>10.2f}"
+          "  (req/s ratio, added-p50 ratio)")  # fmt: skip
+    print(f"{'  bare / router CPU per req ' + kind:<28}"
+          f"{proxy['cpu_us'] / max(via['cpu_us'], 1):>10.2f}")  # fmt: skip
+    if "floor proxy" in medians:
+        own = via["cpu_us"] - medians["floor proxy"]["cpu_us"]
+        print(f"{'  router over the floor ' + kind:<28}{own:>10.0f}"
+              "  (CPU us a request: the router's own work)")  # fmt: skip
+    if args.rounds > 1:
+        ratios = " ".join(
+            f"{v['rps'] / max(p['rps'], 1):.2f}"
+            for p, v in zip(runs["bare proxy"], runs["router"], strict=True)
+        )
+        print(f"{'  each round ' + kind:<28}{ratios}  (router / bare proxy req/s)")
 
 
 def main() -> None:
@@ -356,50 +408,29 @@ def main() -> None:
          "--listen", str(BARE_PORT), "--backend", f"http://{BACKEND}:{BACKEND_PORT}"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    floor = None
+    if args.floor:
+        floor = subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, str(ROOT / "bench" / "floor_proxy.py"),
+             "--listen", str(FLOOR_PORT), "--backend", f"{BACKEND}:{BACKEND_PORT}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         wait_for(f"http://127.0.0.1:{ROUTER_PORT}/healthz")
-        direct = f"http://{BACKEND}:{BACKEND_PORT}/v1/chat/completions"
-        routed = f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"
-        bare_url = f"http://127.0.0.1:{BARE_PORT}/v1/chat/completions"
         wait_for_port(BARE_PORT)
         print(f"{'scenario':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
               f"{'CPU us/req':>12}")  # fmt: skip
+        targets = {"bare proxy": (bare.pid, BARE_PORT), "router": (router.pid, ROUTER_PORT)}
+        if floor is not None:
+            wait_for_port(FLOOR_PORT)
+            targets["floor proxy"] = (floor.pid, FLOOR_PORT)
         for stream in (False, True):
-            script = wrk_script(workdir, stream, args.prompt_bytes)
-            kind = "stream" if stream else "json"
-            base = run_wrk(direct, script, args.duration, args.connections)
-            proxies, vias = [], []
-            for _ in range(args.rounds):  # alternating: the VM's speed drifts between runs
-                for runs, pid, url in ((proxies, bare.pid, bare_url), (vias, router.pid, routed)):
-                    runs.append(timed_wrk(pid, url, script, args.duration, args.connections))
-            proxy, via = median_run(proxies), median_run(vias)
-            rows = (
-                (f"direct {kind}", base),
-                (f"bare proxy {kind}", proxy),
-                (f"router {kind}", via),
-            )
-            for name, r in rows:
-                cpu = f"{r['cpu_us']:>12.0f}" if "cpu_us" in r else ""
-                print(f"{name:<28}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-                      f"{r['errors']:>8.0f}{cpu}")  # fmt: skip
-            added = via["p50_ms"] - base["p50_ms"]
-            ratio = base["rps"] / max(via["rps"], 1)
-            print(f"{'  added p50 ' + kind:<28}{'':>10}{added:>10.2f}{'':>18}"
-                  f"  backend alone is {ratio:.1f}x the router")  # fmt: skip
-            bare_added = proxy["p50_ms"] - base["p50_ms"]
-            print(f"{'  router / bare proxy ' + kind:<28}{via['rps'] / max(proxy['rps'], 1):>10.2f}"
-                  f"{added / bare_added if bare_added > 0 else float('nan'):>10.2f}"
-                  "  (req/s ratio, added-p50 ratio)")  # fmt: skip
-            print(f"{'  bare / router CPU per req ' + kind:<28}"
-                  f"{proxy['cpu_us'] / max(via['cpu_us'], 1):>10.2f}")  # fmt: skip
-            if args.rounds > 1:
-                ratios = " ".join(
-                    f"{v['rps'] / max(p['rps'], 1):.2f}" for p, v in zip(proxies, vias, strict=True)
-                )
-                print(f"{'  each round ' + kind:<28}{ratios}  (router / bare proxy req/s)")
+            scenario(args, wrk_script(workdir, stream, args.prompt_bytes), stream, targets)
     finally:
         stop(router)
         stop(bare)
+        if floor is not None:
+            stop(floor)
         stop(nginx, signal.SIGQUIT)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -99,6 +99,9 @@ class Reflector:
         self.last_error: str | None = None
         self._version: str | None = None
         self._running: Deferred[None] | None = None
+        self._stopped = False
+        self._failures = 0
+        """Failed attempts since the API last answered: the backoff's exponent."""
 
     @property
     def where(self) -> str:
@@ -106,46 +109,60 @@ class Reflector:
         return f"{self.kind.kind} in {self.namespace or 'every namespace'}"
 
     def start(self) -> None:
+        self._stopped = False
         self._running = Deferred.fromCoroutine(self._run())
         self._running.addErrback(lambda f: f.trap(CancelledError))
 
     def stop(self) -> None:
+        """
+        End the loop. What the cancel reaches may fail otherwise than with
+        L{CancelledError} (a request cut fails as a response never received, a connection
+        attempt as a cancelled connect): the flag, not the error, ends the loop.
+        """
+        self._stopped = True
         running, self._running = self._running, None
         if running is not None:
             running.cancel()
 
+    def stopped(self) -> bool:
+        """Whether L{stop} was called (a call: read afresh after every await)."""
+        return self._stopped
+
     async def _run(self) -> None:
-        failures = 0
-        while True:
+        while not self.stopped():
             try:
                 if self._version is None:
                     await self._list()
                 await self._watch()
+                continue  # the server ended the watch: resume it at once
             except CancelledError:
                 raise
             except KubeError as error:
-                if error.code == 410:  # too old for the server's history: list again
+                if error.code == 410 and not self._stopped:  # too old: list again
                     log.info("kubernetes: {where}: {error}; listing again", where=self.where,
                              error=str(error))  # fmt: skip
                     self._version = None
                     continue
-                failures = self._failed(error, failures)
+                self._failed(error)
             except Exception as error:
-                failures = self._failed(error, failures)
-            else:
-                continue  # the server ended the watch: resume it at once
-            await deferLater(self.clock, self.backoff.after(failures, self._random.random))
+                self._failed(error)
+            if self.stopped():
+                return
+            await deferLater(self.clock, self.backoff.after(self._failures, self._random.random))
 
-    def _failed(self, error: Exception, failures: int) -> int:
+    def _failed(self, error: Exception) -> None:
+        if self._stopped:  # what the stop cut: not a failure of the API
+            return
         self.errors += 1
+        self._failures += 1
         self.last_error = describe(error)
         if not self.failing:  # once an outage: every retry would repeat it
             log.warn("kubernetes: reading {where} failed: {error}; keeping what is known and "
                      "retrying", where=self.where, error=self.last_error)  # fmt: skip
         self.failing = True
-        return failures + 1
 
     def _recovered(self) -> None:
+        self._failures = 0
         if self.failing:
             log.info("kubernetes: reading {where} works again", where=self.where)
         self.failing = False

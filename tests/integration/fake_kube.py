@@ -46,6 +46,8 @@ class FakeKube:
     """Answer every request with this status (a Status object)."""
     silent: bool = False
     """Watches are accepted and then say nothing (a half-open connection)."""
+    stalled: bool = False
+    """Requests are read and never answered, not even with a status line."""
     requests: list[tuple[str, dict[str, str], str | None]] = field(default_factory=list)
     watchers: list[_Watcher] = field(default_factory=list)
 
@@ -118,21 +120,29 @@ class FakeKube:
         params = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
         authorization = request.getHeader(b"authorization")
         self.requests.append((path, params, authorization.decode() if authorization else None))
+        if self.stalled:
+            return NOT_DONE_YET
         request.setHeader(b"content-type", b"application/json")
+        refusal = self._refusal(request, path, authorization)
+        if refusal is not None:
+            return refusal
+        discovery = _DISCOVERY.get(path.rstrip("/"))
+        if discovery is not None:
+            return json.dumps(discovery).encode()
+        collection, namespace = _collection(path) or (("", ""), None)
+        if params.get("watch") in ("1", "true"):
+            return self._watch(request, collection, namespace, params)
+        return self._list(request, collection, namespace, params)
+
+    def _refusal(self, request: Request, path: str, authorization: bytes | None) -> bytes | None:
+        """A Status for a request answered with an error: no token, failing, no such path."""
         if self.token is not None and authorization != f"Bearer {self.token}".encode():
             return _status(request, 401, "Unauthorized", "invalid bearer token")
         if self.failing is not None:
             return _status(request, self.failing, "InternalError", "the test says so")
-        discovery = _DISCOVERY.get(path.rstrip("/"))
-        if discovery is not None:
-            return json.dumps(discovery).encode()
-        parsed = _collection(path)
-        if parsed is None:
+        if path.rstrip("/") not in _DISCOVERY and _collection(path) is None:
             return _status(request, 404, "NotFound", f"no such path {path}")
-        collection, namespace = parsed
-        if params.get("watch") in ("1", "true"):
-            return self._watch(request, collection, namespace, params)
-        return self._list(request, collection, namespace, params)
+        return None
 
     def _list(
         self,

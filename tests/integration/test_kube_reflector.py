@@ -228,3 +228,20 @@ async def test_kthena_kinds_are_under_their_group(api: Harness) -> None:
     assert api.kube.requests[0][0] == (
         "/apis/networking.serving.volcano.sh/v1alpha1/namespaces/default/modelroutes"
     )
+
+
+@inline
+async def test_stopping_mid_request_ends_the_loop(api: Harness) -> None:
+    """A request cut by the stop before its answer fails as a response never received,
+    not as a cancel: the loop must end anyway, not take it for an outage and retry."""
+    pods = api.reflector()
+    await api.until(lambda: pods.synced, "the list")
+    api.kube.stalled = True
+    api.kube.end_watches()
+    asked = len(api.kube.requests)
+    await api.until(lambda: len(api.kube.requests) > asked, "a watch, unanswered")
+    pods.stop()
+    asked = len(api.kube.requests)
+    await deferLater(api.reactor, 0.5, lambda: None)  # past the test backoff's longest wait
+    assert len(api.kube.requests) == asked
+    assert pods.errors == 0
