@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
@@ -35,6 +34,7 @@ from zope.interface import implementer
 
 from kthena.deferreds import stopping
 from kthena.interfaces import IServerReactor
+from kthena.podclient import BodyCollector
 from kthena.sources.kubeaccess import KubeAccess, TokenFile
 from kthena.webutil import json_loads
 
@@ -42,6 +42,8 @@ MAX_LINE = 16 * 1024 * 1024
 """A watch event larger than this (a pod's object is a few kB) ends the watch."""
 MAX_LIST = 256 * 1024 * 1024
 """A list response larger than this is refused (page it with C{limit} instead)."""
+MAX_STATUS = 64 * 1024
+"""An error's Status object is read up to this size."""
 
 
 class KubeError(Exception):
@@ -135,9 +137,7 @@ class KubeClient:
         response: IResponse = await self.http.get(
             self._url(path), params=dict(params), headers=self._headers(), timeout=timeout
         )
-        body: bytes = await treq.content(response)
-        if len(body) > MAX_LIST:
-            raise KubeError(response.code, "TooLarge", f"a response of {len(body)} bytes")
+        body = await _read(response, MAX_LIST)
         if response.code != 200:
             raise _status_error(response.code, body)
         value = json_loads(body)
@@ -167,7 +167,7 @@ class KubeClient:
             unbuffered=True,
         )
         if response.code != 200:
-            raise _status_error(response.code, await treq.content(response))
+            raise _status_error(response.code, await _read(response, MAX_STATUS))
         on_open()
         lines = _Lines(self.reactor, on_event, idle_timeout)
         response.deliverBody(lines)
@@ -175,6 +175,17 @@ class KubeClient:
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
+
+
+async def _read(response: IResponse, limit: int) -> bytes:
+    """The body, read up to C{limit} bytes and never more (the connection is cut past it)."""
+    collector = BodyCollector(limit)
+    response.deliverBody(collector)
+    try:
+        body: bytes = await collector.done
+    except ValueError as error:
+        raise KubeError(response.code, "TooLarge", str(error)) from error
+    return body
 
 
 def _status_error(code: int, body: bytes) -> KubeError:

@@ -17,6 +17,7 @@ import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.task import deferLater
 
 from kthena.sources.kubeaccess import KubeAccess
+from kthena.sources import kubeclient
 from kthena.sources.kubeclient import KubeClient
 from kthena.sources.reflector import Backoff, Kind, Reflector
 from tests.integration.fake_kube import FakeKube, serve
@@ -245,3 +246,16 @@ async def test_stopping_mid_request_ends_the_loop(api: Harness) -> None:
     await deferLater(api.reactor, 0.5, lambda: None)  # past the test backoff's longest wait
     assert len(api.kube.requests) == asked
     assert pods.errors == 0
+
+
+@inline
+async def test_a_list_over_the_size_limit_is_refused_unread(
+    api: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kubeclient, "MAX_LIST", 2000)
+    for i in range(50):
+        api.kube.apply("v1", "pods", pod(f"p{i}", f"10.0.1.{i + 1}"))
+    pods = api.reflector()
+    await api.until(lambda: pods.errors >= 1, "the refusal")
+    assert not pods.synced and not pods.objects
+    assert pods.last_error is not None and "2000" in pods.last_error
