@@ -14,7 +14,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kthena.config.resources import ModelRoute, ModelServer, Pod, ResourceSet, Rule
+from kthena.config.resources import (
+    GatewayListener,
+    ModelRoute,
+    ModelServer,
+    Pod,
+    ResourceSet,
+    Rule,
+)
 from kthena.pods import PodEndpoint
 
 HeaderLookup = Callable[[str], str]
@@ -114,11 +121,15 @@ class Datastore:
 
     # -- queries
 
-    def match(self, model: str, header: HeaderLookup, path: str) -> RouteMatch | None:
+    def match(
+        self, model: str, header: HeaderLookup, path: str, via: GatewayListener | None = None
+    ) -> RouteMatch | None:
         """
         Find the route, rule and target server for a request.
 
         @param header: the request's header value by lower-case name ("" when absent).
+        @param via: the Gateway listener the request came through (None: no Gateway); a
+            route serves it only if it attaches there (L{ModelRoute.attaches}).
         """
         index = self._index
         routes = index.by_model.get(model)
@@ -129,6 +140,8 @@ class Datastore:
             if routes is None:
                 return None
         for route in routes:
+            if (via is not None or route.parent_refs) and not route.attaches(via):
+                continue
             rule = _select_rule(route.rules, model, header, path)
             if rule is None:
                 continue

@@ -17,6 +17,7 @@ from kthena.config.limits import parse_rate_limit
 from kthena.config.resources import (
     DEFAULT_ENGINE_PORTS,
     ENGINES,
+    GATEWAY_GROUP,
     KTHENA_API,
     KV_CONNECTORS,
     PORT_ANNOTATION,
@@ -24,6 +25,7 @@ from kthena.config.resources import (
     ModelMatch,
     ModelRoute,
     ModelServer,
+    ParentRef,
     PDGroup,
     PDPolicy,
     Pod,
@@ -175,7 +177,11 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
     )
     if not model_name and not loras:
         s_where.fail("modelName and loraAdapters cannot both be empty")
-    sequence(spec.get("parentRefs"), s_where.at("parentRefs"))
+    r_where = s_where.at("parentRefs")
+    parents = tuple(
+        _parent_ref(ref, r_where.at(i), meta.namespace)
+        for i, ref in enumerate(sequence(spec.get("parentRefs"), r_where, max_items=32))
+    )
     raw_rules = sequence(spec["rules"], s_where.at("rules"), max_items=16)
     if not raw_rules:
         s_where.at("rules").fail("needs at least one rule")
@@ -187,6 +193,22 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
         rate_limit=parse_rate_limit(spec.get("rateLimit"), s_where.at("rateLimit")),
         spec=spec,
         pd_policy=_pd_policy(spec.get("pdPolicy"), s_where.at("pdPolicy")),
+        parent_refs=parents,
+    )
+
+
+def _parent_ref(value: object, where: Where, namespace: str) -> ParentRef:
+    """A Gateway API C{ParentReference}; the namespace defaults to the route's."""
+    ref = mapping(
+        value, where, ("group", "kind", "namespace", "name", "sectionName", "port"), ("name",)
+    )
+    group = ref.get("group", GATEWAY_GROUP)
+    kind = ref.get("kind", "Gateway")
+    return ParentRef(
+        namespace=string(ref.get("namespace", namespace), where.at("namespace")),
+        name=string(ref["name"], where.at("name")),
+        section_name=optional_string(ref.get("sectionName"), where.at("sectionName")),
+        gateway=group == GATEWAY_GROUP and kind == "Gateway",
     )
 
 

@@ -132,9 +132,40 @@ class PDPolicy:
     prefix_hit: float | None = None
 
 
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRef:
+    """
+    One of a ModelRoute's C{parentRefs}.
+
+    @ivar gateway: it names a Gateway (C{group} and C{kind} absent or Gateway API's):
+        only such refs attach a route anywhere.
+    @ivar section_name: the Gateway listener's name, when the ref names one.
+    """
+
+    namespace: str
+    name: str
+    section_name: str | None = None
+    gateway: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayListener:
+    """The Gateway listener requests come through (C{gateway} in the router's config)."""
+
+    namespace: str
+    name: str
+    listener: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
-    """@ivar pd_policy: ours (C{pdPolicy}); C{None}: a PD request always has both legs."""
+    """
+    @ivar pd_policy: ours (C{pdPolicy}); C{None}: a PD request always has both legs.
+    @ivar parent_refs: the Gateways (and listeners) it serves requests of (L{attaches}).
+    """
 
     meta: Metadata
     model_name: str
@@ -143,8 +174,30 @@ class ModelRoute:
     rate_limit: RateLimit | None
     spec: Mapping[str, Any] = field(repr=False)
     pd_policy: PDPolicy | None = None
+    parent_refs: tuple[ParentRef, ...] = ()
 
     kind = "ModelRoute"
+
+    def attaches(self, via: GatewayListener | None) -> bool:
+        """
+        Whether this route serves a request that came through C{via} (None: through no
+        Gateway), as Kthena's store decides: a route with C{parentRefs} serves only
+        requests through a Gateway one of them names (through its listener
+        C{sectionName}, when given: Kthena only checks that the Gateway has such a
+        listener); a route without serves requests through no Gateway, and through a
+        Gateway of its own namespace.
+        """
+        if not self.parent_refs:
+            return via is None or via.namespace == self.meta.namespace
+        if via is None:
+            return False
+        return any(
+            ref.gateway
+            and ref.namespace == via.namespace
+            and ref.name == via.name
+            and (ref.section_name is None or ref.section_name == via.listener)
+            for ref in self.parent_refs
+        )
 
 
 @dataclass(frozen=True, slots=True)

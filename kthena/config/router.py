@@ -19,11 +19,12 @@ from typing import Any
 from kthena.config.documents import build_resource_set, parse_document
 from kthena.config.fairness import FairnessConfig, parse_fairness
 from kthena.config.files import yaml_documents
+from kthena.config.gateway import parse_gateway
 from kthena.config.identity import IdentityConfig, parse_identity
 from kthena.config.kubernetes import KubernetesConfig, parse_kubernetes
 from kthena.config.limits import RateLimitSettings, parse_rate_limits, parse_tokenizers
 from kthena.config.observability import ObservabilityConfig, parse_observability
-from kthena.config.resources import Resource, ResourceSet
+from kthena.config.resources import GatewayListener, Resource, ResourceSet
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
 from kthena.config.traffic import (
     DEFAULT_INFERENCE_PATHS,
@@ -112,6 +113,7 @@ class RouterConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    gateway: GatewayListener | None = None
     source: str = "<defaults>"
     files: tuple[str, ...] = ()
 
@@ -137,6 +139,7 @@ _TOP = (
     "identity",
     "fairness",
     "kubernetes",
+    "gateway",
 )
 
 
@@ -320,6 +323,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         identity=identity,
         fairness=fairness,
         kubernetes=parse_kubernetes(spec.get("kubernetes"), where.at("kubernetes"), base),
+        gateway=parse_gateway(spec.get("gateway"), where.at("gateway")),
         source=source,
         files=(source, *files),
     )

@@ -110,6 +110,7 @@ class DataPlane(Service):
         self.fairness = fairness
         self.identification = Identification(identifier, config)
         self.scheduling = Scheduling(store, self.health, estimator, config, timer, scheduler)
+        self.routing = Routing(store, config)
         self.dispatcher = Dispatcher(
             upstream, self.outliers, store, self.scheduling, self.observers, reactor, config
         )
@@ -117,7 +118,7 @@ class DataPlane(Service):
             reactor,
             config,
             self.identification,
-            Routing(store),
+            self.routing,
             Admission(limits, fairness),
             self.scheduling,
             self.dispatcher,
@@ -141,7 +142,13 @@ class DataPlane(Service):
         self.outliers.config = config.upstream.outlier
         if self.health.scrapes is not None:
             self.health.scrapes = config.pod_metrics
-        parts = (self.readiness, self.identification, self.scheduling, self.dispatcher)
+        parts = (
+            self.readiness,
+            self.identification,
+            self.routing,
+            self.scheduling,
+            self.dispatcher,
+        )
         for part in (*parts, self.pipeline):
             part.reconfigure(config)
         for observer in self.observers.observers:

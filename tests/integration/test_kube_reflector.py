@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.task import deferLater
 
-from kthena.sources.kubeaccess import KubeAccess
 from kthena.sources import kubeclient
+from kthena.sources.kubeaccess import KubeAccess
 from kthena.sources.kubeclient import KubeClient
 from kthena.sources.reflector import Backoff, Kind, Reflector
 from tests.integration.fake_kube import FakeKube, serve

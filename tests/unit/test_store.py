@@ -202,3 +202,74 @@ def test_model_names() -> None:
         *SERVERS,
     )
     assert [name for name, _ in store.model_names()] == ["ad1", "ad2", "m"]
+
+
+def gateway_route(
+    name: str, model: str, *parents: dict[str, Any], namespace: str = "default"
+) -> Doc:
+    doc = simple_route(name, model, "s")
+    doc["metadata"]["namespace"] = namespace
+    if parents:
+        doc["spec"]["parentRefs"] = list(parents)
+    return doc
+
+
+def test_routes_with_parent_refs_serve_only_through_their_gateway() -> None:
+    """Kthena's store.go matching: parentRefs bind a route to Gateways (the route's
+    namespace by default); a request through no Gateway skips such routes; a route
+    without parentRefs serves requests through no Gateway, and through a Gateway of
+    its own namespace."""
+    from kthena.config.resources import GatewayListener
+
+    store = store_of(
+        server("s", {"app": "s"}),
+        server("s", {"app": "s"}) | {"metadata": {"name": "s", "namespace": "other"}},
+        gateway_route("bound", "m", {"name": "gw"}),
+        gateway_route("free", "m"),
+        gateway_route("on-listener", "l", {"name": "gw", "sectionName": "https"}),
+        gateway_route("elsewhere", "e", {"name": "gw", "namespace": "other"}),
+        gateway_route("not-a-gateway", "n", {"name": "gw", "kind": "Service", "group": ""}),
+        gateway_route("other-free", "o", namespace="other"),
+    )
+
+    def routed(model: str, via: GatewayListener | None) -> str | None:
+        match = store.match(model, no_headers, "/v1/chat/completions", via)
+        return None if match is None else match.route.meta.name
+
+    gw = GatewayListener("default", "gw", "http")
+    assert routed("m", None) == "free"  # "bound" needs its Gateway
+    assert routed("m", gw) == "bound"  # the oldest route that attaches
+    assert routed("l", gw) is None  # bound to the https listener only
+    assert routed("l", GatewayListener("default", "gw", "https")) == "on-listener"
+    assert routed("e", gw) is None and routed("e", GatewayListener("other", "gw")) == "elsewhere"
+    assert routed("n", gw) is None and routed("n", None) is None  # refs, none a Gateway
+    assert routed("o", gw) is None  # no parentRefs: only Gateways of its own namespace
+    assert routed("o", GatewayListener("other", "gw")) == "other-free"
+
+
+def test_the_gateway_section_names_namespace_and_name() -> None:
+    from kthena.config.validate import ConfigError
+
+    config = parse_config({"gateway": {"name": "kthena-system/default", "listener": "http"}},
+                          "t.yaml", Path("."), [])  # fmt: skip
+    assert config.gateway is not None
+    assert (config.gateway.namespace, config.gateway.name) == ("kthena-system", "default")
+    with pytest.raises(ConfigError, match="namespace/name"):
+        parse_config({"gateway": {"name": "default"}}, "t.yaml", Path("."), [])
+
+
+def test_the_route_stage_matches_through_the_configured_gateway() -> None:
+    from kthena.pipeline.route import Routing
+
+    docs = [server("s", {"app": "s"}), gateway_route("bound", "m", {"name": "gw"})]
+    plain = parse_config({"resources": docs}, "t.yaml", Path("."), [])
+    bound = parse_config(
+        {"resources": docs, "gateway": {"name": "default/gw"}}, "t.yaml", Path("."), []
+    )
+    routing = Routing(store_of(*docs), plain)
+    assert routing.via is None
+    routing.reconfigure(bound)
+    assert routing.via == bound.gateway
+    assert routing.store.match("m", no_headers, "/v1/chat/completions", routing.via) is not None
+    routing.reconfigure(plain)
+    assert routing.store.match("m", no_headers, "/v1/chat/completions", routing.via) is None

@@ -1,0 +1,30 @@
+"""
+The C{gateway} section: the proxy listener is a listener of a Gateway (Gateway API), so
+that ModelRoutes with C{parentRefs} serve its requests as Kthena's router serves them
+(L{kthena.config.resources.ModelRoute.attaches}).
+
+    gateway:
+      name: kthena-system/default   # the Gateway, namespace/name
+      listener: http                # the listener's name (a parentRef's sectionName)
+
+Without it requests come through no Gateway: routes with C{parentRefs} serve none of
+them (404 C{route_not_found}, as in Kthena).
+"""
+
+from __future__ import annotations
+
+from kthena.config.resources import GatewayListener
+from kthena.config.validate import Where, mapping, optional_string, string
+
+
+def parse_gateway(value: object, where: Where) -> GatewayListener | None:
+    if value is None:
+        return None
+    spec = mapping(value, where, ("name", "listener"), required=("name",))
+    key = string(spec["name"], where.at("name"))
+    namespace, _, name = key.rpartition("/")
+    if not namespace or not name:
+        where.at("name").fail(f"must be namespace/name, not {key!r}")
+    return GatewayListener(
+        namespace, name, optional_string(spec.get("listener"), where.at("listener"))
+    )
