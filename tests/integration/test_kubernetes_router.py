@@ -49,6 +49,14 @@ def apply(fake: FakeKube, doc: dict[str, Any]) -> None:
     fake.apply(api, {"Pod": "pods"}.get(kind, kind.lower() + "s"), doc)
 
 
+def serving(cluster: Cluster, fake: FakeKube) -> None:
+    """A ModelServer, a route of C{client-model} to it, and one pod: a started simulator."""
+    sim = cluster.sim(MODEL)
+    apply(fake, server("srv", {"app": "srv"}, MODEL))
+    apply(fake, simple_route("r", "client-model", "srv"))
+    apply(fake, pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
+
+
 async def until(cluster: Cluster, predicate: Callable[[], bool], what: str) -> None:
     await cluster.wait_for(predicate, 1.0, what)
 
@@ -111,10 +119,7 @@ async def test_an_api_outage_keeps_serving_and_is_seen(
     cluster: Cluster, kube: tuple[FakeKube, int], tmp_path: Path
 ) -> None:
     fake, port = kube
-    sim = cluster.sim(MODEL)
-    apply(fake, server("srv", {"app": "srv"}, MODEL))
-    apply(fake, simple_route("r", "client-model", "srv"))
-    apply(fake, pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
+    serving(cluster, fake)
     router = router_on(cluster, tmp_path, port)
     await until(cluster, lambda: bool(router.store.pods), "the pod")
     await cluster.sleep(0.3)
@@ -160,14 +165,11 @@ async def test_a_broken_cluster_object_is_left_out_and_the_rest_routes(
     cluster: Cluster, kube: tuple[FakeKube, int], tmp_path: Path
 ) -> None:
     fake, port = kube
-    sim = cluster.sim(MODEL)
-    apply(fake, server("srv", {"app": "srv"}, MODEL))
-    apply(fake, simple_route("r", "client-model", "srv"))
+    serving(cluster, fake)
     apply(fake, simple_route("orphan", "other-model", "no-such-server"))
     broken = server("broken", {"app": "x"}, MODEL)
     broken["spec"]["inferenceEngine"] = "NotAnEngine"
     apply(fake, broken)
-    apply(fake, pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
     router = router_on(cluster, tmp_path, port)
     await until(cluster, lambda: bool(router.store.pods), "the pod")
     assert [r.meta.key for r in router.store.resources.routes] == ["default/r"]
