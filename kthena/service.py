@@ -39,12 +39,12 @@ from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, Service
 from twisted.internet.interfaces import IReactorFromThreads, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kthena.config.router import RouterConfig, SimulatorSpec, load_config
+from kthena.config.router import RouterConfig, load_config
 from kthena.config.traffic import UpstreamConfig
 from kthena.engines.scraper import PodScraper, client_settings
 from kthena.fairness.service import FairQueues
@@ -65,9 +65,7 @@ from kthena.proxy.upstream import Upstream
 from kthena.ratelimit.service import RateLimits
 from kthena.reload import ConfigReloader
 from kthena.scheduler.build import check_scheduler
-from kthena.sim.engine import EngineConfig
-from kthena.sim.pd import Role
-from kthena.sim.service import SimConfig, SimService
+from kthena.sim.embedded import Simulators
 from kthena.sources.merge import with_cluster
 from kthena.sources.source import KubernetesSource
 from kthena.store import Datastore
@@ -99,22 +97,6 @@ class ResourcesService(Service):
 
     def reconfigure(self, config: RouterConfig) -> None:
         self.store.replace(config.resources)
-
-
-@implementer(IReconfigurable)
-class Simulators(MultiService):
-    """The demo's in-process pods; changing them needs a restart."""
-
-    name = "simulators"
-
-    def __init__(self, specs: tuple[SimulatorSpec, ...], reactor: IServerReactor) -> None:
-        super().__init__()
-        self.specs = specs
-        for spec in specs:
-            _simulator(spec, reactor).setServiceParent(self)
-
-    def reconfigure(self, config: RouterConfig) -> None:
-        restart_needed("simulators", self.specs, config.simulators)
 
 
 class RouterService(SequentialMultiService):
@@ -356,23 +338,6 @@ def _upstream(reactor: IServerReactor, client: str, settings: UpstreamConfig) ->
     if client == "lean":
         return LeanUpstream(reactor, settings)
     return Upstream(reactor, settings)
-
-
-def _simulator(spec: SimulatorSpec, reactor: IServerReactor) -> Service:
-    config = SimConfig(
-        engine=spec.engine,
-        model=spec.model,
-        listen=spec.listen,
-        engine_config=EngineConfig(
-            max_num_seqs=spec.max_num_seqs,
-            prefill_per_token=spec.prefill_per_token,
-            itl=spec.itl,
-        ),
-        output_tokens=spec.output_tokens,
-        loras={name: f"/models/{name}" for name in spec.loras},
-        role=Role(spec.role),
-    )
-    return SimService(config, reactor)
 
 
 def makeRouterService(

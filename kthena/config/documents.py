@@ -13,11 +13,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from kthena.config.gateway import parse_parent_ref
 from kthena.config.limits import parse_rate_limit
 from kthena.config.resources import (
     DEFAULT_ENGINE_PORTS,
     ENGINES,
-    GATEWAY_GROUP,
     KTHENA_API,
     KV_CONNECTORS,
     PORT_ANNOTATION,
@@ -25,7 +25,6 @@ from kthena.config.resources import (
     ModelMatch,
     ModelRoute,
     ModelServer,
-    ParentRef,
     PDGroup,
     PDPolicy,
     Pod,
@@ -179,7 +178,7 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
         s_where.fail("modelName and loraAdapters cannot both be empty")
     r_where = s_where.at("parentRefs")
     parents = tuple(
-        _parent_ref(ref, r_where.at(i), meta.namespace)
+        parse_parent_ref(ref, r_where.at(i), meta.namespace)
         for i, ref in enumerate(sequence(spec.get("parentRefs"), r_where, max_items=32))
     )
     raw_rules = sequence(spec["rules"], s_where.at("rules"), max_items=16)
@@ -194,21 +193,6 @@ def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> Model
         spec=spec,
         pd_policy=_pd_policy(spec.get("pdPolicy"), s_where.at("pdPolicy")),
         parent_refs=parents,
-    )
-
-
-def _parent_ref(value: object, where: Where, namespace: str) -> ParentRef:
-    """A Gateway API C{ParentReference}; the namespace defaults to the route's."""
-    ref = mapping(
-        value, where, ("group", "kind", "namespace", "name", "sectionName", "port"), ("name",)
-    )
-    group = ref.get("group", GATEWAY_GROUP)
-    kind = ref.get("kind", "Gateway")
-    return ParentRef(
-        namespace=string(ref.get("namespace", namespace), where.at("namespace")),
-        name=string(ref["name"], where.at("name")),
-        section_name=optional_string(ref.get("sectionName"), where.at("sectionName")),
-        gateway=group == GATEWAY_GROUP and kind == "Gateway",
     )
 
 

@@ -1,6 +1,7 @@
 """
-The C{gateway} section: the proxy listener is a listener of a Gateway (Gateway API), so
-that ModelRoutes with C{parentRefs} serve its requests as Kthena's router serves them
+Gateway API in the config: a ModelRoute's C{parentRefs}, and the C{gateway} section,
+which makes the proxy listener a listener of a Gateway, so that ModelRoutes with
+C{parentRefs} serve its requests as Kthena's router serves them
 (L{kthena.config.resources.ModelRoute.attaches}).
 
     gateway:
@@ -13,7 +14,7 @@ them (404 C{route_not_found}, as in Kthena).
 
 from __future__ import annotations
 
-from kthena.config.resources import GatewayListener
+from kthena.config.resources import GATEWAY_GROUP, GatewayListener, ParentRef
 from kthena.config.validate import Where, mapping, optional_string, string
 
 
@@ -27,4 +28,19 @@ def parse_gateway(value: object, where: Where) -> GatewayListener | None:
         where.at("name").fail(f"must be namespace/name, not {key!r}")
     return GatewayListener(
         namespace, name, optional_string(spec.get("listener"), where.at("listener"))
+    )
+
+
+def parse_parent_ref(value: object, where: Where, namespace: str) -> ParentRef:
+    """A Gateway API C{ParentReference}; the namespace defaults to the route's."""
+    ref = mapping(
+        value, where, ("group", "kind", "namespace", "name", "sectionName", "port"), ("name",)
+    )
+    group = ref.get("group", GATEWAY_GROUP)
+    kind = ref.get("kind", "Gateway")
+    return ParentRef(
+        namespace=string(ref.get("namespace", namespace), where.at("namespace")),
+        name=string(ref["name"], where.at("name")),
+        section_name=optional_string(ref.get("sectionName"), where.at("sectionName")),
+        gateway=group == GATEWAY_GROUP and kind == "Gateway",
     )

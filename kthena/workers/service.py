@@ -40,7 +40,8 @@ from kthena.listening import ListeningService
 from kthena.observability.admin import AdminRoot, plan_listeners
 from kthena.observability.debug.access import DebugAccess
 from kthena.observability.debug.app import DebugGate
-from kthena.service import Simulators, load
+from kthena.service import load
+from kthena.sim.embedded import Simulators
 from kthena.systemd import Systemd, SystemdNotifier
 from kthena.webutil import QuietSite
 from kthena.workers.admin import MergedMetrics, WorkerAsker, WorkersDebug
