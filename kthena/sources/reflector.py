@@ -25,6 +25,9 @@ from kthena.sources.kubeclient import KubeClient, KubeError
 log = Logger()
 
 LIST_TIMEOUT = 60.0
+MIN_WATCH = 1.0
+"""A watch that ended sooner than this after it began (normally, or with a 410) waits a
+backoff before the next, as client-go does for "very short" watches."""
 WATCH_SECONDS = (300, 600)
 """The server ends each watch after a random time in this range (client-go's spread), so
 that the watches of many routers do not all end at once."""
@@ -130,25 +133,29 @@ class Reflector:
 
     async def _run(self) -> None:
         while not self.stopped():
+            began = self.clock.seconds()
             try:
                 if self._version is None:
                     await self._list()
                 await self._watch()
-                continue  # the server ended the watch: resume it at once
             except CancelledError:
                 raise
             except KubeError as error:
-                if error.code == 410 and not self._stopped:  # too old: list again
+                if error.code != 410 or self._stopped:
+                    self._failed(error)
+                else:  # too old for the server's history: list again
                     log.info("kubernetes: {where}: {error}; listing again", where=self.where,
                              error=str(error))  # fmt: skip
                     self._version = None
-                    continue
-                self._failed(error)
             except Exception as error:
                 self._failed(error)
             if self.stopped():
                 return
-            await deferLater(self.clock, self.backoff.after(self._failures, self._random.random))
+            if self._failures or self.clock.seconds() - began < MIN_WATCH:
+                # A failure, or a watch (or a list and its watch) over at once: a server
+                # or proxy ending every watch must not be asked again in a tight loop.
+                wait = self.backoff.after(max(1, self._failures), self._random.random)
+                await deferLater(self.clock, wait)
 
     def _failed(self, error: Exception) -> None:
         if self._stopped:  # what the stop cut: not a failure of the API

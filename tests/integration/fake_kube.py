@@ -48,6 +48,8 @@ class FakeKube:
     """Watches are accepted and then say nothing (a half-open connection)."""
     stalled: bool = False
     """Requests are read and never answered, not even with a status line."""
+    brief: bool = False
+    """Every watch ends as soon as it has sent what it had (a proxy cutting them short)."""
     requests: list[tuple[str, dict[str, str], str | None]] = field(default_factory=list)
     watchers: list[_Watcher] = field(default_factory=list)
 
@@ -189,6 +191,9 @@ class FakeKube:
             for version, where, kind, obj in self.history:
                 if version > since and where == collection and _in(namespace, obj):
                     self._send(watcher, kind, obj)
+        if self.brief:
+            request.finish()
+            return NOT_DONE_YET
         self.watchers.append(watcher)
         seconds = int(params.get("timeoutSeconds") or 0)
         if seconds:

@@ -259,3 +259,14 @@ async def test_a_list_over_the_size_limit_is_refused_unread(
     await api.until(lambda: pods.errors >= 1, "the refusal")
     assert not pods.synced and not pods.objects
     assert pods.last_error is not None and "2000" in pods.last_error
+
+
+@inline
+async def test_watches_ended_at_once_are_not_asked_again_in_a_loop(api: Harness) -> None:
+    api.kube.brief = True
+    pods = api.reflector()
+    await api.until(lambda: pods.synced, "the list")
+    await deferLater(api.reactor, 0.5, lambda: None)
+    watches = sum(1 for _, p, _ in api.kube.requests if p.get("watch"))
+    assert 1 < watches < 30  # each waits the backoff (0.025-0.075 s here), not none
+    assert pods.errors == 0  # a watch the server ends is not a failure
