@@ -175,12 +175,18 @@ class Datastore:
         table += [(name, "loraAdapters", routes) for name, routes in self._index.by_lora.items()]
         return sorted(table, key=lambda entry: (entry[0], entry[1] != "modelName"))
 
-    def model_names(self) -> list[tuple[str, ModelRoute]]:
-        """Every base model and LoRA adapter name known from routes, with its route."""
+    def model_names(self, via: GatewayListener | None = None) -> list[tuple[str, ModelRoute]]:
+        """
+        Every base model and LoRA adapter name a route serves through C{via} (the Gateway
+        listener requests come through; L{match}), with the first such route.
+        """
         names: dict[str, ModelRoute] = {}
         for table in (self._index.by_model, self._index.by_lora):
             for name, routes in table.items():
-                names.setdefault(name, routes[0])
+                for route in routes:
+                    if route.attaches(via):
+                        names.setdefault(name, route)
+                        break
         return sorted(names.items())
 
 

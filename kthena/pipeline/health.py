@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
-from kthena.config.resources import ModelServer
+from kthena.config.resources import GatewayListener, ModelServer
 from kthena.config.router import PodMetricsConfig, RouterConfig
 from kthena.config.traffic import OutlierConfig
 from kthena.engines.state import PodState
@@ -155,13 +155,15 @@ class Health:
             status = "degraded"
         return ServerHealth(selected, pods, healthy, status)
 
-    def models_without_healthy_pods(self) -> list[str]:
-        """Every model name (base or adapter) no route can send to a healthy pod."""
+    def models_without_healthy_pods(self, via: GatewayListener | None = None) -> list[str]:
+        """Every model name (base or adapter) no route serving C{via}'s requests can send
+        to a healthy pod."""
         store = self.store
         servers: dict[str, bool] = {}
         models: dict[str, bool] = {}
-        for name, _, routes in store.route_table():
-            if name in models:  # a modelName shadows adapter routes of the same name
+        for name, _, table_routes in store.route_table():
+            routes = [r for r in table_routes if r.attaches(via)]
+            if name in models or not routes:  # a modelName shadows adapter routes
                 continue
             ok = False
             for route in routes:
@@ -185,17 +187,21 @@ class Readiness:
     @ivar scraped: the first scrape round is done (or pods are not scraped).
     @ivar listed: the resources a Kubernetes source reads were listed once (or there is
         no such source).
+    @ivar via: the Gateway listener requests come through (the config's C{gateway}):
+        only the models of routes serving it count.
     """
 
     def __init__(self, health: Health, config: RouterConfig) -> None:
         self.health = health
         self.rule = config.readiness
+        self.via = config.gateway
         self.draining = False
         self.scraped = True
         self.listed = True
 
     def reconfigure(self, config: RouterConfig) -> None:
         self.rule = config.readiness
+        self.via = config.gateway
 
     def check(self) -> tuple[bool, str, list[str]]:
         """Whether ready, why, and the models no healthy pod serves."""
@@ -205,9 +211,9 @@ class Readiness:
             return False, "not ready: the Kubernetes resources are not listed yet", []
         if not self.scraped:
             return False, "not ready: the first scrape of the pods is not done", []
-        without = self.health.models_without_healthy_pods()
+        without = self.health.models_without_healthy_pods(self.via)
         if without and (
-            self.rule == "allModels" or len(without) == len(self.health.store.model_names())
+            self.rule == "allModels" or len(without) == len(self.health.store.model_names(self.via))
         ):
             shown = ", ".join(without[:10]) + (
                 f" and {len(without) - 10} more" if len(without) > 10 else ""

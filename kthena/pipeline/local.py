@@ -53,12 +53,13 @@ class LocalAnswers:
         elif path == b"/healthz":
             answer_json(exchange, record, 200, {"message": "ok"})
         elif path == MODELS:
-            data = [self._model(name, route) for name, route in self.store.model_names()]
+            names = self.store.model_names(self.readiness.via)
+            data = [self._model(name, route) for name, route in names]
             answer_json(exchange, record, 200, {"object": "list", "data": data})
         else:
             name = path[len(MODEL_PREFIX) :].decode("utf-8", "replace")
             record.model = name
-            for known, route in self.store.model_names():
+            for known, route in self.store.model_names(self.readiness.via):
                 if known == name:
                     answer_json(exchange, record, 200, self._model(name, route))
                     return

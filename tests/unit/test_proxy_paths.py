@@ -11,6 +11,7 @@ import pytest
 
 from kthena.errors import ErrorType
 from tests.unit.proxyfixtures import BASE_MODEL, LORA, RouterHarness
+from tests.unit.routerfixtures import pod, server, simple_route
 from tests.unit.test_proxy_resource import COMPLETION, HEX32, assert_error
 
 ADMIN_PATHS = [
@@ -172,3 +173,28 @@ def test_authorization_is_dropped_when_configured() -> None:
     h.chat(headers=[("Authorization", "Bearer sk-client"), ("X-Tier", "gold")])
     assert h.upstream.last.header("authorization") is None
     assert h.upstream.last.header("x-tier") == ["gold"]
+
+
+def test_models_and_readiness_are_those_served_through_the_gateway() -> None:
+    """A route bound (parentRefs) to another Gateway, or to one when requests come through
+    none, is neither listed by /v1/models nor counted by /readyz: it serves nobody here."""
+    bound = simple_route("bound", "bound-model", "s")
+    bound["spec"]["parentRefs"] = [{"name": "gw"}]
+    docs = [
+        server("s", {"app": "s"}),
+        pod("p", "10.0.0.1", {"app": "s"}),
+        simple_route("free", "free-model", "s"),
+        bound,
+        simple_route("nowhere", "dead-model", "no-pods-server"),
+        server("no-pods-server", {"app": "none"}),
+    ]
+    docs[-2]["spec"]["parentRefs"] = [{"name": "gw"}]  # dead-model: only through gw
+    outside = RouterHarness(resources=docs)
+    ids = [m["id"] for m in outside.get("/v1/models").got().json()["data"]]
+    assert ids == ["free-model"]
+    assert outside.get("/v1/models/bound-model").got().status == 404
+    assert outside.get("/readyz").got().status == 200  # dead-model serves nobody here
+    through = RouterHarness(resources=docs, gateway={"name": "default/gw"})
+    ids = [m["id"] for m in through.get("/v1/models").got().json()["data"]]
+    assert ids == ["bound-model", "dead-model", "free-model"]
+    assert through.get("/readyz").got().status == 503  # dead-model has no pod
