@@ -66,27 +66,30 @@ class WatchIdleError(Exception):
 
 @implementer(IPolicyForHTTPS)
 class _APIPolicy:
-    """The API's TLS: its CA (or the system's), a client certificate if the user has one."""
+    """
+    The API's TLS: its CA (or the system's), a client certificate if the user has one;
+    the certificates are read once, not for every connection.
+    """
 
     def __init__(self, access: KubeAccess) -> None:
-        self.access = access
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        access = self.access
-        client = None
+        self.insecure = access.insecure
+        self.client: PrivateCertificate | None = None
         if access.client_certificate is not None:
             certificate, key = access.client_certificate
-            client = PrivateCertificate.loadPEM(certificate + b"\n" + key)
-        if access.insecure:
+            self.client = PrivateCertificate.loadPEM(certificate + b"\n" + key)
+        self.trust = platformTrust() if access.ca is None else Certificate.loadPEM(access.ca)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        client = self.client
+        if self.insecure:
             options = CertificateOptions(
                 verify=False,
                 privateKey=None if client is None else client.privateKey.original,
                 certificate=None if client is None else client.original,
             )
             return _Unverified(options)
-        trust = platformTrust() if access.ca is None else Certificate.loadPEM(access.ca)
         creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
-            hostname.decode("ascii"), trustRoot=trust, clientCertificate=client
+            hostname.decode("ascii"), trustRoot=self.trust, clientCertificate=client
         )
         return creator
 

@@ -125,24 +125,28 @@ class FakeKube:
         if self.stalled:
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"application/json")
-        refusal = self._refusal(request, path, authorization)
+        discovery = _DISCOVERY.get(path.rstrip("/"))
+        parsed = _collection(path)
+        refusal = self._refusal(request, path, authorization, discovery or parsed)
         if refusal is not None:
             return refusal
-        discovery = _DISCOVERY.get(path.rstrip("/"))
         if discovery is not None:
             return json.dumps(discovery).encode()
-        collection, namespace = _collection(path) or (("", ""), None)
+        assert parsed is not None
+        collection, namespace = parsed
         if params.get("watch") in ("1", "true"):
             return self._watch(request, collection, namespace, params)
         return self._list(request, collection, namespace, params)
 
-    def _refusal(self, request: Request, path: str, authorization: bytes | None) -> bytes | None:
+    def _refusal(
+        self, request: Request, path: str, authorization: bytes | None, known: object
+    ) -> bytes | None:
         """A Status for a request answered with an error: no token, failing, no such path."""
         if self.token is not None and authorization != f"Bearer {self.token}".encode():
             return _status(request, 401, "Unauthorized", "invalid bearer token")
         if self.failing is not None:
             return _status(request, self.failing, "InternalError", "the test says so")
-        if path.rstrip("/") not in _DISCOVERY and _collection(path) is None:
+        if not known:
             return _status(request, 404, "NotFound", f"no such path {path}")
         return None
 

@@ -57,6 +57,14 @@ def serving(cluster: Cluster, fake: FakeKube) -> None:
     apply(fake, pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
 
 
+async def served(cluster: Cluster, fake: FakeKube, port: int, tmp_path: Path) -> RouterService:
+    """L{serving}'s resources, a router reading them, once it routes to the pod."""
+    serving(cluster, fake)
+    router = router_on(cluster, tmp_path, port)
+    await until(cluster, lambda: bool(router.store.pods), "the pod")
+    return router
+
+
 async def until(cluster: Cluster, predicate: Callable[[], bool], what: str) -> None:
     await cluster.wait_for(predicate, 1.0, what)
 
@@ -119,9 +127,7 @@ async def test_an_api_outage_keeps_serving_and_is_seen(
     cluster: Cluster, kube: tuple[FakeKube, int], tmp_path: Path
 ) -> None:
     fake, port = kube
-    serving(cluster, fake)
-    router = router_on(cluster, tmp_path, port)
-    await until(cluster, lambda: bool(router.store.pods), "the pod")
+    router = await served(cluster, fake, port, tmp_path)
     await cluster.sleep(0.3)
     fake.failing = 503
     fake.drop()
@@ -165,13 +171,11 @@ async def test_a_broken_cluster_object_is_left_out_and_the_rest_routes(
     cluster: Cluster, kube: tuple[FakeKube, int], tmp_path: Path
 ) -> None:
     fake, port = kube
-    serving(cluster, fake)
     apply(fake, simple_route("orphan", "other-model", "no-such-server"))
     broken = server("broken", {"app": "x"}, MODEL)
     broken["spec"]["inferenceEngine"] = "NotAnEngine"
     apply(fake, broken)
-    router = router_on(cluster, tmp_path, port)
-    await until(cluster, lambda: bool(router.store.pods), "the pod")
+    router = await served(cluster, fake, port, tmp_path)
     assert [r.meta.key for r in router.store.resources.routes] == ["default/r"]
     assert [s.meta.key for s in router.store.resources.servers] == ["default/srv"]
     await cluster.sleep(0.3)

@@ -138,3 +138,37 @@ def test_errors_never_quote_the_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         from_kubeconfig(path)
     assert secret not in str(caught.value)
+
+
+def test_the_tls_policy_reads_its_certificates_once_and_verifies_unless_told_not_to() -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from kthena.sources.kubeaccess import KubeAccess
+    from kthena.sources.kubeclient import _APIPolicy
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    access = KubeAccess(server="https://api:6443", ca=pem, client_certificate=(pem, key_pem))
+    policy = _APIPolicy(access)
+    assert policy.client is not None and policy.trust is not None
+    assert type(policy.creatorForNetloc(b"api", 6443)).__name__ == "ClientTLSOptions"
+    unverified = _APIPolicy(KubeAccess(server="https://api:6443", insecure=True))
+    assert type(unverified.creatorForNetloc(b"api", 6443)).__name__ == "_Unverified"
