@@ -38,6 +38,7 @@ class ErrorType(enum.Enum):
     URI_TOO_LONG = "uri_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
     UNAUTHORIZED = "unauthorized"
+    POOL_SELECTION = "inference_pool_selection"  # an HTTPRoute rule with no pool (500)
 
 
 _OPENAI_TYPES = {

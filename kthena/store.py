@@ -14,13 +14,22 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kthena.config.inference import HTTPRoute, HTTPRouteRule, InferencePool, ModelRewrite
 from kthena.config.resources import (
     GatewayListener,
     ModelRoute,
     ModelServer,
     Pod,
-    ResourceSet,
     Rule,
+)
+from kthena.config.resourceset import ResourceSet
+from kthena.inference_routing import (
+    HTTPRouteChoice,
+    choose_backend,
+    choose_route,
+    normalize_host,
+    rewrite_model,
+    route_order,
 )
 from kthena.pods import PodEndpoint
 
@@ -29,23 +38,56 @@ HeaderLookup = Callable[[str], str]
 
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
-    """The outcome of matching a request: where it goes, and whether it names an adapter."""
+    """
+    The outcome of matching a request: where it goes, and whether it names an adapter.
 
-    route: ModelRoute
-    rule: Rule
+    @ivar route: its ModelRoute or, for a request an HTTPRoute sends to an InferencePool,
+        that HTTPRoute (C{server} is then the pool's L{PoolServer
+        <kthena.config.inference.PoolServer>}).
+    @ivar rewritten: the model name the pool's InferenceModelRewrites gave it.
+    @ivar via: the Gateway listener it came through.
+    @ivar declared: the requested model is a name the resources give (a route's, or one
+        a rewrite matches exactly): an InferencePool takes any name, which the metrics
+        must not turn into a series each (L{kthena.observability.metrics}).
+    """
+
+    route: ModelRoute | HTTPRoute
+    rule: Rule | HTTPRouteRule
     server: ModelServer
     is_lora: bool
+    rewritten: str | None = None
+    via: GatewayListener | None = None
+    declared: bool = True
 
     def upstream_model(self, requested: str) -> str:
-        """The model name sent to the pod: the server's model, except for LoRA requests."""
+        """The model name sent to the pod: the server's model, except for LoRA requests;
+        a pool's rewrite, if any."""
+        if self.rewritten is not None:
+            return self.rewritten
         if self.is_lora or self.server.model is None:
             return requested
         return self.server.model
 
+    @property
+    def model_route(self) -> str | None:
+        return self.route.meta.key if self.route.kind == "ModelRoute" else None
 
-def _created_order(route: ModelRoute) -> tuple[str, int]:
-    # Timestamps in RFC 3339 UTC sort as text; routes without one keep file order after them.
-    return (route.meta.created or "\uffff", route.meta.order)
+    @property
+    def http_route(self) -> str | None:
+        return self.route.meta.key if self.route.kind == "HTTPRoute" else None
+
+    @property
+    def model_server(self) -> str | None:
+        return self.server.meta.key if self.server.kind == "ModelServer" else None
+
+    @property
+    def inference_pool(self) -> str | None:
+        return self.server.meta.key if self.server.kind == "InferencePool" else None
+
+
+def _created_order(resource: ModelRoute | ModelRewrite) -> tuple[str, int]:
+    # Timestamps in RFC 3339 UTC sort as text; those without one keep file order after them.
+    return (resource.meta.created or "\uffff", resource.meta.order)
 
 
 @dataclass(slots=True)
@@ -53,9 +95,15 @@ class _Index:
     by_model: dict[str, list[ModelRoute]] = field(default_factory=dict)
     by_lora: dict[str, list[ModelRoute]] = field(default_factory=dict)
     servers: dict[str, ModelServer] = field(default_factory=dict)
-    server_pods: dict[str, list[PodEndpoint]] = field(default_factory=dict)
+    server_pods: dict[tuple[str, str], list[PodEndpoint]] = field(default_factory=dict)
+    """Each server's and pool's pods, by kind and key."""
     rule_servers: dict[int, list[ModelServer]] = field(default_factory=dict)
     """Each rule's target servers (by the rule's id), in target order."""
+    pools: dict[str, InferencePool] = field(default_factory=dict)
+    httproutes: list[HTTPRoute] = field(default_factory=list)
+    """In the order the Gateway API breaks ties in (L{route_order})."""
+    rewrites: dict[str, list[ModelRewrite]] = field(default_factory=dict)
+    """Each pool's InferenceModelRewrites, oldest first."""
 
 
 class Datastore:
@@ -83,14 +131,21 @@ class Datastore:
         pods: dict[str, PodEndpoint] = {}
         for server in resources.servers:
             index.servers[server.meta.key] = server
+        for pool in resources.pools:
+            index.pools[pool.meta.key] = pool
+        for server in (*resources.servers, *(p.server for p in resources.pools)):
             members: list[PodEndpoint] = []
             for pod in resources.pods:
                 if not (pod.serving and server.selects(pod)):
                     continue
                 endpoint = self._endpoint(pod, server, pods)
-                endpoint.servers = (*endpoint.servers, server.meta.key)
+                if server.kind == "ModelServer":
+                    endpoint.servers = (*endpoint.servers, server.meta.key)
                 members.append(endpoint)
-            index.server_pods[server.meta.key] = members
+            index.server_pods[(server.kind, server.meta.key)] = members
+        index.httproutes = sorted(resources.httproutes, key=route_order)
+        for rewrite in sorted(resources.rewrites, key=_created_order):
+            index.rewrites.setdefault(rewrite.pool, []).append(rewrite)
         for route in resources.routes:
             for rule in route.rules:
                 index.rule_servers[id(rule)] = [
@@ -150,12 +205,49 @@ class Datastore:
                 server = servers[0]
             else:
                 server = self._random.choices(servers, weights=rule.weights)[0]
-            return RouteMatch(route, rule, server, is_lora)
+            return RouteMatch(route, rule, server, is_lora, via=via)
         return None
+
+    def match_http_route(
+        self,
+        model: str,
+        host: str,
+        method: str,
+        path: str,
+        header: Callable[[str], str | None],
+        via: GatewayListener | None,
+    ) -> tuple[HTTPRouteChoice, RouteMatch | None] | None:
+        """
+        The HTTPRoute and rule that take a request through C{via}
+        (L{kthena.inference_routing}), and where they send it: C{None} in place of the
+        match when the rule has no InferencePool with traffic; C{None} when no route
+        takes it.
+        """
+        if not self._index.httproutes or via is None:
+            return None
+        routes = [r for r in self._index.httproutes if r.attaches(via)]
+        choice = choose_route(routes, normalize_host(host), method, path, header)
+        if choice is None:
+            return None
+        backend = choose_backend(choice.rule, self._random)
+        if backend is None:
+            return choice, None
+        pool = self._index.pools[backend.key]
+        found = rewrite_model(self._index.rewrites.get(pool.meta.key, ()), model, self._random)
+        rewritten, declared = found if found is not None else (None, False)
+        match = RouteMatch(choice.route, choice.rule, pool.server, False, rewritten, via, declared)
+        return choice, match
+
+    def pool_pods(self, pool: InferencePool) -> list[PodEndpoint]:
+        """Pods of C{pool} that may take traffic."""
+        return self.server_pods(pool.server)
+
+    def pool_rewrites(self, pool: InferencePool) -> list[ModelRewrite]:
+        return self._index.rewrites.get(pool.meta.key, [])
 
     def server_pods(self, server: ModelServer) -> list[PodEndpoint]:
         """Pods of C{server} that may take traffic (Running, Ready, not deleting)."""
-        return self._index.server_pods.get(server.meta.key, [])
+        return self._index.server_pods.get((server.kind, server.meta.key), [])
 
     def route_servers(self, route: ModelRoute) -> list[ModelServer]:
         """The model servers C{route}'s rules may send to, each once."""

@@ -1,5 +1,6 @@
 """
-Reading resource documents (C{ModelRoute}, C{ModelServer}, C{Pod}) into their types
+Reading resource documents (C{ModelRoute}, C{ModelServer}, C{Pod}; the Inference
+Extension's, L{kthena.config.inference_documents}) into their types
 (L{kthena.config.resources}): everything Kthena's CRD schema and webhook check, and what
 its router would only discover at request time (half-weighted targets, bad regexes,
 targets naming a missing server), with errors that name the file, the document and the
@@ -9,38 +10,47 @@ field.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kthena.config.gateway import parse_parent_ref
+from kthena.config.inference import (
+    GATEWAY_API,
+    INFERENCE_API,
+    REWRITE_API,
+    HTTPRoute,
+    ModelRewrite,
+)
+from kthena.config.inference_documents import (
+    parse_http_route,
+    parse_inference_pool,
+    parse_model_rewrite,
+)
 from kthena.config.limits import parse_rate_limit
+from kthena.config.metadata import read_document, read_metadata
 from kthena.config.resources import (
     DEFAULT_ENGINE_PORTS,
     ENGINES,
     KTHENA_API,
     KV_CONNECTORS,
     PORT_ANNOTATION,
-    Metadata,
     ModelMatch,
     ModelRoute,
     ModelServer,
     PDGroup,
     PDPolicy,
     Pod,
-    Resource,
-    ResourceSet,
     Retry,
     Rule,
     StringMatch,
     TargetModel,
 )
+from kthena.config.resourceset import Resource, ResourceSet, resource_set
 from kthena.config.validate import (
     Where,
     choice,
     duration,
     integer,
-    labels,
     mapping,
     number,
     optional_string,
@@ -49,57 +59,6 @@ from kthena.config.validate import (
     sequence,
     string,
 )
-
-_METADATA_FIELDS = frozenset(
-    {
-        "name",
-        "namespace",
-        "labels",
-        "annotations",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "uid",
-        "resourceVersion",
-        "generation",
-        "generateName",
-        "ownerReferences",
-        "finalizers",
-        "managedFields",
-    }
-)
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-
-
-def _document(
-    doc: Mapping[str, Any],
-    where: Where,
-    order: int,
-    keys: tuple[str, ...],
-    required: tuple[str, ...],
-) -> tuple[Metadata, Where, Where, Mapping[str, Any]]:
-    """A Kthena document's metadata, where it is (named by kind and key), and its spec."""
-    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
-    where = where.named(f"{doc.get('kind')} {meta.key}")
-    s_where = where.at("spec")
-    return meta, where, s_where, mapping(doc.get("spec"), s_where, keys, required=required)
-
-
-def _metadata(value: object, where: Where, order: int) -> Metadata:
-    meta = mapping(value, where, _METADATA_FIELDS, required=("name",))
-    name = string(meta["name"], where.at("name"))
-    if not _DNS_LABEL.match(name):
-        where.at("name").fail(f"must be a lower-case DNS name, not {name!r}")
-    namespace = string(meta.get("namespace", "default"), where.at("namespace"))
-    created = meta.get("creationTimestamp")
-    return Metadata(
-        name=name,
-        namespace=namespace,
-        labels=labels(meta.get("labels"), where.at("labels")),
-        annotations=labels(meta.get("annotations"), where.at("annotations")),
-        created=None if created is None else str(created),
-        deleting=meta.get("deletionTimestamp") is not None,
-        order=order,
-    )
 
 
 def _string_match(value: object, where: Where) -> StringMatch:
@@ -160,7 +119,7 @@ def _rule(value: object, where: Where) -> Rule:
 
 
 def parse_model_route(doc: Mapping[str, Any], where: Where, order: int) -> ModelRoute:
-    meta, where, s_where, spec = _document(
+    meta, where, s_where, spec = read_document(
         doc,
         where,
         order,
@@ -247,7 +206,7 @@ def _retry(value: object, where: Where) -> Retry | None:
 
 
 def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> ModelServer:
-    meta, where, s_where, spec = _document(
+    meta, where, s_where, spec = read_document(
         doc,
         where,
         order,
@@ -293,7 +252,7 @@ def parse_model_server(doc: Mapping[str, Any], where: Where, order: int) -> Mode
 
 
 def parse_pod(doc: Mapping[str, Any], where: Where, order: int) -> Pod:
-    meta = _metadata(doc.get("metadata"), where.at("metadata"), order)
+    meta = read_metadata(doc.get("metadata"), where.at("metadata"), order)
     where = where.named(f"Pod {meta.key}")
     # Accepted as is (pods come from outside); only the debug views read it (nodeName).
     pod_spec = mapping(doc.get("spec"), where.at("spec"))
@@ -334,6 +293,9 @@ _PARSERS: dict[tuple[str, str], Callable[[Mapping[str, Any], Where, int], Resour
     (KTHENA_API, "ModelRoute"): parse_model_route,
     (KTHENA_API, "ModelServer"): parse_model_server,
     ("v1", "Pod"): parse_pod,
+    (INFERENCE_API, "InferencePool"): parse_inference_pool,
+    (GATEWAY_API, "HTTPRoute"): parse_http_route,
+    (REWRITE_API, "InferenceModelRewrite"): parse_model_rewrite,
 }
 
 
@@ -350,17 +312,44 @@ def parse_document(doc: object, where: Where, order: int) -> Resource:
     return parser(body, where, order)
 
 
+def missing_targets(resource: Resource, present: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """
+    What C{resource} sends to that is not in C{present} (C{(kind, namespace/name)}
+    pairs): each as the field that names it and what it names.
+    """
+    missing = []
+    if isinstance(resource, ModelRoute):
+        for i, rule in enumerate(resource.rules):
+            for j, target in enumerate(rule.targets):
+                key = f"{resource.meta.namespace}/{target.model_server_name}"
+                if ("ModelServer", key) not in present:
+                    missing.append((f"spec.rules[{i}].targetModels[{j}].modelServerName",
+                                    _named("ModelServer", key)))  # fmt: skip
+    elif isinstance(resource, HTTPRoute):
+        for http_rule in resource.rules:
+            for backend in http_rule.backends:
+                if ("InferencePool", backend.key) not in present:
+                    missing.append((f"spec.rules[{http_rule.index}].backendRefs",
+                                    _named("InferencePool", backend.key)))  # fmt: skip
+    elif isinstance(resource, ModelRewrite) and ("InferencePool", resource.pool) not in present:
+        missing.append(("spec.poolRef", _named("InferencePool", resource.pool)))
+    return missing
+
+
+def _named(kind: str, key: str) -> str:
+    namespace, _, name = key.partition("/")
+    return f"{kind} {name!r} in namespace {namespace!r}"
+
+
 def build_resource_set(resources: Iterable[tuple[Resource, Where]]) -> ResourceSet:
     """
-    Check names are unique per kind and every route target names an existing server in
-    the route's namespace.
+    Check names are unique per kind and everything a route or rewrite sends to exists
+    (in its namespace, unless it names another).
 
     @raise ConfigError: naming the offending document.
     """
     seen: dict[tuple[str, str], Where] = {}
-    routes: list[ModelRoute] = []
-    servers: list[ModelServer] = []
-    pods: list[Pod] = []
+    kept: list[Resource] = []
     for resource, found_at in resources:
         where = found_at.named(f"{resource.kind} {resource.meta.key}")
         key = (resource.kind, resource.meta.key)
@@ -370,20 +359,9 @@ def build_resource_set(resources: Iterable[tuple[Resource, Where]]) -> ResourceS
                 f"{seen[key].describe()})"
             )
         seen[key] = where
-        if isinstance(resource, ModelRoute):
-            routes.append(resource)
-        elif isinstance(resource, ModelServer):
-            servers.append(resource)
-        else:
-            pods.append(resource)
-    server_keys = {s.meta.key for s in servers}
-    for route in routes:
-        where = seen[("ModelRoute", route.meta.key)]
-        for i, rule in enumerate(route.rules):
-            for j, target in enumerate(rule.targets):
-                if f"{route.meta.namespace}/{target.model_server_name}" not in server_keys:
-                    where.at(f"spec.rules[{i}].targetModels[{j}].modelServerName").fail(
-                        f"no ModelServer {target.model_server_name!r} in namespace "
-                        f"{route.meta.namespace!r}"
-                    )
-    return ResourceSet(tuple(routes), tuple(servers), tuple(pods))
+        kept.append(resource)
+    present = set(seen)
+    for resource in kept:
+        for field, what in missing_targets(resource, present):
+            seen[(resource.kind, resource.meta.key)].at(field).fail(f"no {what}")
+    return resource_set(kept)

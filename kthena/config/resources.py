@@ -136,28 +136,51 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayListener:
+    """
+    The Gateway listener requests come through (C{gateway} in the router's config).
+
+    @ivar port: the listener's port, for C{parentRefs} that name one.
+    """
+
+    namespace: str
+    name: str
+    listener: str | None = None
+    port: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class ParentRef:
     """
-    One of a ModelRoute's C{parentRefs}.
+    One of a route's C{parentRefs}.
 
     @ivar gateway: it names a Gateway (C{group} and C{kind} absent or Gateway API's):
         only such refs attach a route anywhere.
     @ivar section_name: the Gateway listener's name, when the ref names one.
+    @ivar port: the Gateway listener's port, when the ref names one.
     """
 
     namespace: str
     name: str
     section_name: str | None = None
     gateway: bool = True
+    port: int | None = None
 
-
-@dataclass(frozen=True, slots=True)
-class GatewayListener:
-    """The Gateway listener requests come through (C{gateway} in the router's config)."""
-
-    namespace: str
-    name: str
-    listener: str | None = None
+    def admits(self, via: GatewayListener) -> bool:
+        """Whether requests through C{via} are this ref's: its Gateway and, when named,
+        that listener and port (Kthena only checks that the Gateway has a listener of
+        that name: not copied)."""
+        return (
+            self.gateway
+            and self.namespace == via.namespace
+            and self.name == via.name
+            and (self.section_name is None or self.section_name == via.listener)
+            and (self.port is None or self.port == via.port)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,22 +205,13 @@ class ModelRoute:
         """
         Whether this route serves a request that came through C{via} (None: through no
         Gateway), as Kthena's store decides: a route with C{parentRefs} serves only
-        requests through a Gateway one of them names (through its listener
-        C{sectionName}, when given: Kthena only checks that the Gateway has such a
-        listener); a route without serves requests through no Gateway, and through a
-        Gateway of its own namespace.
+        requests through a Gateway one of them names (L{ParentRef.admits}); a route
+        without serves requests through no Gateway, and through a Gateway of its own
+        namespace.
         """
         if not self.parent_refs:
             return via is None or via.namespace == self.meta.namespace
-        if via is None:
-            return False
-        return any(
-            ref.gateway
-            and ref.namespace == via.namespace
-            and ref.name == via.name
-            and (ref.section_name is None or ref.section_name == via.listener)
-            for ref in self.parent_refs
-        )
+        return via is not None and any(ref.admits(via) for ref in self.parent_refs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +244,8 @@ class ModelServer:
     kv_bytes_per_token: int | None = None
 
     kind = "ModelServer"
+    backend_type = "model_server"
+    """What the metrics' and access log's C{backend_type} call it."""
 
     def selects(self, pod: Pod) -> bool:
         """Whether C{pod} belongs to this server by namespace and labels."""
@@ -268,15 +284,3 @@ class Pod:
     def serving(self) -> bool:
         """Running, Ready, addressed and not being deleted: may take traffic."""
         return bool(self.ip) and self.phase == "Running" and self.ready and not self.meta.deleting
-
-
-Resource = ModelRoute | ModelServer | Pod
-
-
-@dataclass(frozen=True, slots=True)
-class ResourceSet:
-    """A complete, cross-checked set of resources (what one config generation routes by)."""
-
-    routes: tuple[ModelRoute, ...] = ()
-    servers: tuple[ModelServer, ...] = ()
-    pods: tuple[Pod, ...] = ()

@@ -24,7 +24,8 @@ from kthena.config.identity import IdentityConfig, parse_identity
 from kthena.config.kubernetes import KubernetesConfig, parse_kubernetes
 from kthena.config.limits import RateLimitSettings, parse_rate_limits, parse_tokenizers
 from kthena.config.observability import ObservabilityConfig, parse_observability
-from kthena.config.resources import GatewayListener, Resource, ResourceSet
+from kthena.config.resources import GatewayListener
+from kthena.config.resourceset import Resource, ResourceSet
 from kthena.config.scheduler import SchedulerConfig, parse_scheduler
 from kthena.config.traffic import (
     DEFAULT_INFERENCE_PATHS,

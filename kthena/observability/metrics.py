@@ -161,8 +161,8 @@ class RouterMetrics:
         r = self.registry
         self.upstream_requests = self._fast(
             "counter", "kthena_router_upstream_requests",
-            "Requests sent to the model server's pods (each attempt, each PD leg)",
-            ("model_server",),
+            "Requests sent to the model server's (or InferencePool's) pods (each attempt, each "
+            "PD leg)", ("model_server",),
         )  # fmt: skip
         self.upstream_failures = self._fast(
             "counter", "kthena_router_upstream_failures",
@@ -192,7 +192,8 @@ class RouterMetrics:
     def reconfigure(self, config: RouterConfig) -> None:
         """A new generation: its paths; the series of models and routes that left go."""
         self._paths = ROUTER_PATHS | frozenset(config.inference_paths)
-        servers = {s.meta.key for s in config.resources.servers}
+        resources = config.resources
+        servers = {s.meta.key for s in resources.servers} | {p.meta.key for p in resources.pools}
         for family in (self.upstream_requests, self.upstream_failures):
             family.prune(lambda labels: labels["model_server"] not in servers)
         old_models, old_destinations = self._names
@@ -230,8 +231,10 @@ class RouterMetrics:
 
     @staticmethod
     def model_label(ctx: RequestRecord) -> str:
-        """The model, when a route knows it; C{unknown} otherwise (bounded)."""
-        return ctx.model if ctx.match is not None and ctx.model else UNKNOWN
+        """The model, when the resources name it; C{unknown} otherwise (bounded: a pool
+        takes any name)."""
+        match = ctx.match
+        return ctx.model if match is not None and match.declared and ctx.model else UNKNOWN
 
     def started(self, record: RequestRecord) -> None:
         """The request goes to pods: in flight, and one load-balancing decision."""
@@ -250,17 +253,19 @@ class RouterMetrics:
         match = ctx.match
         if match is None:
             return _UNRESOLVED
+        named = match.declared or match.rewritten is not None
         return (
-            match.route.meta.key,
-            "model_server",
+            match.model_route or "",
+            match.server.backend_type,
             match.server.meta.key,
-            match.upstream_model(ctx.model or ""),
+            match.upstream_model(ctx.model or "") if named else UNKNOWN,
         )
 
     def _upstream(self, ctx: RequestRecord) -> tuple[str, ...]:
         match = ctx.match
         assert match is not None
-        return (match.route.meta.key, match.server.meta.key, *self._destination(ctx)[1:])
+        route, server = match.model_route or "", match.model_server or ""
+        return (route, server, *self._destination(ctx)[1:])
 
     def attempt_started(self, record: RequestRecord) -> None:
         self.active_upstream.add(self._upstream(record))

@@ -102,25 +102,29 @@ def format_json(ctx: RequestRecord) -> str:
     append = parts.append
     strings: tuple[tuple[str, str | None], ...] = (
         ("model_name", ctx.model),
-        ("model_route", match.route.meta.key if match is not None else None),
-        ("model_server", match.server.meta.key if match is not None else None),
+        ("model_route", match.model_route if match is not None else None),
+        ("model_server", match.model_server if match is not None else None),
         ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
         ("request_id", ctx.request_id),
         ("user_id", ctx.user if ctx.identified else None),
-        ("backend_type", "model_server" if match is not None else None),
+        ("backend_type", match.server.backend_type if match is not None else None),
         ("backend_name", match.server.meta.key if match is not None else None),
         ("upstream_model", match.upstream_model(ctx.model or "") if match is not None else None),
     )
     for key, text in strings:
         if text:
             append(f', "{key}": {_string(text)}')
-    numbers: tuple[tuple[str, int | None], ...] = (
-        ("upstream_status_code", ctx.upstream_status),
-        ("upstream_attempts", ctx.attempts),
-        ("input_tokens", ctx.input_tokens),
-        ("output_tokens", ctx.output_tokens),
-    )
-    for key, number in numbers:
+    for key, number in (("upstream_status_code", ctx.upstream_status),
+                        ("upstream_attempts", ctx.attempts)):  # fmt: skip
+        if number:
+            append(f', "{key}": {number:d}')
+    if match is not None and match.via is not None:  # Kthena's Gateway API fields
+        for key, text in (("gateway", match.via.key), ("http_route", match.http_route),
+                          ("inference_pool", match.inference_pool)):  # fmt: skip
+            if text:
+                append(f', "{key}": {_string(text)}')
+    for key, number in (("input_tokens", ctx.input_tokens),
+                        ("output_tokens", ctx.output_tokens)):  # fmt: skip
         if number:
             append(f', "{key}": {number:d}')
     append(
@@ -185,8 +189,9 @@ def format_text(ctx: RequestRecord) -> str:
     match = ctx.match
     known = (
         ("model_name", ctx.model),
-        ("model_route", match.route.meta.key if match is not None else None),
-        ("model_server", match.server.meta.key if match is not None else None),
+        ("model_route", match.model_route if match is not None else None),
+        ("model_server", match.model_server if match is not None else None),
+        ("inference_pool", match.inference_pool if match is not None else None),
         ("selected_pod", ctx.pod.name if ctx.pod is not None else None),
         ("request_id", ctx.request_id),
         ("user_id", ctx.user if ctx.identified else None),

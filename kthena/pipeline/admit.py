@@ -24,7 +24,9 @@ class Admission:
     async def admit(self, record: RequestRecord, parsed: Parsed) -> None:
         """Return when C{record} may go on; raise L{kthena.errors.ProxyError} if not."""
         assert record.match is not None
-        if record.match.route.meta.key in self.limiter.routes:
+        route = record.match.route
+        # An HTTPRoute has no limits (one may share a limited ModelRoute's name).
+        if route.rate_limit is not None and route.meta.key in self.limiter.routes:
             await self._limits(record, parsed)
         model = parsed.model
         if self.fairness.configured(model):

@@ -1,7 +1,9 @@
 """
 Stage 3, route: the ModelRoute for the request's model (by C{modelName}, then LoRA adapter
-name), its first rule whose conditions hold, a target by weight: the model server. The
-matching itself is the datastore's (L{kthena.store.Datastore.match}).
+name), its first rule whose conditions hold, a target by weight: the model server. Failing
+that (as Kthena), the HTTPRoute attached to the request's Gateway listener that takes its
+host and path, and an InferencePool of its rule by weight. The matching itself is the
+datastore's (L{kthena.store.Datastore.match}, L{kthena.store.Datastore.match_http_route}).
 """
 
 from __future__ import annotations
@@ -36,7 +38,28 @@ class Routing:
 
         match = self.store.match(parsed.model, header, record.path, self.via)
         if match is None:
+            match = self._http_route(exchange, record, parsed)
+        record.match = match
+        return match
+
+    def _http_route(self, exchange: IExchange, record: RequestRecord, parsed: Parsed) -> RouteMatch:
+        def header(name: str) -> str | None:
+            value = exchange.header(name.encode("latin-1"))
+            return value.decode("latin-1") if value is not None else None
+
+        host = exchange.header(b"host") or b""
+        found = self.store.match_http_route(
+            parsed.model, host.decode("latin-1"), record.method, record.path, header, self.via
+        )
+        if found is None:
             model = parsed.model
             raise ProxyError(404, ErrorType.ROUTE_NOT_FOUND, f"the model `{model}` does not exist")
-        record.match = match
+        choice, match = found
+        if match is None:
+            route = choice.route.meta.key
+            raise ProxyError(
+                500,
+                ErrorType.POOL_SELECTION,
+                f"HTTPRoute {route} rule {choice.rule.name} has no InferencePool to send to",
+            )
         return match

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from kthena.config.documents import parse_document
-from kthena.config.resources import ModelRoute, ModelServer, Pod, ResourceSet
+from kthena.config.documents import missing_targets, parse_document
+from kthena.config.resourceset import Resource, ResourceSet, resource_set
 from kthena.config.validate import ConfigError, Where
 
 
@@ -27,14 +27,10 @@ def with_cluster(
     @return: the merged set, and why each object left out was.
     """
     problems: list[str] = []
-    routes = list(files.routes)
-    servers = list(files.servers)
-    pods = list(files.pods)
-    taken: set[tuple[str, str]] = set()
-    for kept in (routes, servers, pods):
-        taken.update((r.kind, r.meta.key) for r in kept)
+    kept = files.members()
+    taken = {(r.kind, r.meta.key) for r in kept}
     order = len(taken)
-    cluster_routes: list[ModelRoute] = []
+    cluster: list[Resource] = []
     for item in objects:
         meta = item.get("metadata") or {}
         name = f"{item.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
@@ -49,26 +45,15 @@ def with_cluster(
             problems.append(f"kubernetes {name}: the config's files define it too; theirs stands")
             continue
         taken.add(key)
-        if isinstance(resource, ModelRoute):
-            cluster_routes.append(resource)
-        elif isinstance(resource, ModelServer):
-            servers.append(resource)
-        elif isinstance(resource, Pod):
-            pods.append(resource)
-    server_keys = {s.meta.key for s in servers}
-    for route in cluster_routes:
-        missing = [
-            t.model_server_name
-            for rule in route.rules
-            for t in rule.targets
-            if f"{route.meta.namespace}/{t.model_server_name}" not in server_keys
-        ]
+        cluster.append(resource)
+    for resource in cluster:
+        missing = missing_targets(resource, taken)
         if missing:
+            names = ", ".join(sorted({what for _, what in missing}))
             problems.append(
-                f"kubernetes ModelRoute {route.meta.key}: no ModelServer "
-                f"{', '.join(sorted(set(missing)))} in namespace {route.meta.namespace}; "
+                f"kubernetes {resource.kind} {resource.meta.key}: no {names}; "
                 "not routed until there is"
             )
             continue
-        routes.append(route)
-    return ResourceSet(tuple(routes), tuple(servers), tuple(pods)), problems
+        kept.append(resource)
+    return resource_set(kept), problems

@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "kthena.engines.state",
             "kthena.pods",
             "kthena.store",
+            "kthena.inference_routing",
             "kthena.interfaces",
             "kthena.podclient",
         ),

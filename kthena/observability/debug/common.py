@@ -14,7 +14,8 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from kthena.config.resources import ModelMatch, ModelServer, Pod, ResourceSet
+from kthena.config.resources import ModelMatch, ModelServer, Pod
+from kthena.config.resourceset import ResourceSet
 from kthena.observability.debug.access import DebugAccess
 from kthena.observability.decisions import DecisionRing
 from kthena.observability.metrics import RouterMetrics
