@@ -34,6 +34,8 @@ from kthena.inference_routing import (
 from kthena.pods import PodEndpoint
 
 HeaderLookup = Callable[[str], str]
+UNKNOWN_MODEL = "unknown"
+"""The model label of a request whose model name the resources do not give."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,10 @@ class RouteMatch:
         if self.is_lora or self.server.model is None:
             return requested
         return self.server.model
+
+    def model_label(self, requested: str) -> str:
+        """The requested model as a metric label: bounded (L{declared})."""
+        return requested if self.declared and requested else UNKNOWN_MODEL
 
     @property
     def model_route(self) -> str | None:

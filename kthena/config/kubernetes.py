@@ -1,6 +1,9 @@
 """
 The C{kubernetes} section: ModelRoutes, ModelServers and Pods read from the Kubernetes
-API besides (or instead of) the config's resource files.
+API besides (or instead of) the config's resource files; with C{inferenceExtension}, the
+Gateway API Inference Extension's InferencePools, HTTPRoutes and InferenceModelRewrites
+too (their CRDs must be installed: a kind the API does not know is never listed, and the
+router never ready).
 
     kubernetes:
       kubeconfig: /etc/kthena/kubeconfig   # omitted: the pod's service account
@@ -8,6 +11,7 @@ API besides (or instead of) the config's resource files.
       namespaces: [serving]                # omitted: the context's (the pod's) namespace;
                                            # ["*"]: every namespace
       watchIdleTimeout: 90s                # a watch silent this long is reopened
+      inferenceExtension: true             # also InferencePools, HTTPRoutes, rewrites
 
 The section's presence turns it on (C{enabled: false} keeps it written but off).
 """
@@ -44,14 +48,18 @@ class KubernetesConfig:
     context: str | None = None
     namespaces: tuple[str, ...] = ()
     watch_idle_timeout: float = 90.0
+    inference_extension: bool = False
 
 
 def parse_kubernetes(value: object, where: Where, base: Path) -> KubernetesConfig:
     if value is None:
         return KubernetesConfig()
     spec = mapping(
-        value, where, ("enabled", "kubeconfig", "context", "namespaces", "watchIdleTimeout")
-    )
+        value,
+        where,
+        ("enabled", "kubeconfig", "context", "namespaces", "watchIdleTimeout",
+         "inferenceExtension"),
+    )  # fmt: skip
     kubeconfig = optional_string(spec.get("kubeconfig"), where.at("kubeconfig"))
     if kubeconfig is not None:
         kubeconfig = str(base / Path(kubeconfig).expanduser())
@@ -71,5 +79,8 @@ def parse_kubernetes(value: object, where: Where, base: Path) -> KubernetesConfi
         namespaces=tuple(dict.fromkeys(namespaces)),
         watch_idle_timeout=positive_duration(
             spec.get("watchIdleTimeout", 90.0), where.at("watchIdleTimeout")
+        ),
+        inference_extension=boolean(
+            spec.get("inferenceExtension", False), where.at("inferenceExtension")
         ),
     )

@@ -25,6 +25,7 @@ from kthena.observability.watch_metrics import WatchFamilies
 from kthena.pipeline.plane import DataPlane
 from kthena.record import RequestRecord
 from kthena.sources.source import WatchStatus
+from kthena.store import UNKNOWN_MODEL
 
 if TYPE_CHECKING:
     from kthena.pods import PodEndpoint
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PLUGIN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)
 FAIRNESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-UNKNOWN = "unknown"
+UNKNOWN = UNKNOWN_MODEL
 
 DESTINATION_LABELS = ("model_route", "backend_type", "backend_name", "upstream_model")
 """Current Kthena's labels naming where a request went (C{destinationLabels: true})."""
@@ -234,7 +235,7 @@ class RouterMetrics:
         """The model, when the resources name it; C{unknown} otherwise (bounded: a pool
         takes any name)."""
         match = ctx.match
-        return ctx.model if match is not None and match.declared and ctx.model else UNKNOWN
+        return match.model_label(ctx.model or "") if match is not None else UNKNOWN
 
     def started(self, record: RequestRecord) -> None:
         """The request goes to pods: in flight, and one load-balancing decision."""

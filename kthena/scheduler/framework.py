@@ -174,7 +174,7 @@ class Scheduler:
         pods = list(request.pods)
         decision = Decision(candidates=[], request=request, algorithm=self.algorithm)
         timer = self.timer
-        model = request.model
+        model = request.match.model_label(request.model)
         clock = time.perf_counter
         now = clock()
         for plugin in self.filters:

@@ -1,5 +1,6 @@
 """
-ModelRoutes, ModelServers and Pods from the Kubernetes API, for the router's datastore:
+ModelRoutes, ModelServers and Pods (and the Inference Extension's kinds, when asked) from
+the Kubernetes API, for the router's datastore:
 one L{Reflector} per kind and namespace, and the objects of them all handed to the router
 whenever any changed (a burst of events, such as a list, is handed over once, on the next
 turn of the reactor). Nothing is handed over before every kind has been listed once: a
@@ -17,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from zope.interface import implementer
 
+from kthena.config.inference import GATEWAY_API, INFERENCE_API, REWRITE_API
 from kthena.config.kubernetes import EVERY_NAMESPACE, KubernetesConfig
 from kthena.config.resources import KTHENA_API
 from kthena.config.router import RouterConfig
@@ -32,6 +34,18 @@ KINDS = (
     Kind("v1", "Pod", "pods"),
 )
 """What the router reads, in Kthena's API group and the core one."""
+
+INFERENCE_KINDS = (
+    Kind(INFERENCE_API, "InferencePool", "inferencepools"),
+    Kind(GATEWAY_API, "HTTPRoute", "httproutes"),
+    Kind(REWRITE_API, "InferenceModelRewrite", "inferencemodelrewrites"),
+)
+"""What it reads besides with C{inferenceExtension}: the Gateway API Inference
+Extension's kinds."""
+
+
+def kinds_for(config: KubernetesConfig) -> tuple[Kind, ...]:
+    return KINDS + INFERENCE_KINDS if config.inference_extension else KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +100,7 @@ class KubernetesSource(Service):
                 self._changed,
                 idle_timeout=config.watch_idle_timeout,
             )
-            for kind in KINDS
+            for kind in kinds_for(config)
             for namespace in namespaces
         ]
         self._pending: IDelayedCall | None = None

@@ -236,6 +236,11 @@ _KINDS: dict[str, list[tuple[str, str, bool]]] = {
         ("modelroutes", "ModelRoute", True),
         ("modelservers", "ModelServer", True),
     ],
+    "inference.networking.k8s.io/v1": [("inferencepools", "InferencePool", True)],
+    "gateway.networking.k8s.io/v1": [("httproutes", "HTTPRoute", True)],
+    "inference.networking.x-k8s.io/v1alpha2": [
+        ("inferencemodelrewrites", "InferenceModelRewrite", True)
+    ],
 }
 """What discovery tells a real client (kubectl) the server serves."""
 

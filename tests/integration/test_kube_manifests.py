@@ -20,7 +20,8 @@ import yaml
 from twisted.internet.threads import deferToThread
 
 from kthena.config.router import parse_config
-from kthena.sources.source import KINDS
+from kthena.sources.reflector import Kind
+from kthena.sources.source import INFERENCE_KINDS, KINDS
 from tests.integration.fake_kube import kubeconfig, serve
 from tests.integration.router_helpers import inline
 
@@ -78,19 +79,30 @@ def test_the_metrics_port_is_the_one_the_service_monitor_selects() -> None:
     assert [s["metadata"]["name"] for s in matching] == ["kthena-router-metrics"]
 
 
-def test_rbac_grants_exactly_what_the_source_reads() -> None:
-    role = documents()[("ClusterRole", "kthena-router")]
-    granted = {
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, tuple[str, ...]]]:
+    return {
         (group, resource, tuple(sorted(rule["verbs"])))
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    read = {
+
+
+def _read(kinds: tuple[Kind, ...]) -> set[tuple[str, str, tuple[str, ...]]]:
+    return {
         ("" if kind.api == "v1" else kind.api.split("/")[0], kind.plural, ("get", "list", "watch"))
-        for kind in KINDS
+        for kind in kinds
     }
-    assert granted == read
+
+
+def test_rbac_grants_exactly_what_the_source_reads() -> None:
+    docs = documents()
+    assert _granted(docs[("ClusterRole", "kthena-router")]) == _read(KINDS)
+    extension = docs[("ClusterRole", "kthena-router-inference-extension")]
+    assert _granted(extension) == _read(INFERENCE_KINDS)
+    binding = docs[("ClusterRoleBinding", "kthena-router-inference-extension")]
+    assert binding["roleRef"]["name"] == "kthena-router-inference-extension"
+    assert binding["subjects"] == docs[("ClusterRoleBinding", "kthena-router")]["subjects"]
 
 
 @pytest.fixture

@@ -92,3 +92,55 @@ def simple_route(name: str, model: str, *targets: str, **spec: Any) -> Doc:
             **spec,
         },
     )
+
+
+def inference_pool(name: str, labels: dict[str, str], *ports: int, **meta: Any) -> Doc:
+    """An InferencePool (C{inference.networking.k8s.io/v1}) selecting C{labels}."""
+    return {
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": "default", **meta},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "targetPorts": [{"number": p} for p in ports or (8000,)],
+        },
+    }
+
+
+def pool_ref(name: str, weight: int | None = None) -> Doc:
+    """An HTTPRoute backendRef to an InferencePool."""
+    ref: Doc = {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": name}
+    if weight is not None:
+        ref["weight"] = weight
+    return ref
+
+
+def http_route(
+    name: str,
+    gateway: str,
+    rules: list[Doc],
+    hostnames: list[str] | None = None,
+    created: str | None = None,
+) -> Doc:
+    """An HTTPRoute (C{gateway.networking.k8s.io/v1}) attached to Gateway C{gateway}."""
+    meta: Doc = {"name": name, "namespace": "default"}
+    if created:
+        meta["creationTimestamp"] = created
+    spec: Doc = {"parentRefs": [{"name": gateway}], "rules": rules}
+    if hostnames is not None:
+        spec["hostnames"] = hostnames
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": meta, "spec": spec}  # fmt: skip
+
+
+def model_rewrite(name: str, pool: str, rules: list[Doc], created: str | None = None) -> Doc:
+    """An InferenceModelRewrite (C{inference.networking.x-k8s.io/v1alpha2}) of C{pool}."""
+    meta: Doc = {"name": name, "namespace": "default"}
+    if created:
+        meta["creationTimestamp"] = created
+    return {
+        "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+        "kind": "InferenceModelRewrite",
+        "metadata": meta,
+        "spec": {"poolRef": {"name": pool}, "rules": rules},
+    }
