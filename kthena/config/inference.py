@@ -32,8 +32,8 @@ C{SGLang}): the pool's API has no such field, and the scrape must know the metri
 class PoolServer(ModelServer):
     """
     An InferencePool seen as the backend the pipeline schedules over and dispatches to:
-    its selector and first target port, no model rename, no retries (Kthena's pool path
-    has none), no prefill/decode group.
+    its selector and first target port, no model rename, no traffic policy (the
+    dispatcher's defaults), no prefill/decode group.
     """
 
     kind = "InferencePool"

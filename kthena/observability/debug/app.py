@@ -17,6 +17,7 @@ from twisted.web.resource import IResource, Resource
 from kthena.observability.debug.access import DebugAccess
 from kthena.observability.debug.common import DebugError, DebugSources, _int_arg, _text_arg
 from kthena.observability.debug.config_dump import ConfigDump
+from kthena.observability.debug.inference import InferenceExtension
 from kthena.observability.debug.pd import PDGroups
 from kthena.observability.debug.routing import Routing
 from kthena.observability.debug.servers import Servers
@@ -42,14 +43,10 @@ ENDPOINTS = (
     "/debug/pd-groups",
     "/debug/pd-groups/{group_key}/status",
     "/debug/kv-cache/connectors",
+    "/debug/inference-extension/pools",
+    "/debug/inference-extension/pools/{pool}/endpoints?namespace=NS",
+    "/debug/inference-extension/decisions?limit=N",
 )
-
-NOT_YET = (
-    "/inference-extension/pools",
-    "/inference-extension/pools/<pool>/endpoints",
-    "/inference-extension/decisions",
-)
-"""Endpoints the specification lists that arrive with later issues: 501 until then."""
 
 
 class DebugGate(Resource):
@@ -93,10 +90,13 @@ def _answer(request: IRequest, build: Callable[[], object]) -> bytes | Deferred[
 def _routes(sources: DebugSources) -> list[tuple[str, str, Callable[..., object]]]:
     """Each endpoint: its Klein path, its name, and what builds its answer."""
     config, routing, servers = ConfigDump(sources), Routing(sources), Servers(sources)
-    pd = PDGroups(sources)
+    pd, inference = PDGroups(sources), InferenceExtension(sources)
 
     def server(request: IRequest, name: str) -> Any:
         return servers.find_server(name, _text_arg(request, b"namespace"))
+
+    def pool(request: IRequest, name: str) -> Any:
+        return inference.find_pool(name, _text_arg(request, b"namespace"))
 
     return [
         ("/", "index", lambda r: {"endpoints": list(ENDPOINTS)}),
@@ -136,6 +136,17 @@ def _routes(sources: DebugSources) -> list[tuple[str, str, Callable[..., object]
             lambda r, group_key: pd.pd_group_status(group_key),
         ),
         ("/kv-cache/connectors", "kv_connectors", lambda r: pd.kv_connectors()),
+        ("/inference-extension/pools", "pools", lambda r: inference.pools()),
+        (
+            "/inference-extension/pools/<name>/endpoints",
+            "pool_endpoints",
+            lambda r, name: inference.pool_endpoints(pool(r, name)),
+        ),
+        (
+            "/inference-extension/decisions",
+            "pool_decisions",
+            lambda r: inference.decisions(_int_arg(r, b"limit", DECISIONS_KEPT)),
+        ),
     ]
 
 
@@ -157,14 +168,6 @@ def make_debug_resource(sources: DebugSources) -> IResource:
 
     for path, endpoint, build in _routes(sources):
         app.route(path, endpoint=endpoint, strict_slashes=False)(_handler(build))
-
-    def not_yet(request: IRequest, **params: str) -> bytes:
-        return json_body(
-            request, 501, {"error": "not implemented yet: arrives with the Gateway API issue"}
-        )
-
-    for i, path in enumerate(NOT_YET):
-        app.route(path, endpoint=f"not_yet_{i}", strict_slashes=False)(not_yet)
 
     @app.handle_errors(HTTPException)
     def http_error(request: IRequest, failure: Any) -> bytes:

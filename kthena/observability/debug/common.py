@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from twisted.web.iweb import IRequest
 
-from kthena.config.resources import ModelMatch, ModelServer, Pod
+from kthena.config.resources import Metadata, ModelMatch, ModelServer, Pod
 from kthena.config.resourceset import ResourceSet
 from kthena.observability.debug.access import DebugAccess
 from kthena.observability.decisions import DecisionRing
@@ -71,6 +71,39 @@ class DebugSources:
     access: DebugAccess
     listeners: Callable[[], Sequence[ListenerInfo]] = tuple
     clock: Callable[[], float] = field(default=time.time)
+
+
+class _Named(Protocol):
+    @property
+    def meta(self) -> Metadata: ...
+
+
+NamedT = TypeVar("NamedT", bound=_Named)
+
+
+def _find_named(kind: str, items: Iterable[NamedT], name: str, namespace: str | None) -> NamedT:
+    """
+    The one of C{items} (resources of C{kind}) a path names: by name, in C{namespace}
+    when the query gives one. Names are unique only within a namespace, so a name found
+    in several without C{?namespace=} is a 409 that lists them, never a guess.
+
+    @raise DebugError: 404 when none is found, 409 when the name is ambiguous.
+    """
+    found = [
+        item
+        for item in items
+        if item.meta.name == name and (namespace is None or item.meta.namespace == namespace)
+    ]
+    if not found:
+        where = f"{namespace}/{name}" if namespace is not None else name
+        raise DebugError(404, f"{kind} {where} not found")
+    if len(found) > 1:
+        raise DebugError(
+            409,
+            f"{kind} {name} exists in several namespaces; add ?namespace=",
+            namespaces=sorted(item.meta.namespace for item in found),
+        )
+    return found[0]
 
 
 class Views:

@@ -87,6 +87,9 @@ class Routing(Views):
                     "modelroutes": len(store.resources.routes),
                     "modelservers": len(store.resources.servers),
                     "pods": len(store.resources.pods),
+                    "inferencepools": len(store.resources.pools),
+                    "httproutes": len(store.resources.httproutes),
+                    "inferencemodelrewrites": len(store.resources.rewrites),
                 },
                 "debug_access": {
                     "allow": [str(n) for n in access.allow] or ["any address"],
@@ -212,8 +215,12 @@ class Routing(Views):
         return "; ".join(parts)
 
     def decision_view(self, ctx: RequestRecord) -> dict[str, object]:
+        """One request's decision; C{route} is its ModelRoute or HTTPRoute, C{http_route},
+        C{inference_pool}, C{gateway} and C{rewritten_model} are set for a request an
+        HTTPRoute sent to a pool (C{model_server} then C{None}: a pool is not one)."""
         match = ctx.match
         finished = ctx.finished
+        via = match.via if match is not None else None
         return {
             "request_id": ctx.request_id,
             "model": ctx.model,
@@ -221,7 +228,11 @@ class Routing(Views):
             "stream": ctx.stream,
             "route": match.route.meta.key if match is not None else None,
             "rule": match.rule.name if match is not None else None,
-            "model_server": match.server.meta.key if match is not None else None,
+            "model_server": match.model_server if match is not None else None,
+            "http_route": match.http_route if match is not None else None,
+            "inference_pool": match.inference_pool if match is not None else None,
+            "gateway": via.key if via is not None else None,
+            "rewritten_model": match.rewritten if match is not None else None,
             "candidates": [p.name for p in ctx.candidates],
             "chosen": ctx.pod.name if ctx.pod is not None else None,
             "attempts": ctx.attempts,

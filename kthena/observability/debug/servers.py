@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kthena.config.resources import ModelServer, Pod
-from kthena.observability.debug.common import DebugError, Views
+from kthena.observability.debug.common import Views, _find_named
 
 
 class Servers(Views):
@@ -36,21 +36,7 @@ class Servers(Views):
         return {"model_servers": [self._server_summary(s) for s in self._resources.servers]}
 
     def find_server(self, name: str, namespace: str | None) -> ModelServer:
-        found = [
-            s
-            for s in self._resources.servers
-            if s.meta.name == name and (namespace is None or s.meta.namespace == namespace)
-        ]
-        if not found:
-            where = f"{namespace}/{name}" if namespace is not None else name
-            raise DebugError(404, f"ModelServer {where} not found")
-        if len(found) > 1:
-            raise DebugError(
-                409,
-                f"ModelServer {name} exists in several namespaces; add ?namespace=",
-                namespaces=sorted(s.meta.namespace for s in found),
-            )
-        return found[0]
+        return _find_named("ModelServer", self._resources.servers, name, namespace)
 
     def server_status(self, server: ModelServer) -> dict[str, object]:
         view = self._server_summary(server)
@@ -73,7 +59,7 @@ class Servers(Views):
         key = server.meta.key
         members = self.store.server_pods(server)
         recent = [
-            ctx for ctx in self.ring if ctx.match is not None and ctx.match.server.meta.key == key
+            ctx for ctx in self.ring if ctx.match is not None and ctx.match.model_server == key
         ]
         by_status = Counter(
             "in_flight" if ctx.finished is None else str(ctx.status) for ctx in recent
