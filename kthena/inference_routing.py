@@ -3,8 +3,9 @@ Where an HTTPRoute sends a request, as Kthena's router and the Gateway API rank 
 among the HTTPRoutes attached to the request's Gateway listener, those whose
 C{hostnames} take the request's host (exact over wildcard over none, longer over
 shorter); in each, its most specific matching rule (C{Exact} over C{PathPrefix}, longer
-over shorter, over C{RegularExpression}; then rule and match order); across routes, the
-host first, then the path, then the oldest route, then by namespace and name. Then an
+over shorter, over C{RegularExpression}; then a method match, then more header matches;
+then rule and match order); across routes, the host first, then the path (method,
+headers), then the oldest route, then by namespace and name. Then an
 InferencePool by the rule's weights, and the model name the pool's
 C{InferenceModelRewrite}s give the request (an exact model match of any rewrite over a
 generic rule; then the oldest rewrite; then rule order; then a target by weight).
@@ -39,10 +40,11 @@ class HTTPRouteChoice:
     rule: HTTPRouteRule
 
 
-def route_order(route: HTTPRoute) -> tuple[str, str, str, int]:
+def route_order(route: HTTPRoute) -> tuple[float, str, str, int]:
     """The Gateway API's tie-break between routes: oldest, then namespace and name."""
     meta = route.meta
-    return (meta.created or "\uffff", meta.namespace, meta.name, meta.order)
+    created, order = meta.age_order
+    return (created, meta.namespace, meta.name, order)
 
 
 def normalize_host(host: str) -> str:
@@ -99,14 +101,18 @@ def _takes(match: RouteMatchRule, method: str, header: HeaderLookup) -> bool:
 
 def best_rule(
     route: HTTPRoute, method: str, path: str, header: HeaderLookup
-) -> tuple[tuple[int, int], HTTPRouteRule] | None:
-    """The route's rule that takes the request, with its path rank."""
-    best: tuple[tuple[int, int], HTTPRouteRule] | None = None
+) -> tuple[tuple[int, ...], HTTPRouteRule] | None:
+    """
+    The route's rule that takes the request, with its rank: the path's, then a method
+    match, then the number of header matches (the Gateway API's order); equal ranks go
+    to the first rule.
+    """
+    best: tuple[tuple[int, ...], HTTPRouteRule] | None = None
     for rule in route.rules:
-        ranks = [(2, 1)] if not rule.matches else [
-            rank
+        ranks = [(2, 1, 0, 0)] if not rule.matches else [
+            (*on_path, match.method is not None, len(match.headers))
             for match in rule.matches
-            if _takes(match, method, header) and (rank := path_rank(match, path)) is not None
+            if _takes(match, method, header) and (on_path := path_rank(match, path)) is not None
         ]  # fmt: skip
         for rank in ranks:
             if best is None or rank > best[0]:
@@ -121,7 +127,7 @@ def choose_route(
     @param routes: the HTTPRoutes attached to the request's listener, in L{route_order}.
     @param host: the request's host, normalized (L{normalize_host}).
     """
-    best: tuple[tuple[int, int, int, int], HTTPRouteChoice] | None = None
+    best: tuple[tuple[int, ...], HTTPRouteChoice] | None = None
     for route in routes:
         hosts = host_rank(route.hostnames, host)
         if hosts is None:

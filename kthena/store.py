@@ -91,9 +91,8 @@ class RouteMatch:
         return self.server.meta.key if self.server.kind == "InferencePool" else None
 
 
-def _created_order(resource: ModelRoute | ModelRewrite) -> tuple[str, int]:
-    # Timestamps in RFC 3339 UTC sort as text; those without one keep file order after them.
-    return (resource.meta.created or "\uffff", resource.meta.order)
+def _age(resource: ModelRoute | ModelRewrite) -> tuple[float, int]:
+    return resource.meta.age_order
 
 
 @dataclass(slots=True)
@@ -129,7 +128,7 @@ class Datastore:
     def replace(self, resources: ResourceSet) -> None:
         """Apply a new resource set; pods that stay keep their live state."""
         index = _Index()
-        for route in sorted(resources.routes, key=_created_order):
+        for route in sorted(resources.routes, key=_age):
             if route.model_name:
                 index.by_model.setdefault(route.model_name, []).append(route)
             for lora in route.lora_adapters:
@@ -150,7 +149,7 @@ class Datastore:
                 members.append(endpoint)
             index.server_pods[(server.kind, server.meta.key)] = members
         index.httproutes = sorted(resources.httproutes, key=route_order)
-        for rewrite in sorted(resources.rewrites, key=_created_order):
+        for rewrite in sorted(resources.rewrites, key=_age):
             index.rewrites.setdefault(rewrite.pool, []).append(rewrite)
         for route in resources.routes:
             for rule in route.rules:
@@ -164,12 +163,20 @@ class Datastore:
         self.generation += 1
 
     def _endpoint(self, pod: Pod, server: ModelServer, pods: dict[str, PodEndpoint]) -> PodEndpoint:
-        key = pod.meta.key
-        endpoint = pods.get(key)
-        if endpoint is not None:
-            return endpoint
+        """
+        The pod's endpoint for C{server}: one per pod and port. Servers (or pools)
+        selecting the same pod on another port (their own, where the pod's annotation
+        gives none) get an endpoint of their own, keyed C{namespace/name:port}.
+        """
         assert pod.ip is not None
         port = pod.port or server.port
+        key = pod.meta.key
+        endpoint = pods.get(key)
+        if endpoint is not None and endpoint.port != port:
+            key = f"{key}:{port}"
+            endpoint = pods.get(key)
+        if endpoint is not None:
+            return endpoint
         old = self.pods.get(key)
         if old is not None and old.host == pod.ip and old.port == port:
             old.pod = pod

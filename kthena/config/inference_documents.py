@@ -6,6 +6,7 @@ ignored (C{filters}, a pool without target ports).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,24 +110,21 @@ def _route_match(value: object, where: Where) -> RouteMatchRule:
         value = value.rstrip("/")
     method = spec.get("method")
     h_where = where.at("headers")
-    headers = []
+    headers: dict[str, HeaderMatch] = {}
     for i, raw in enumerate(sequence(spec.get("headers"), h_where, max_items=16)):
         header = mapping(raw, h_where.at(i), ("type", "name", "value"), ("name", "value"))
         kind = choice(header.get("type", "Exact"), h_where.at(i).at("type"), ("Exact", PATH_REGEX))
         text = string(header["value"], h_where.at(i).at("value"), empty=True)
-        headers.append(
-            HeaderMatch(
-                string(header["name"], h_where.at(i).at("name")).lower(),
-                text,
-                regex(text, h_where.at(i).at("value")) if kind == PATH_REGEX else None,
-            )
-        )
+        name = string(header["name"], h_where.at(i).at("name")).lower()
+        pattern = regex(text, h_where.at(i).at("value")) if kind == PATH_REGEX else None
+        # The Gateway API: later entries naming the same header are ignored.
+        headers.setdefault(name, HeaderMatch(name, text, pattern))
     return RouteMatchRule(
         path_type=path_type,
         value=value,
         pattern=pattern,
         method=None if method is None else choice(method, where.at("method"), _METHODS),
-        headers=tuple(headers),
+        headers=tuple(headers.values()),
         evaluable=not sequence(spec.get("queryParams"), where.at("queryParams")),
     )
 
@@ -173,6 +171,17 @@ def _http_rule(value: object, where: Where, index: int, namespace: str) -> HTTPR
     )
 
 
+_HOSTNAME = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _hostname(value: object, where: Where) -> str:
+    """A Gateway API C{Hostname}: a DNS name, or C{*.} and one (no IP, no bare C{*})."""
+    name = string(value, where).lower().rstrip(".")
+    if not _HOSTNAME.match(name) or len(name) > 253:
+        where.fail(f"must be a DNS name or a wildcard such as *.example.com, not {value!r}")
+    return name
+
+
 def parse_http_route(doc: Mapping[str, Any], where: Where, order: int) -> HTTPRoute:
     meta, where, s_where, spec = read_document(
         doc, where, order, ("parentRefs", "hostnames", "rules"), required=("parentRefs",)
@@ -186,7 +195,7 @@ def parse_http_route(doc: Mapping[str, Any], where: Where, order: int) -> HTTPRo
         r_where.fail("needs at least one Gateway")
     h_where = s_where.at("hostnames")
     hostnames = tuple(
-        string(h, h_where.at(i)).lower().rstrip(".")
+        _hostname(h, h_where.at(i))
         for i, h in enumerate(sequence(spec.get("hostnames"), h_where, max_items=16))
     )
     rules_where = s_where.at("rules")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from kthena.config.resources import Metadata
@@ -52,13 +53,39 @@ def read_metadata(value: object, where: Where, order: int) -> Metadata:
     if not _DNS_LABEL.match(name):
         where.at("name").fail(f"must be a lower-case DNS name, not {name!r}")
     namespace = string(meta.get("namespace", "default"), where.at("namespace"))
-    created = meta.get("creationTimestamp")
+    created = _timestamp(meta.get("creationTimestamp"), where.at("creationTimestamp"))
     return Metadata(
         name=name,
         namespace=namespace,
         labels=labels(meta.get("labels"), where.at("labels")),
         annotations=labels(meta.get("annotations"), where.at("annotations")),
-        created=None if created is None else str(created),
+        created=None if created is None else _rfc3339(created),
         deleting=meta.get("deletionTimestamp") is not None,
         order=order,
+        created_at=None if created is None else created.timestamp(),
     )
+
+
+def _timestamp(value: object, where: Where) -> datetime | None:
+    """An RFC 3339 time (YAML reads an unquoted one as a datetime already)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            where.fail(f"must be an RFC 3339 time (2026-01-01T00:00:00Z), not {value!r}")
+    else:
+        where.fail(f"must be an RFC 3339 time, not {type(value).__name__}")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # Kubernetes writes UTC
+    return moment.astimezone(UTC)
+
+
+def _rfc3339(moment: datetime) -> str:
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"

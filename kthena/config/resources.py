@@ -8,6 +8,7 @@ The parsing is L{kthena.config.documents}'s.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,13 @@ KV_CONNECTORS = ("http", "lmcache", "nixl", "mooncake", "sglang")
 
 @dataclass(frozen=True, slots=True)
 class Metadata:
+    """
+    @ivar created: C{creationTimestamp} as RFC 3339 text in UTC (C{...Z}).
+    @ivar created_at: the same in epoch seconds, which is what orders routes (text does
+        not: offsets, fractions).
+    @ivar order: where it came (file order, then the cluster's), after the time.
+    """
+
     name: str
     namespace: str
     labels: Mapping[str, str]
@@ -32,12 +40,19 @@ class Metadata:
     created: str | None
     deleting: bool
     order: int
+    created_at: float | None = None
     key: str = field(init=False)
     """C{namespace/name}, as Kthena names objects in logs and metrics (made once: it is
     read on every request)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
+
+    @property
+    def age_order(self) -> tuple[float, int]:
+        """Oldest first; those without a time after them, in the order they came."""
+        created = self.created_at
+        return (created if created is not None else math.inf, self.order)
 
 
 @dataclass(frozen=True, slots=True)

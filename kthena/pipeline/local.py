@@ -7,8 +7,6 @@ C{GET /readyz} (L{kthena.pipeline.health.Readiness}).
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from kthena.config.resources import ModelRoute
 from kthena.errors import ErrorType, ProxyError
 from kthena.interfaces import IExchange
@@ -24,15 +22,6 @@ PATHS = frozenset({MODELS, b"/healthz", b"/readyz"})
 
 def answered_here(path: bytes) -> bool:
     return path in PATHS or path.startswith(MODEL_PREFIX)
-
-
-def _epoch(timestamp: str | None, default: int) -> int:
-    if not timestamp:
-        return default
-    try:
-        return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return default
 
 
 class LocalAnswers:
@@ -70,7 +59,9 @@ class LocalAnswers:
         return {
             "id": name,
             "object": "model",
-            "created": _epoch(route.meta.created, self.started),
+            "created": self.started
+            if route.meta.created_at is None
+            else int(route.meta.created_at),
             "owned_by": "kthena",
         }
 
