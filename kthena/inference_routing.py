@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kthena.config.gateway import host_rank
 from kthena.config.inference import (
     PATH_EXACT,
     PATH_PREFIX,
@@ -45,34 +46,6 @@ def route_order(route: HTTPRoute) -> tuple[float, str, str, int]:
     meta = route.meta
     created, order = meta.age_order
     return (created, meta.namespace, meta.name, order)
-
-
-def normalize_host(host: str) -> str:
-    """The Host header without its port, brackets, trailing dot or upper case."""
-    host = host.strip()
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else host[1:]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    return host.rstrip(".").lower()
-
-
-def host_rank(hostnames: Sequence[str], host: str) -> tuple[int, int] | None:
-    """How specifically C{hostnames} take C{host} (normalized); C{None}: they do not."""
-    if not hostnames:
-        return (0, 0)
-    best: tuple[int, int] | None = None
-    for pattern in hostnames:
-        suffix = pattern[1:]  # a wildcard's ".example.com"
-        if pattern == host:
-            rank = (2, len(pattern))
-        elif pattern[0] == "*" and host.endswith(suffix) and len(host) > len(suffix):
-            rank = (1, len(suffix))
-        else:
-            continue
-        if best is None or rank > best:
-            best = rank
-    return best
 
 
 def path_rank(match: RouteMatchRule, path: str) -> tuple[int, int] | None:

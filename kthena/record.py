@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kthena.config.gateway import PortListeners
 from kthena.errors import ErrorType
 from kthena.pods import PodEndpoint
 from kthena.store import RouteMatch
@@ -91,6 +92,8 @@ class RequestRecord:
     @ivar pd_plan: a prefill/decode request's pairs (a L{kthena.pd.pairs.PDPlan}).
     @ivar ticket: the fairness queue's ticket (a L{kthena.fairness.ticket.Ticket}), until
         the request ends and hands it back.
+    @ivar gateway_port: it came through a port opened for Gateway listeners: theirs
+        (C{None}: through the proxy listener).
     """
 
     request_id: str
@@ -127,6 +130,7 @@ class RequestRecord:
     ticket: object = None
     legs: list[Leg] | None = None
     pd_plan: object = None
+    gateway_port: PortListeners | None = None
 
     def leg(self, role: str) -> Leg | None:
         """The last C{prefill} or C{decode} leg sent (C{None} when none was)."""

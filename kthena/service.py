@@ -214,7 +214,12 @@ class RouterService(SequentialMultiService):
         """The config's Kubernetes source, if any: the router is not ready until it listed."""
         if not config.kubernetes.enabled:
             return None
-        source = KubernetesSource(self.reactor, config.kubernetes, self._cluster_changed)
+        source = KubernetesSource(
+            self.reactor,
+            config.kubernetes,
+            self._cluster_changed,
+            gateways=config.gateway_api.enabled,
+        )
         self.plane.readiness.listed = False
         self.plane.resource_watches = source.status
         self.metrics.read_watches(source.status)

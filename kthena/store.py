@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kthena.config.gateway import normalize_host
 from kthena.config.inference import HTTPRoute, HTTPRouteRule, InferencePool, ModelRewrite
 from kthena.config.resources import (
     GatewayListener,
@@ -27,7 +28,6 @@ from kthena.inference_routing import (
     HTTPRouteChoice,
     choose_backend,
     choose_route,
-    normalize_host,
     rewrite_model,
     route_order,
 )

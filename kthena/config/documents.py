@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from kthena.config.gateway import parse_parent_ref
+from kthena.config.gateway import parse_gateway_document, parse_parent_ref
 from kthena.config.inference import (
     GATEWAY_API,
     INFERENCE_API,
@@ -296,6 +296,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Mapping[str, Any], Where, int], Resour
     (INFERENCE_API, "InferencePool"): parse_inference_pool,
     (GATEWAY_API, "HTTPRoute"): parse_http_route,
     (REWRITE_API, "InferenceModelRewrite"): parse_model_rewrite,
+    (GATEWAY_API, "Gateway"): parse_gateway_document,
 }
 
 

@@ -6,11 +6,10 @@ ignored (C{filters}, a pool without target ports).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from kthena.config.gateway import parse_parent_ref
+from kthena.config.gateway import hostname_of, parse_parent_ref
 from kthena.config.inference import (
     ENGINE_ANNOTATION,
     INFERENCE_GROUP,
@@ -116,9 +115,9 @@ def _route_match(value: object, where: Where) -> RouteMatchRule:
         kind = choice(header.get("type", "Exact"), h_where.at(i).at("type"), ("Exact", PATH_REGEX))
         text = string(header["value"], h_where.at(i).at("value"), empty=True)
         name = string(header["name"], h_where.at(i).at("name")).lower()
-        pattern = regex(text, h_where.at(i).at("value")) if kind == PATH_REGEX else None
+        found = regex(text, h_where.at(i).at("value")) if kind == PATH_REGEX else None
         # The Gateway API: later entries naming the same header are ignored.
-        headers.setdefault(name, HeaderMatch(name, text, pattern))
+        headers.setdefault(name, HeaderMatch(name, text, found))
     return RouteMatchRule(
         path_type=path_type,
         value=value,
@@ -155,10 +154,11 @@ def _backends(value: object, where: Where, namespace: str) -> tuple[PoolBackend,
 
 def _http_rule(value: object, where: Where, index: int, namespace: str) -> HTTPRouteRule:
     spec = mapping(value, where, ("name", "matches", "filters", "backendRefs", "timeouts", "retry"))
-    if spec.get("filters"):
-        where.at("filters").fail(
-            "filters are not supported by the router (its requests go to the pool as sent)"
-        )
+    for unsupported in ("filters", "timeouts", "retry"):
+        if spec.get(unsupported):
+            where.at(unsupported).fail(
+                "is not supported by the router (it would not do what it says): remove it"
+            )
     m_where = where.at("matches")
     return HTTPRouteRule(
         index=index,
@@ -169,17 +169,6 @@ def _http_rule(value: object, where: Where, index: int, namespace: str) -> HTTPR
         ),
         backends=_backends(spec.get("backendRefs"), where.at("backendRefs"), namespace),
     )
-
-
-_HOSTNAME = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-def _hostname(value: object, where: Where) -> str:
-    """A Gateway API C{Hostname}: a DNS name, or C{*.} and one (no IP, no bare C{*})."""
-    name = string(value, where).lower().rstrip(".")
-    if not _HOSTNAME.match(name) or len(name) > 253:
-        where.fail(f"must be a DNS name or a wildcard such as *.example.com, not {value!r}")
-    return name
 
 
 def parse_http_route(doc: Mapping[str, Any], where: Where, order: int) -> HTTPRoute:
@@ -195,7 +184,7 @@ def parse_http_route(doc: Mapping[str, Any], where: Where, order: int) -> HTTPRo
         r_where.fail("needs at least one Gateway")
     h_where = s_where.at("hostnames")
     hostnames = tuple(
-        _hostname(h, h_where.at(i))
+        hostname_of(h, h_where.at(i))
         for i, h in enumerate(sequence(spec.get("hostnames"), h_where, max_items=16))
     )
     rules_where = s_where.at("rules")

@@ -37,10 +37,11 @@ def read_document(
     doc: Mapping[str, Any],
     where: Where,
     order: int,
-    keys: tuple[str, ...],
+    keys: tuple[str, ...] | None,
     required: tuple[str, ...],
 ) -> tuple[Metadata, Where, Where, Mapping[str, Any]]:
-    """A document's metadata, where it is (named by kind and key), and its spec."""
+    """A document's metadata, where it is (named by kind and key), and its spec (with
+    only C{keys}, unless C{None})."""
     meta = read_metadata(doc.get("metadata"), where.at("metadata"), order)
     where = where.named(f"{doc.get('kind')} {meta.key}")
     s_where = where.at("spec")

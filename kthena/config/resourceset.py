@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kthena.config.gateway import Gateway
 from kthena.config.inference import HTTPRoute, InferencePool, ModelRewrite
 from kthena.config.resources import ModelRoute, ModelServer, Pod
 
-Resource = ModelRoute | ModelServer | Pod | InferencePool | HTTPRoute | ModelRewrite
+Resource = ModelRoute | ModelServer | Pod | InferencePool | HTTPRoute | ModelRewrite | Gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class ResourceSet:
     pools: tuple[InferencePool, ...] = ()
     httproutes: tuple[HTTPRoute, ...] = ()
     rewrites: tuple[ModelRewrite, ...] = ()
+    gateways: tuple[Gateway, ...] = ()
 
     def members(self) -> list[Resource]:
         """Every resource, kind by kind."""
@@ -46,4 +48,5 @@ _SET_FIELDS: dict[type, str] = {
     InferencePool: "pools",
     HTTPRoute: "httproutes",
     ModelRewrite: "rewrites",
+    Gateway: "gateways",
 }

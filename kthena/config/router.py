@@ -19,7 +19,7 @@ from typing import Any
 from kthena.config.documents import build_resource_set, parse_document
 from kthena.config.fairness import FairnessConfig, parse_fairness
 from kthena.config.files import yaml_documents
-from kthena.config.gateway import parse_gateway
+from kthena.config.gateway import GatewayAPIConfig, parse_gateway, parse_gateway_api
 from kthena.config.identity import IdentityConfig, parse_identity
 from kthena.config.kubernetes import KubernetesConfig, parse_kubernetes
 from kthena.config.limits import RateLimitSettings, parse_rate_limits, parse_tokenizers
@@ -115,6 +115,7 @@ class RouterConfig:
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     gateway: GatewayListener | None = None
+    gateway_api: GatewayAPIConfig = field(default_factory=GatewayAPIConfig)
     source: str = "<defaults>"
     files: tuple[str, ...] = ()
 
@@ -141,6 +142,7 @@ _TOP = (
     "fairness",
     "kubernetes",
     "gateway",
+    "gatewayAPI",
 )
 
 
@@ -325,6 +327,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         fairness=fairness,
         kubernetes=parse_kubernetes(spec.get("kubernetes"), where.at("kubernetes"), base),
         gateway=parse_gateway(spec.get("gateway"), where.at("gateway")),
+        gateway_api=parse_gateway_api(spec.get("gatewayAPI"), where.at("gatewayAPI")),
         source=source,
         files=(source, *files),
     )

@@ -8,6 +8,7 @@ datastore's (L{kthena.store.Datastore.match}, L{kthena.store.Datastore.match_htt
 
 from __future__ import annotations
 
+from kthena.config.resources import GatewayListener
 from kthena.config.router import RouterConfig
 from kthena.errors import ErrorType, ProxyError
 from kthena.interfaces import IExchange
@@ -18,8 +19,10 @@ from kthena.store import Datastore, RouteMatch
 
 class Routing:
     """
-    @ivar via: the Gateway listener every request comes through (the config's
-        C{gateway}; None: none), for routes with C{parentRefs}.
+    @ivar via: the Gateway listener requests through the proxy listener come through
+        (the config's C{gateway}; None: none), for routes with C{parentRefs}; a request
+        through a port opened for Gateway listeners comes through the one of them that
+        takes its host (none: 404).
     """
 
     def __init__(self, store: Datastore, config: RouterConfig) -> None:
@@ -36,20 +39,38 @@ class Routing:
             value = exchange.header(name.encode("latin-1"))
             return value.decode("latin-1") if value is not None else ""
 
-        match = self.store.match(parsed.model, header, record.path, self.via)
+        via = self.via
+        port = record.gateway_port
+        if port is not None:
+            host = header("host")
+            found_via = port.resolve(host)
+            if found_via is None:
+                raise ProxyError(
+                    404,
+                    ErrorType.ROUTE_NOT_FOUND,
+                    f"no Gateway listener on port {port.number} takes the host {host!r}",
+                )
+            via = found_via
+        match = self.store.match(parsed.model, header, record.path, via)
         if match is None:
-            match = self._http_route(exchange, record, parsed)
+            match = self._http_route(exchange, record, parsed, via)
         record.match = match
         return match
 
-    def _http_route(self, exchange: IExchange, record: RequestRecord, parsed: Parsed) -> RouteMatch:
+    def _http_route(
+        self,
+        exchange: IExchange,
+        record: RequestRecord,
+        parsed: Parsed,
+        via: GatewayListener | None,
+    ) -> RouteMatch:
         def header(name: str) -> str | None:
             value = exchange.header(name.encode("latin-1"))
             return value.decode("latin-1") if value is not None else None
 
         host = exchange.header(b"host") or b""
         found = self.store.match_http_route(
-            parsed.model, host.decode("latin-1"), record.method, record.path, header, self.via
+            parsed.model, host.decode("latin-1"), record.method, record.path, header, via
         )
         if found is None:
             model = parsed.model

@@ -44,8 +44,16 @@ INFERENCE_KINDS = (
 Extension's kinds."""
 
 
-def kinds_for(config: KubernetesConfig) -> tuple[Kind, ...]:
-    return KINDS + INFERENCE_KINDS if config.inference_extension else KINDS
+GATEWAY_KINDS = (Kind(GATEWAY_API, "Gateway", "gateways"),)
+"""What it reads besides with the C{gatewayAPI} section (it listens for them)."""
+
+
+def kinds_for(config: KubernetesConfig, gateways: bool) -> tuple[Kind, ...]:
+    return (
+        KINDS
+        + (INFERENCE_KINDS if config.inference_extension else ())
+        + (GATEWAY_KINDS if gateways else ())
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,7 @@ class KubernetesSource(Service):
     """
     @param apply: given every object known, whenever one changed (after the first full
         list of every kind).
+    @param gateways: read Gateways too (the config listens for them: C{gatewayAPI}).
     """
 
     name = "kubernetes"
@@ -84,6 +93,7 @@ class KubernetesSource(Service):
         config: KubernetesConfig,
         apply: Callable[[list[dict[str, Any]]], None],
         access: KubeAccess | None = None,
+        gateways: bool = False,
     ) -> None:
         self.reactor = reactor
         self.config = config
@@ -100,7 +110,7 @@ class KubernetesSource(Service):
                 self._changed,
                 idle_timeout=config.watch_idle_timeout,
             )
-            for kind in kinds_for(config)
+            for kind in kinds_for(config, gateways)
             for namespace in namespaces
         ]
         self._pending: IDelayedCall | None = None

@@ -237,7 +237,10 @@ _KINDS: dict[str, list[tuple[str, str, bool]]] = {
         ("modelservers", "ModelServer", True),
     ],
     "inference.networking.k8s.io/v1": [("inferencepools", "InferencePool", True)],
-    "gateway.networking.k8s.io/v1": [("httproutes", "HTTPRoute", True)],
+    "gateway.networking.k8s.io/v1": [
+        ("httproutes", "HTTPRoute", True),
+        ("gateways", "Gateway", True),
+    ],
     "inference.networking.x-k8s.io/v1alpha2": [
         ("inferencemodelrewrites", "InferenceModelRewrite", True)
     ],

@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 
 from kthena.config.router import parse_config
 from kthena.sources.reflector import Kind
-from kthena.sources.source import INFERENCE_KINDS, KINDS
+from kthena.sources.source import GATEWAY_KINDS, INFERENCE_KINDS, KINDS
 from tests.integration.fake_kube import kubeconfig, serve
 from tests.integration.router_helpers import inline
 
@@ -100,9 +100,11 @@ def test_rbac_grants_exactly_what_the_source_reads() -> None:
     assert _granted(docs[("ClusterRole", "kthena-router")]) == _read(KINDS)
     extension = docs[("ClusterRole", "kthena-router-inference-extension")]
     assert _granted(extension) == _read(INFERENCE_KINDS)
-    binding = docs[("ClusterRoleBinding", "kthena-router-inference-extension")]
-    assert binding["roleRef"]["name"] == "kthena-router-inference-extension"
-    assert binding["subjects"] == docs[("ClusterRoleBinding", "kthena-router")]["subjects"]
+    assert _granted(docs[("ClusterRole", "kthena-router-gateways")]) == _read(GATEWAY_KINDS)
+    for name in ("kthena-router-inference-extension", "kthena-router-gateways"):
+        binding = docs[("ClusterRoleBinding", name)]
+        assert binding["roleRef"]["name"] == name
+        assert binding["subjects"] == docs[("ClusterRoleBinding", "kthena-router")]["subjects"]
 
 
 @pytest.fixture
