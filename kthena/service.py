@@ -19,8 +19,10 @@ after another (L{SequentialMultiService}):
   9. fairness (the queues; stop: what is still queued after the drain gets 503)
  10. data plane (the request pipeline; stop: the drain)
  11. proxy listener (stop: the port closes first of all)
- 12. reloader (SIGHUP, file changes)
- 13. systemd (READY=1 once listening and the first scrape round is done; stop: STOPPING=1,
+ 12. gateway ports (C{gatewayAPI}: a port for the listeners of Gateways; stop: they close
+     too)
+ 13. reloader (SIGHUP, file changes)
+ 14. systemd (READY=1 once listening and the first scrape round is done; stop: STOPPING=1,
      before the proxy's port closes)
 
 A reload is a protocol of the tree: the new config is loaded and validated whole, then
@@ -49,7 +51,6 @@ from kthena.config.traffic import UpstreamConfig
 from kthena.engines.scraper import PodScraper, client_settings
 from kthena.fairness.service import FairQueues
 from kthena.http.client import LeanUpstream
-from kthena.http.server import LeanSite
 from kthena.identity.identity import build_identity
 from kthena.interfaces import IReconfigurable, IScheduler, IServerReactor, IUpstream
 from kthena.lifecycle import SequentialMultiService, SignalService, restart_needed
@@ -59,8 +60,8 @@ from kthena.observability.debug.common import ListenerInfo
 from kthena.observability.decisions import DecisionRing
 from kthena.observability.metrics import RouterMetrics
 from kthena.pipeline.plane import DataPlane
-from kthena.proxy.resource import ProxyResource
-from kthena.proxy.site import ProxyListener, ProxySite
+from kthena.proxy.gateways import GatewayPorts, endpoint_for
+from kthena.proxy.site import ProxyListener, proxy_site
 from kthena.proxy.upstream import Upstream
 from kthena.ratelimit.service import RateLimits
 from kthena.reload import ConfigReloader
@@ -165,20 +166,9 @@ class RouterService(SequentialMultiService):
         self.metrics.scrape_hooks.append(self.fairness.before_scrape)
         self.plane = self._data_plane(scheduler)
         pipeline = self.plane.pipeline
-        site: ProxySite | LeanSite
-        if config.downstream.server == "lean":
-            site = LeanSite(
-                pipeline.handle, config.max_body_bytes, reactor, config.downstream, pipeline.refused
-            )
-        else:
-            site = ProxySite(
-                ProxyResource(pipeline),
-                config.max_body_bytes,
-                reactor,
-                config.downstream,
-                pipeline.refused,
-            )
+        site = proxy_site(reactor, config, pipeline)
         self.proxy = ProxyListener(reactor, config, site, listen_endpoint)
+        self.gateway_ports = GatewayPorts(reactor, config, pipeline)
         self.admin = AdminService(
             reactor,
             config,
@@ -207,7 +197,8 @@ class RouterService(SequentialMultiService):
             # a logrotate postrotate that sends it anyway must not kill the router).
             reopen = self._no_access_log if self.access_log is None else self.access_log.reopen
             self._add(SignalService(signals, signal.SIGUSR1, reopen))
-        self._add(self.jwks, self.limits, self.fairness, self.plane, self.proxy, self.reloader)
+        self._add(self.jwks, self.limits, self.fairness, self.plane, self.proxy)
+        self._add(self.gateway_ports, self.reloader)
         self._add(self.systemd)
 
     def _kubernetes_source(self, config: RouterConfig) -> KubernetesSource | None:
@@ -261,7 +252,17 @@ class RouterService(SequentialMultiService):
                 IService(child).setServiceParent(self)
 
     def _proxy_listeners(self) -> list[ListenerInfo]:
-        return [listener_info("proxy", self.proxy, ("/v1/*", "/healthz", "/readyz"))]
+        """The proxy's and the Gateways' ports (those that could not open, with why)."""
+        serves = ("/v1/*", "/healthz", "/readyz")
+        gateways = self.gateway_ports
+        interface = self.config.gateway_api.interface
+        return [
+            listener_info("proxy", self.proxy, serves),
+            *(listener_info(f"gateway port {n}", p.service, serves)
+              for n, p in gateways.ports.items() if p.service is not None),
+            *(ListenerInfo(f"gateway port {n}", endpoint_for(interface, n), serves, error=why)
+              for n, why in gateways.failed.items()),
+        ]  # fmt: skip
 
     def _scraped(self) -> None:
         """After each scrape round: ready (after the first), and the pod gauges."""

@@ -95,6 +95,12 @@ def makeService(options: Options) -> IService:
         if options["workers"] and spec is None:
             from kthena.workers.service import WorkersService
 
+            if config.gateway_api.enabled:
+                raise SystemExit(
+                    "kthena-router: the gatewayAPI section's ports are not shared by "
+                    "--workers (each worker would open them): run one process"
+                )
+
             shareable(config.listen)
             return WorkersService(
                 config,

@@ -293,6 +293,12 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
     )
     scheduler = parse_scheduler(spec.get("scheduler"), where.at("scheduler"))
     _check_prefix_policies(resources, scheduler, where.at("scheduler"))
+    downstream = parse_downstream(spec.get("downstream"), where.at("downstream"))
+    gateway_api = parse_gateway_api(spec.get("gatewayAPI"), where.at("gatewayAPI"))
+    if gateway_api.enabled and downstream.server != "lean":
+        where.at("gatewayAPI").fail(
+            "Gateway ports are served by the lean HTTP server: remove downstream.server"
+        )
     return RouterConfig(
         listen=_listen(spec.get("listen", d.listen), where.at("listen")),
         admin_listen=None
@@ -311,7 +317,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         inference_paths=parse_inference_paths(
             spec.get("inferencePaths"), where.at("inferencePaths")
         ),
-        downstream=parse_downstream(spec.get("downstream"), where.at("downstream")),
+        downstream=downstream,
         upstream=parse_upstream(spec.get("upstream"), where.at("upstream")),
         readiness=choice(
             spec.get("readiness", d.readiness), where.at("readiness"), READINESS_RULES
@@ -327,7 +333,7 @@ def parse_config(raw: object, source: str, base: Path, files: list[str]) -> Rout
         fairness=fairness,
         kubernetes=parse_kubernetes(spec.get("kubernetes"), where.at("kubernetes"), base),
         gateway=parse_gateway(spec.get("gateway"), where.at("gateway")),
-        gateway_api=parse_gateway_api(spec.get("gatewayAPI"), where.at("gatewayAPI")),
+        gateway_api=gateway_api,
         source=source,
         files=(source, *files),
     )

@@ -19,6 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from kthena.config.gateway import PortListeners
 from kthena.config.router import RouterConfig
 from kthena.errors import ErrorType, ProxyError
 from kthena.interfaces import IExchange, IRequestObserver
@@ -111,13 +112,18 @@ class Pipeline:
 
     # -- every request
 
-    def handle(self, exchange: IExchange) -> None:
+    def handle(self, exchange: IExchange, gateway_port: PortListeners | None = None) -> None:
+        """
+        @param gateway_port: the listeners of the Gateway port it came through (None: the
+            proxy listener).
+        """
         record = RequestRecord(
             request_id=request_id(exchange.header(b"x-request-id")),
             method=exchange.method.decode("latin-1"),
             path=exchange.path.decode("latin-1"),
             started=self.clock.seconds(),
             protocol=exchange.protocol,
+            gateway_port=gateway_port,
         )
         path = exchange.path
         method = exchange.method

@@ -17,10 +17,13 @@ from zope.interface import implementer
 
 from kthena.config.router import RouterConfig
 from kthena.config.traffic import DownstreamConfig
+from kthena.http.server import LeanSite
 from kthena.interfaces import IReconfigurable, IServerReactor
 from kthena.lifecycle import restart_needed
 from kthena.listening import ListeningService
+from kthena.pipeline.pipeline import Pipeline
 from kthena.proxy.channel import ProxyChannel
+from kthena.proxy.resource import ProxyResource
 from kthena.record import RequestRecord
 from kthena.webutil import QuietSite
 
@@ -127,3 +130,17 @@ class ProxyListener(ListeningService):
         restart_needed("downstream.server", self.server, config.downstream.server)
         self.site.max_body_bytes = config.max_body_bytes
         self.site.downstream = config.downstream
+
+
+def proxy_site(
+    reactor: IServerReactor, config: RouterConfig, pipeline: Pipeline
+) -> ProxySite | LeanSite:
+    """The proxy listener's site, on the HTTP server C{downstream.server} names."""
+    if config.downstream.server == "lean":
+        return LeanSite(
+            pipeline.handle, config.max_body_bytes, reactor, config.downstream, pipeline.refused
+        )
+    return ProxySite(
+        ProxyResource(pipeline), config.max_body_bytes, reactor, config.downstream,
+        pipeline.refused,
+    )  # fmt: skip

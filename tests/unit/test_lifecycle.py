@@ -157,6 +157,7 @@ TREE = [
     "fairness",
     "data plane",
     "proxy listener",
+    "gateway ports",
     "reloader",
     "systemd",  # last: READY=1 once all the others run; first to stop: STOPPING=1
 ]

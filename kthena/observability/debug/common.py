@@ -43,9 +43,11 @@ class ListenerInfo:
     serves: tuple[str, ...]
     host: str | None = None
     port: int | None = None
+    error: str | None = None
+    """Why it is not listening, when it tried and could not (a Gateway's port)."""
 
     def view(self) -> dict[str, object]:
-        return {
+        view: dict[str, object] = {
             "name": self.name,
             "endpoint": self.endpoint,
             "listening": self.port is not None,
@@ -53,6 +55,9 @@ class ListenerInfo:
             "port": self.port,
             "serves": list(self.serves),
         }
+        if self.error is not None:
+            view["error"] = self.error
+        return view
 
 
 @dataclass(frozen=True)
