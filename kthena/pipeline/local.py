@@ -42,18 +42,28 @@ class LocalAnswers:
         elif path == b"/healthz":
             answer_json(exchange, record, 200, {"message": "ok"})
         elif path == MODELS:
-            names = self.store.model_names(self.readiness.via)
+            names = self._names(exchange, record)
             data = [self._model(name, route) for name, route in names]
             answer_json(exchange, record, 200, {"object": "list", "data": data})
         else:
             name = path[len(MODEL_PREFIX) :].decode("utf-8", "replace")
             record.model = name
-            for known, route in self.store.model_names(self.readiness.via):
+            for known, route in self._names(exchange, record):
                 if known == name:
                     answer_json(exchange, record, 200, self._model(name, route))
                     return
             error = ProxyError(404, ErrorType.ROUTE_NOT_FOUND, f"the model `{name}` does not exist")
             answer_error(exchange, record, error)
+
+    def _names(self, exchange: IExchange, record: RequestRecord) -> list[tuple[str, ModelRoute]]:
+        """The models served through the Gateway listener the request came through: the
+        config's for the proxy listener, the one that takes its host on a Gateway's port
+        (none: no model; /readyz stays the router's there: probes ask it)."""
+        port = record.gateway_port
+        if port is None:
+            return self.store.model_names(self.readiness.via)
+        via = port.resolve((exchange.header(b"host") or b"").decode("latin-1"))
+        return [] if via is None else self.store.model_names(via)
 
     def _model(self, name: str, route: ModelRoute) -> dict[str, object]:
         return {

@@ -101,6 +101,11 @@ async def test_gateway_listeners_get_a_port_of_their_own(cluster: Cluster) -> No
     assert records[-1].match is not None and records[-1].match.model_route == "default/bound"
     assert (await post(port, MODEL, "other.example.com")).status == 404
     assert (await post(port, "bound", "llm.example.com")).status == 404
+    # /v1/models lists what the host's listener serves.
+    models: HttpResult = await deferToThread(
+        http_request, LOOPBACK, port, "GET", "/v1/models", None, {"Host": "other.example.com"}
+    )
+    assert [m["id"] for m in models.json()["data"]] == ["bound"]
     # The proxy listener is no Gateway's: neither route serves it.
     assert (await cluster.post(router, CHAT, chat_body("bound"))).status == 404
     # The port is among the router's listeners (/debug/router/state); HTTPS is not opened.
