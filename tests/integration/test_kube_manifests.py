@@ -121,6 +121,8 @@ async def test_kubectl_takes_the_manifests_and_reads_the_fake(kubectl: str, tmp_
 
     fake, port = serve(reactor)
     fake.apply("v1", "pods", {"metadata": {"name": "vllm-0"}, "status": {"podIP": "10.0.0.1"}})
+    for kind in (*KINDS[:2], *INFERENCE_KINDS, *GATEWAY_KINDS):  # what kubectl finds by name
+        fake.apply(kind.api, kind.plural, {"metadata": {"name": f"a-{kind.plural}"}, "spec": {}})
     env = {**os.environ, "KUBECONFIG": kubeconfig(tmp_path / "config", port.getHost().port)}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -133,9 +135,16 @@ async def test_kubectl_takes_the_manifests_and_reads_the_fake(kubectl: str, tmp_
         files = [arg for path in MANIFESTS for arg in ("-f", str(path))]
         applied = await deferToThread(run, "apply", "--dry-run=client", "--validate=false", *files)
         listed = await deferToThread(run, "get", "pods", "-n", "default", "-o", "name")
+        kinds = ",".join(k.plural for k in (*KINDS[:2], *INFERENCE_KINDS, *GATEWAY_KINDS))
+        custom = await deferToThread(run, "get", kinds, "-n", "default", "-o", "name")
     finally:
         await port.stopListening()
     assert applied.returncode == 0, applied.stderr
     assert applied.stdout.count("created (dry run)") == len(documents())
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == ["pod/vllm-0"]
+    # Kthena's kinds and the Gateway API's, found through discovery as a real server's.
+    assert custom.returncode == 0, custom.stderr
+    assert sorted(name.split("/")[1] for name in custom.stdout.split()) == sorted(
+        f"a-{k.plural}" for k in (*KINDS[:2], *INFERENCE_KINDS, *GATEWAY_KINDS)
+    )
