@@ -271,3 +271,18 @@ async def cluster() -> AsyncIterator[Any]:
         yield running
     finally:
         await running.close()
+
+
+@pytest_twisted.async_yield_fixture  # type: ignore[untyped-decorator]
+async def kube() -> AsyncIterator[tuple[Any, int]]:
+    """A fake Kubernetes API server (L{fake_kube.FakeKube}) and its port, for the test."""
+    from twisted.internet import reactor
+
+    from tests.integration.fake_kube import serve
+
+    fake, port = serve(reactor)
+    try:
+        yield fake, port.getHost().port
+    finally:
+        fake.drop()
+        await port.stopListening()

@@ -66,6 +66,13 @@ class FakeKube:
         self._record(collection, kind, obj)
         self.objects.setdefault(collection, {})[key] = obj
 
+    def put(self, doc: dict[str, Any]) -> None:
+        """L{apply} a whole document (its C{apiVersion} and C{kind} say where)."""
+        api, kind = doc["apiVersion"], doc["kind"]
+        plural = next((p for p, k, _ in _KINDS.get(api, ()) if k == kind), None)
+        assert plural is not None, f"the fake does not serve {api} {kind}"
+        self.apply(api, plural, doc)
+
     def delete(self, api: str, plural: str, namespace: str, name: str) -> None:
         collection = (api, plural)
         obj = self.objects.get(collection, {}).pop(f"{namespace}/{name}")

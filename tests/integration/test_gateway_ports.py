@@ -27,10 +27,8 @@ from tests.integration.router_helpers import (
     http_request,
     inline,
 )
-from tests.integration.test_inference_extension import MODEL, apply, kube, pooled
+from tests.integration.test_inference_extension import MODEL, pooled
 from tests.unit.routerfixtures import Doc, http_route, pool_ref, route, server
-
-__all__ = ["kube"]  # the fixture, for the test that reads Gateways from the API
 
 CHAT = "/v1/chat/completions"
 GATEWAY_API = {"interface": LOOPBACK}
@@ -154,7 +152,7 @@ async def test_gateways_from_the_cluster_open_their_port(
     assert "Gateway" in {w.kind for w in router.source.status()}
     started = time.monotonic()
     for doc in (*pooled(cluster, "chat", "chat", 1), *routes(port), gateway("gw", port)):
-        apply(fake, doc)
+        fake.put(doc)
     await cluster.wait_for(lambda: port in router.gateway_ports.ports, 1.0, "the Gateway's port")
     assert time.monotonic() - started < 1.0
     await cluster.wait_for(lambda: bool(router.store.pods), 1.0, "the pool's pod")

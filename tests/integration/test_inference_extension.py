@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest_twisted  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
 from kthena.observability.records import format_json
-from tests.integration.fake_kube import FakeKube, kubeconfig, serve
+from tests.integration.fake_kube import FakeKube, kubeconfig
 from tests.integration.router_helpers import Cluster, assert_error_object, chat_body, inline
 from tests.unit.routerfixtures import (
     Doc,
@@ -150,22 +148,6 @@ async def test_model_routes_come_first_and_pools_need_the_gateway(cluster: Clust
     assert_error_object(reply.json(), 404, "route_not_found")
 
 
-@pytest_twisted.async_yield_fixture  # type: ignore[untyped-decorator]
-async def kube() -> AsyncIterator[tuple[FakeKube, int]]:
-    from twisted.internet import reactor
-
-    fake, port = serve(reactor)
-    try:
-        yield fake, port.getHost().port
-    finally:
-        fake.drop()
-        await port.stopListening()
-
-
-def apply(fake: FakeKube, doc: Doc) -> None:
-    fake.apply(doc["apiVersion"], {"Pod": "pods"}.get(doc["kind"], doc["kind"].lower() + "s"), doc)
-
-
 @inline
 async def test_pools_and_http_routes_come_and_go_with_the_cluster(
     cluster: Cluster, kube: tuple[FakeKube, int], tmp_path: Path
@@ -184,7 +166,7 @@ async def test_pools_and_http_routes_come_and_go_with_the_cluster(
     started = time.monotonic()
     pools = (*pooled(cluster, "chat", "chat", 1), inference_pool("text", {"app": "text"}))
     for doc in (*pools, routes_to_pools()):
-        apply(fake, doc)
+        fake.put(doc)
     await cluster.wait_for(
         lambda: bool(router.store.resources.httproutes) and bool(router.store.pods),
         1.0,

@@ -9,16 +9,15 @@ is not ready before the first list.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.task import deferLater
 
 from kthena.config.resources import KTHENA_API
 from kthena.service import RouterService
-from tests.integration.fake_kube import FakeKube, kubeconfig, serve
+from tests.integration.fake_kube import FakeKube, kubeconfig
 from tests.integration.router_helpers import Cluster, chat_body, inline
 from tests.unit.routerfixtures import pod, server, simple_route
 from tests.unit.samples import sample_sum
@@ -27,34 +26,17 @@ CHAT = "/v1/chat/completions"
 MODEL = "org/upstream"
 
 
-@pytest_twisted.async_yield_fixture  # type: ignore[untyped-decorator]
-async def kube() -> AsyncIterator[tuple[FakeKube, int]]:
-    from twisted.internet import reactor
-
-    fake, port = serve(reactor)
-    try:
-        yield fake, port.getHost().port
-    finally:
-        fake.drop()
-        await port.stopListening()
-
-
 def router_on(cluster: Cluster, tmp_path: Path, port: int, **kubernetes: Any) -> RouterService:
     settings = {"kubeconfig": kubeconfig(tmp_path / "kubeconfig", port), **kubernetes}
     return cluster.router([], kubernetes=settings, podMetrics={"interval": "0.1s"})
 
 
-def apply(fake: FakeKube, doc: dict[str, Any]) -> None:
-    api, kind = doc["apiVersion"], doc["kind"]
-    fake.apply(api, {"Pod": "pods"}.get(kind, kind.lower() + "s"), doc)
-
-
 def serving(cluster: Cluster, fake: FakeKube) -> None:
     """A ModelServer, a route of C{client-model} to it, and one pod: a started simulator."""
     sim = cluster.sim(MODEL)
-    apply(fake, server("srv", {"app": "srv"}, MODEL))
-    apply(fake, simple_route("r", "client-model", "srv"))
-    apply(fake, pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
+    fake.put(server("srv", {"app": "srv"}, MODEL))
+    fake.put(simple_route("r", "client-model", "srv"))
+    fake.put(pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
 
 
 async def served(cluster: Cluster, fake: FakeKube, port: int, tmp_path: Path) -> RouterService:
@@ -80,9 +62,9 @@ async def test_resources_come_and_go_with_the_cluster(
     await until(cluster, lambda: router.source is not None and router.source.synced, "a list")
     assert (await cluster.post(router, CHAT, chat_body("client-model"))).status == 404
     started = time.monotonic()
-    apply(fake, server("srv", {"app": "srv"}, MODEL))
-    apply(fake, simple_route("r", "client-model", "srv"))
-    apply(fake, pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
+    fake.put(server("srv", {"app": "srv"}, MODEL))
+    fake.put(simple_route("r", "client-model", "srv"))
+    fake.put(pod("pod-0", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
     await until(cluster, lambda: "default/pod-0" in router.store.pods, "the pod routed")
     assert time.monotonic() - started < 1.0
     await cluster.sleep(0.3)  # its first scrape
@@ -100,10 +82,10 @@ async def test_a_pod_going_not_ready_stops_taking_traffic(
 ) -> None:
     fake, port = kube
     sims = [cluster.sim(MODEL), cluster.sim(MODEL)]
-    apply(fake, server("srv", {"app": "srv"}, MODEL))
-    apply(fake, simple_route("r", "client-model", "srv"))
+    fake.put(server("srv", {"app": "srv"}, MODEL))
+    fake.put(simple_route("r", "client-model", "srv"))
     for i, sim in enumerate(sims):
-        apply(fake, pod(f"pod-{i}", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
+        fake.put(pod(f"pod-{i}", "127.0.0.1", {"app": "srv"}, port=sim.listener.bound_port))
     router = router_on(cluster, tmp_path, port)
     records = Cluster.hook(router)
     await until(cluster, lambda: len(router.store.pods) == 2, "both pods")
@@ -113,7 +95,7 @@ async def test_a_pod_going_not_ready_stops_taking_traffic(
     assert served is not None
     index = int(served.name.rsplit("-", 1)[1])
     other = f"default/pod-{1 - index}"
-    apply(fake, pod(served.name, "127.0.0.1", {"app": "srv"},
+    fake.put(pod(served.name, "127.0.0.1", {"app": "srv"},
                     port=sims[index].listener.bound_port, ready=False))  # fmt: skip
     await until(cluster, lambda: list(router.store.pods) == [other], f"{served.name} out")
     records.clear()
@@ -171,10 +153,10 @@ async def test_a_broken_cluster_object_is_left_out_and_the_rest_routes(
     cluster: Cluster, kube: tuple[FakeKube, int], tmp_path: Path
 ) -> None:
     fake, port = kube
-    apply(fake, simple_route("orphan", "other-model", "no-such-server"))
+    fake.put(simple_route("orphan", "other-model", "no-such-server"))
     broken = server("broken", {"app": "x"}, MODEL)
     broken["spec"]["inferenceEngine"] = "NotAnEngine"
-    apply(fake, broken)
+    fake.put(broken)
     router = await served(cluster, fake, port, tmp_path)
     assert [r.meta.key for r in router.store.resources.routes] == ["default/r"]
     assert [s.meta.key for s in router.store.resources.servers] == ["default/srv"]

@@ -873,7 +873,7 @@ def test_weighted_choice_follows_the_weights() -> None:
 
 
 def test_backends_other_than_inference_pools_are_not_the_routers() -> None:
-    refs = [
+    refs: list[Doc] = [
         {"name": "svc", "port": 80},  # a Service (the default group and kind)
         {"kind": "InferencePool", "name": "no-group"},
         {"group": INFERENCE_GROUP, "name": "no-kind"},
