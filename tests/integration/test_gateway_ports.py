@@ -17,7 +17,6 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 
 from kthena.config.router import parse_config
-from tests.integration.fake_kube import kubeconfig
 from tests.integration.router_helpers import (
     LOOPBACK,
     Cluster,
@@ -27,7 +26,7 @@ from tests.integration.router_helpers import (
     http_request,
     inline,
 )
-from tests.integration.test_inference_extension import MODEL, pooled
+from tests.integration.test_inference_extension import MODEL, listed, pooled
 from tests.unit.routerfixtures import Doc, http_route, pool_ref, route, server
 
 CHAT = "/v1/chat/completions"
@@ -142,14 +141,8 @@ async def test_gateways_from_the_cluster_open_their_port(
 ) -> None:
     fake, api = kube
     port = free_port()
-    settings = {"kubeconfig": kubeconfig(tmp_path / "kubeconfig", api),
-                "inferenceExtension": True}  # fmt: skip
-    router = cluster.router([], kubernetes=settings, gatewayAPI=GATEWAY_API)
-    await cluster.wait_for(
-        lambda: router.source is not None and router.source.synced, 1.0, "a list"
-    )
-    assert router.source is not None
-    assert "Gateway" in {w.kind for w in router.source.status()}
+    router, kinds = await listed(cluster, api, tmp_path, gatewayAPI=GATEWAY_API)
+    assert "Gateway" in kinds
     started = time.monotonic()
     for doc in (*pooled(cluster, "chat", "chat", 1), *routes(port), gateway("gw", port)):
         fake.put(doc)

@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from kthena.observability.records import format_json
+from kthena.service import RouterService
 from tests.integration.fake_kube import FakeKube, kubeconfig
 from tests.integration.router_helpers import Cluster, assert_error_object, chat_body, inline
 from tests.unit.routerfixtures import (
@@ -148,19 +149,27 @@ async def test_model_routes_come_first_and_pools_need_the_gateway(cluster: Clust
     assert_error_object(reply.json(), 404, "route_not_found")
 
 
+async def listed(
+    cluster: Cluster, api: int, tmp_path: Path, **settings: Any
+) -> tuple[RouterService, set[str]]:
+    """A router reading the Inference Extension's kinds from the fake API at C{api},
+    once it listed every kind; and the kinds it reads."""
+    kubernetes = {"kubeconfig": kubeconfig(tmp_path / "kubeconfig", api),
+                  "inferenceExtension": True}  # fmt: skip
+    router = cluster.router([], kubernetes=kubernetes, **settings)
+    await cluster.wait_for(
+        lambda: router.source is not None and router.source.synced, 1.0, "a list of every kind"
+    )
+    assert router.source is not None
+    return router, {w.kind for w in router.source.status()}
+
+
 @inline
 async def test_pools_and_http_routes_come_and_go_with_the_cluster(
     cluster: Cluster, kube: tuple[FakeKube, int], tmp_path: Path
 ) -> None:
     fake, port = kube
-    settings = {"kubeconfig": kubeconfig(tmp_path / "kubeconfig", port),
-                "inferenceExtension": True}  # fmt: skip
-    router = cluster.router([], kubernetes=settings, gateway=GATEWAY)
-    await cluster.wait_for(
-        lambda: router.source is not None and router.source.synced, 1.0, "a list of every kind"
-    )
-    assert router.source is not None
-    kinds = {w.kind for w in router.source.status()}
+    router, kinds = await listed(cluster, port, tmp_path, gateway=GATEWAY)
     assert {"InferencePool", "HTTPRoute", "InferenceModelRewrite"} <= kinds
     assert (await cluster.post(router, CHAT, chat_body(MODEL), HOST)).status == 404
     started = time.monotonic()
