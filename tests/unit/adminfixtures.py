@@ -7,7 +7,6 @@ a real L{HTTPChannel} over a L{StringTransport} with the peer address the test p
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ from tests.unit.proxyfixtures import (
     OrderedScheduler,
     WireResponse,
 )
-from tests.unit.routerfixtures import Doc, pd_server, pod, route, server
+from tests.unit.routerfixtures import Doc, in_namespace, pd_server, pod, route, server
 
 LOOPBACK_PEER = IPv4Address("TCP", "127.0.0.1", 40001)
 REMOTE_PEER = IPv4Address("TCP", "10.1.2.3", 5555)
@@ -40,12 +39,6 @@ TOKEN = "s3cret-debug-token-0123456789"
 REDIS_PASSWORD = "hunter2-redis"
 AUTH_HEADER_VALUE = "Bearer sk-live-abcdef"
 CHAT = "/v1/chat/completions"
-
-
-def _in(namespace: str, doc: Doc) -> Doc:
-    doc = copy.deepcopy(doc)
-    doc["metadata"]["namespace"] = namespace
-    return doc
 
 
 def resources() -> list[Doc]:
@@ -109,13 +102,13 @@ def resources() -> list[Doc]:
         server("base", {"app": "m"}, model="org/m"),
         pd_server("pd", "pd", "org/m"),
         server("empty", {"app": "nothing"}),
-        _in("other", server("base", {"app": "other"}, engine="SGLang", port=30000)),
+        in_namespace("other", server("base", {"app": "other"}, engine="SGLang", port=30000)),
         p0,
         p1,
         pod("pre0", "10.0.1.1", {"app": "pd", "role": "prefill", "group": "g1"}),
         pod("dec0", "10.0.1.2", {"app": "pd", "role": "decode", "group": "g1"}),
         pod("pending", "10.0.0.9", {"app": "m"}, phase="Pending", ready=False),
-        _in("other", pod("o0", "10.0.2.1", {"app": "other"})),
+        in_namespace("other", pod("o0", "10.0.2.1", {"app": "other"})),
     ]
 
 

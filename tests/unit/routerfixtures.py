@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from kthena.config.resources import KTHENA_API
@@ -49,8 +50,9 @@ def pod(
     ready: bool = True,
     port: int | None = None,
     deleting: bool = False,
+    namespace: str = "default",
 ) -> Doc:
-    meta: Doc = {"name": name, "namespace": "default", "labels": labels}
+    meta: Doc = {"name": name, "namespace": namespace, "labels": labels}
     if port is not None:
         meta["annotations"] = {"kthena.io/workload-port": str(port)}
     if deleting:
@@ -144,3 +146,10 @@ def model_rewrite(name: str, pool: str, rules: list[Doc], created: str | None = 
         "metadata": meta,
         "spec": {"poolRef": {"name": pool}, "rules": rules},
     }
+
+
+def in_namespace(namespace: str, doc: Doc) -> Doc:
+    """A copy of C{doc} in another namespace."""
+    doc = copy.deepcopy(doc)
+    doc["metadata"]["namespace"] = namespace
+    return doc

@@ -8,7 +8,6 @@ the pipeline.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from tests.unit.adminfixtures import AdminHarness, completion
 from tests.unit.routerfixtures import (
     Doc,
     http_route,
+    in_namespace,
     inference_pool,
     model_rewrite,
     pod,
@@ -29,12 +29,6 @@ from tests.unit.routerfixtures import (
 
 POOLS = "/debug/inference-extension/pools"
 DECISIONS = "/debug/inference-extension/decisions"
-
-
-def _in(namespace: str, doc: Doc) -> Doc:
-    doc = copy.deepcopy(doc)
-    doc["metadata"]["namespace"] = namespace
-    return doc
 
 
 def rewrite_rule(models: list[str], targets: list[str]) -> Doc:
@@ -63,7 +57,7 @@ def resources() -> list[Doc]:
             9001,
             annotations={"kthena.io/inference-engine": "SGLang"},
         ),
-        _in("other", inference_pool("pool", {"app": "pool"}, 9000)),
+        in_namespace("other", inference_pool("pool", {"app": "pool"}, 9000)),
         inference_pool("spare", {"app": "spare"}, 9000),
         http_route(
             "chat",

@@ -24,6 +24,7 @@ from kthena.config.resources import KTHENA_API, GatewayListener
 from kthena.config.resourceset import ResourceSet
 from kthena.config.validate import ConfigError, Where
 from kthena.store import Datastore
+from tests.unit.routerfixtures import pod
 
 Doc = dict[str, Any]
 
@@ -154,26 +155,6 @@ def rewrite(
         "kind": "InferenceModelRewrite",
         "metadata": _meta(name, namespace, created),
         "spec": {"poolRef": pool_ref or {"name": pool_name}, "rules": list(rules)},
-    }
-
-
-def pod_doc(
-    name: str,
-    ip: str,
-    labels: Mapping[str, str],
-    namespace: str = "default",
-    ready: bool = True,
-    phase: str = "Running",
-) -> Doc:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
-        "status": {
-            "phase": phase,
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        },
     }
 
 
@@ -929,11 +910,11 @@ def test_match_names_route_rule_and_pool() -> None:
 def test_pool_pods_are_its_serving_pods_in_its_namespace() -> None:
     store = store_of(
         pool("p", {"app": "llm"}, ports=[8001, 8002]),
-        pod_doc("ok", "10.0.0.1", {"app": "llm", "extra": "x"}),
-        pod_doc("not-ready", "10.0.0.2", {"app": "llm"}, ready=False),
-        pod_doc("pending", "10.0.0.3", {"app": "llm"}, phase="Pending"),
-        pod_doc("other-app", "10.0.0.4", {"app": "other"}),
-        pod_doc("other-ns", "10.0.0.5", {"app": "llm"}, namespace="elsewhere"),
+        pod("ok", "10.0.0.1", {"app": "llm", "extra": "x"}),
+        pod("not-ready", "10.0.0.2", {"app": "llm"}, ready=False),
+        pod("pending", "10.0.0.3", {"app": "llm"}, phase="Pending"),
+        pod("other-app", "10.0.0.4", {"app": "other"}),
+        pod("other-ns", "10.0.0.5", {"app": "llm"}, namespace="elsewhere"),
         pools=False,
     )
     (p,) = store.resources.pools
@@ -955,7 +936,7 @@ def test_pool_match_carries_the_pools_server() -> None:
     store = store_of(
         httproute("r", rule(to="p")),
         pool("p", {"app": "llm"}, ports=[9000]),
-        pod_doc("a", "10.0.0.1", {"app": "llm"}),
+        pod("a", "10.0.0.1", {"app": "llm"}),
         pools=False,
     )
     result = store.match_http_route("m", "h", "POST", "/v1/x", header_lookup({}), VIA)
@@ -981,7 +962,7 @@ def test_pool_pods_use_the_pools_port_even_when_a_model_server_shares_them() -> 
     store = store_of(
         server_doc,
         pool("p", {"app": "llm"}, ports=[9000]),
-        pod_doc("a", "10.0.0.1", {"app": "llm"}),
+        pod("a", "10.0.0.1", {"app": "llm"}),
         pools=False,
     )
     (p,) = store.resources.pools
