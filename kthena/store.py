@@ -251,15 +251,13 @@ class Datastore:
         match = RouteMatch(choice.route, choice.rule, pool.server, False, rewritten, via, declared)
         return choice, match
 
-    def pool_pods(self, pool: InferencePool) -> list[PodEndpoint]:
-        """Pods of C{pool} that may take traffic."""
-        return self.server_pods(pool.server)
-
     def pool_rewrites(self, pool: InferencePool) -> list[ModelRewrite]:
+        """C{pool}'s InferenceModelRewrites, oldest first."""
         return self._index.rewrites.get(pool.meta.key, [])
 
     def server_pods(self, server: ModelServer) -> list[PodEndpoint]:
-        """Pods of C{server} that may take traffic (Running, Ready, not deleting)."""
+        """Pods of C{server} (or of a pool: its C{server}) that may take traffic
+        (Running, Ready, not deleting)."""
         return self._index.server_pods.get((server.kind, server.meta.key), [])
 
     def route_servers(self, route: ModelRoute) -> list[ModelServer]:

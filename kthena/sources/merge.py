@@ -3,9 +3,10 @@ The config's own resources and the cluster's, as the one set the datastore route
 
 The config's files are validated whole when loaded (a broken file is refused). The
 cluster's objects are not the router's to refuse: one that does not parse, that names
-what a file already defines, or whose route targets a ModelServer that does not exist
-(yet: objects arrive in any order) is left out, with the reason; the others stand. A
-Kubernetes admission webhook (Kthena's) keeps most of these out in the first place.
+what a file already defines, or that sends to what does not exist (yet: objects arrive
+in any order; a ModelRoute's ModelServer, an HTTPRoute's or a rewrite's InferencePool)
+is left out, with the reason; the others stand. A Kubernetes admission webhook
+(Kthena's) keeps most of these out in the first place.
 """
 
 from __future__ import annotations

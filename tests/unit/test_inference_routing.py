@@ -918,7 +918,7 @@ def test_pool_pods_are_its_serving_pods_in_its_namespace() -> None:
         pools=False,
     )
     (p,) = store.resources.pools
-    members = store.pool_pods(p)
+    members = store.server_pods(p.server)
     assert [(e.key, e.host, e.port) for e in members] == [("default/ok", "10.0.0.1", 8001)]
     assert p.target_ports == (8001, 8002)
     assert p.server.port == 8001
@@ -966,7 +966,7 @@ def test_pool_pods_use_the_pools_port_even_when_a_model_server_shares_them() -> 
         pools=False,
     )
     (p,) = store.resources.pools
-    assert [e.port for e in store.pool_pods(p)] == [9000]
+    assert [e.port for e in store.server_pods(p.server)] == [9000]
 
 
 # -- InferenceModelRewrite
