@@ -31,6 +31,7 @@ from kthena.config.resources import GATEWAY_GROUP, GatewayListener, Metadata, Pa
 from kthena.config.validate import (
     Where,
     boolean,
+    choice,
     integer,
     mapping,
     optional_string,
@@ -121,12 +122,36 @@ def parse_gateway_api(value: object, where: Where) -> GatewayAPIConfig:
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """One of a Gateway's C{listeners}: C{hostname} C{None} takes any host."""
+    """
+    One of a Gateway's C{listeners}: C{hostname} C{None} takes any host.
+
+    @ivar routes_from: the namespaces whose HTTPRoutes may attach (C{allowedRoutes}):
+        C{Same} (the Gateway API's default), C{All}, or C{None} (a namespace selector,
+        which the router cannot judge without reading Namespaces, or C{kinds} without
+        HTTPRoute).
+    """
 
     name: str
     port: int
     protocol: str
     hostname: str | None
+    routes_from: str = "Same"
+
+
+def _routes_from(value: object, where: Where) -> str:
+    """A listener's C{allowedRoutes} as L{Listener.routes_from}."""
+    allowed = mapping(value, where)
+    k_where = where.at("kinds")
+    kinds = [mapping(k, k_where.at(i), ("group", "kind"), ("kind",))
+             for i, k in enumerate(sequence(allowed.get("kinds"), k_where))]  # fmt: skip
+    if kinds and not any(
+        k["kind"] == "HTTPRoute" and k.get("group", GATEWAY_GROUP) == GATEWAY_GROUP for k in kinds
+    ):
+        return "None"
+    n_where = where.at("namespaces")
+    namespaces = mapping(allowed.get("namespaces"), n_where, ("from", "selector"))
+    found = choice(namespaces.get("from", "Same"), n_where.at("from"), ("Same", "All", "Selector"))
+    return "None" if found == "Selector" else found
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +187,7 @@ def parse_gateway_document(doc: Mapping[str, Any], where: Where, order: int) -> 
                 port=integer(listener["port"], at.at("port"), minimum=1, maximum=65535),
                 protocol=string(listener["protocol"], at.at("protocol")),
                 hostname=None if hostname is None else hostname_of(hostname, at.at("hostname")),
+                routes_from=_routes_from(listener.get("allowedRoutes"), at.at("allowedRoutes")),
             )
         )
     names = [listener.name for listener in listeners]
@@ -234,7 +260,11 @@ def listeners_by_port(gateways: tuple[Gateway, ...], class_name: str) -> dict[in
             if listener.protocol != "HTTP":
                 continue
             via = GatewayListener(
-                gateway.meta.namespace, gateway.meta.name, listener.name, listener.port
+                gateway.meta.namespace,
+                gateway.meta.name,
+                listener.name,
+                listener.port,
+                listener.routes_from,
             )
             ports.setdefault(listener.port, []).append((via, listener.hostname))
     return {port: PortListeners(port, tuple(found)) for port, found in sorted(ports.items())}

@@ -147,7 +147,13 @@ class HTTPRoute:
     pd_policy = None
 
     def attaches(self, via: GatewayListener | None) -> bool:
-        return via is not None and any(ref.admits(via) for ref in self.parent_refs)
+        """A ref names C{via}, and C{via} takes routes of this one's namespace (a
+        Gateway's C{allowedRoutes}, as Kthena checks them)."""
+        return (
+            via is not None
+            and any(ref.admits(via) for ref in self.parent_refs)
+            and via.takes_routes_of(self.meta.namespace)
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,15 +153,23 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 @dataclass(frozen=True, slots=True)
 class GatewayListener:
     """
-    The Gateway listener requests come through (C{gateway} in the router's config).
+    The Gateway listener requests come through (C{gateway} in the router's config, or
+    one of a Gateway's that the router serves).
 
     @ivar port: the listener's port, for C{parentRefs} that name one.
+    @ivar routes_from: the namespaces whose HTTPRoutes it takes (a Gateway's
+        C{allowedRoutes}: C{Same}, C{All}, C{None}); the config's listener takes any.
     """
 
     namespace: str
     name: str
     listener: str | None = None
     port: int | None = None
+    routes_from: str = "All"
+
+    def takes_routes_of(self, namespace: str) -> bool:
+        routes_from = self.routes_from
+        return routes_from == "All" or (routes_from == "Same" and namespace == self.namespace)
 
     @property
     def key(self) -> str:

@@ -15,6 +15,7 @@ import yaml
 
 from kthena.config.documents import parse_document
 from kthena.config.gateway import Gateway, listeners_by_port
+from kthena.config.inference import HTTPRoute
 from kthena.config.router import parse_config
 from kthena.config.validate import ConfigError, Where
 from kthena.tap import Options, makeService
@@ -126,3 +127,42 @@ def test_workers_refuse_gateway_ports(tmp_path: Path) -> None:
     options.parseOptions(["--config", str(path), "--workers", "2"])
     with pytest.raises(SystemExit, match="not shared by --workers"):
         makeService(options)
+
+
+def _route_in(namespace: str) -> HTTPRoute:
+    doc = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": namespace},
+        "spec": {"parentRefs": [{"name": "gw", "namespace": "default"}]},
+    }
+    found = parse_document(doc, Where("test"), 0)
+    assert isinstance(found, HTTPRoute)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("allowed", "attached"),
+    [
+        (None, {"default"}),  # the Gateway API's default: Same
+        ({"namespaces": {"from": "Same"}}, {"default"}),
+        ({"namespaces": {"from": "All"}}, {"default", "tenant"}),
+        # A selector needs the namespaces' labels, which the router does not read: none.
+        ({"namespaces": {"from": "Selector", "selector": {"matchLabels": {"a": "b"}}}}, set()),
+        ({"namespaces": {"from": "All"}, "kinds": [{"kind": "GRPCRoute"}]}, set()),
+        ({"namespaces": {"from": "All"}, "kinds": [{"kind": "HTTPRoute"}]}, {"default", "tenant"}),
+    ],
+)
+def test_a_listener_takes_http_routes_of_the_namespaces_it_allows(
+    allowed: dict[str, Any] | None, attached: set[str]
+) -> None:
+    spec = listener("web", 80)
+    if allowed is not None:
+        spec["allowedRoutes"] = allowed
+    [(via, _)] = listeners_by_port((parsed(gateway("gw", spec)),), "kthena-router")[80].listeners
+    assert {ns for ns in ("default", "tenant") if _route_in(ns).attaches(via)} == attached
+
+
+def test_the_configs_own_gateway_listener_takes_routes_of_any_namespace() -> None:
+    config = parse_config({"gateway": {"name": "default/gw"}}, "t.yaml", Path("."), [])
+    assert config.gateway is not None and _route_in("tenant").attaches(config.gateway)
