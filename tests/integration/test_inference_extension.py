@@ -143,6 +143,10 @@ async def test_model_routes_come_first_and_pools_need_the_gateway(cluster: Clust
     assert match is not None and (match.model_route, match.inference_pool) == (
         None, "default/chat"
     )  # fmt: skip
+    # A pool without a pod answers 503 (and the router stays ready for the rest).
+    reply = await cluster.post(router, COMPLETIONS, completion(MODEL), HOST)
+    assert_error_object(reply.json(), 503, "pod_discovery")
+    assert (await cluster.request(router, "GET", "/readyz")).status == 200
     # Through no Gateway (no `gateway` in the config) an HTTPRoute takes nothing.
     bare = cluster.router(resources)
     reply = await cluster.post(bare, CHAT, chat_body(MODEL), HOST)
