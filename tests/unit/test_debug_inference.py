@@ -318,3 +318,29 @@ def test_a_pool_without_a_rewrite_sends_the_model_as_asked() -> None:
     assert admin.upstream.last.json()["model"] == "anything"
     (decision,) = admin.json(DECISIONS)["decisions"]
     assert (decision["rewritten_model"], decision["inference_pool"]) == (None, "default/pool")
+
+
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [
+        ("inferencepools", [("default", "pool"), ("other", "pool"), ("default", "spare")]),
+        ("httproutes", [("default", "chat"), ("default", "elsewhere")]),
+        ("inferencemodelrewrites", [("default", "rename")]),
+        ("gateways", []),
+    ],
+)
+def test_config_dump_shows_the_gateway_api_kinds_as_written(
+    admin: AdminHarness, kind: str, names: list[tuple[str, str]]
+) -> None:
+    listed = admin.json(f"/debug/config_dump/{kind}")[kind]
+    assert [(o["namespace"], o["name"]) for o in listed] == names
+    written = {
+        (d["kind"].lower() + "s", d["metadata"]["namespace"], d["metadata"]["name"]): d["spec"]
+        for d in resources()
+        if "spec" in d
+    }
+    for shown in listed:
+        namespace, name = shown["namespace"], shown["name"]
+        assert shown["spec"] == written[(kind, namespace, name)]
+        one = admin.json(f"/debug/config_dump/namespaces/{namespace}/{kind}/{name}")
+        assert one == shown

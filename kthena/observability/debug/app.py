@@ -16,7 +16,7 @@ from twisted.web.resource import IResource, Resource
 
 from kthena.observability.debug.access import DebugAccess
 from kthena.observability.debug.common import DebugError, DebugSources, _int_arg, _text_arg
-from kthena.observability.debug.config_dump import ConfigDump
+from kthena.observability.debug.config_dump import KINDS, ConfigDump
 from kthena.observability.debug.inference import InferenceExtension
 from kthena.observability.debug.pd import PDGroups
 from kthena.observability.debug.routing import Routing
@@ -27,12 +27,8 @@ from kthena.webutil import READ_METHODS, json_body, method_not_allowed
 log = Logger()
 
 ENDPOINTS = (
-    "/debug/config_dump/modelroutes",
-    "/debug/config_dump/modelservers",
-    "/debug/config_dump/pods",
-    "/debug/config_dump/namespaces/{namespace}/modelroutes/{name}",
-    "/debug/config_dump/namespaces/{namespace}/modelservers/{name}",
-    "/debug/config_dump/namespaces/{namespace}/pods/{name}",
+    *(f"/debug/config_dump/{kind}" for kind in KINDS),
+    *(f"/debug/config_dump/namespaces/{{namespace}}/{kind}/{{name}}" for kind in KINDS),
     "/debug/router/state",
     "/debug/routing/table",
     "/debug/routing/decisions?limit=N&model=M",
@@ -100,9 +96,7 @@ def _routes(sources: DebugSources) -> list[tuple[str, str, Callable[..., object]
 
     return [
         ("/", "index", lambda r: {"endpoints": list(ENDPOINTS)}),
-        ("/config_dump/modelroutes", "modelroutes", lambda r: config.modelroutes()),
-        ("/config_dump/modelservers", "modelservers", lambda r: config.modelservers()),
-        ("/config_dump/pods", "pods", lambda r: config.pods()),
+        ("/config_dump/<kind>", "config_kind", lambda r, kind: config.listing(kind)),
         (
             "/config_dump/namespaces/<namespace>/<kind>/<name>",
             "config_object",

@@ -1,26 +1,42 @@
 """
 C{/debug/config_dump/*}: the resources as Kthena writes them (its shapes and camelCase
-keys, so that Kthena's tooling reads them), secrets redacted.
+keys, so that Kthena's tooling reads them), secrets redacted: ModelRoutes, ModelServers
+and Pods, and (as Kthena's debug server) Gateways, HTTPRoutes, InferencePools, and ours,
+InferenceModelRewrites, each as its name, namespace and spec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from kthena.config.resources import ModelRoute, ModelServer, Pod
+from kthena.config.resources import ModelServer, Pod
 from kthena.observability.debug.common import DebugError, Views, _leaf, _timestamp, _unique
 from kthena.pods import PodEndpoint
 from kthena.redact import redact
 
+SPEC_KINDS = {
+    "modelroutes": ("routes", "ModelRoute"),
+    "gateways": ("gateways", "Gateway"),
+    "httproutes": ("httproutes", "HTTPRoute"),
+    "inferencepools": ("pools", "InferencePool"),
+    "inferencemodelrewrites": ("rewrites", "InferenceModelRewrite"),
+}
+"""The kinds shown as their spec: the path's name, the resource set's field, the kind."""
+
+KINDS = ("modelroutes", "modelservers", "pods", *list(SPEC_KINDS)[1:])
+"""Every kind C{/debug/config_dump/<kind>} and C{.../namespaces/<ns>/<kind>/<name>} show."""
+
+
+def spec_view(resource: Any) -> dict[str, object]:
+    return {
+        "name": resource.meta.name,
+        "namespace": resource.meta.namespace,
+        "spec": redact(resource.spec, leaf=_leaf),
+    }
+
 
 class ConfigDump(Views):
-    def route_view(self, route: ModelRoute) -> dict[str, object]:
-        return {
-            "name": route.meta.name,
-            "namespace": route.meta.namespace,
-            "spec": redact(route.spec, leaf=_leaf),
-        }
-
     def server_view(self, server: ModelServer) -> dict[str, object]:
         members = self.store.server_pods(server)
         names = [p.key for p in members]
@@ -96,23 +112,26 @@ class ConfigDump(Views):
                     models.extend(route.lora_adapters)
         return _unique(models)
 
-    def modelroutes(self) -> dict[str, object]:
-        return {"modelroutes": [self.route_view(r) for r in self._resources.routes]}
-
-    def modelservers(self) -> dict[str, object]:
-        return {"modelservers": [self.server_view(s) for s in self._resources.servers]}
-
-    def pods(self) -> dict[str, object]:
-        servers = self._servers()
-        return {"pods": [self.pod_view(p, servers) for p in self._resources.pods]}
+    def listing(self, kind: str) -> dict[str, object]:
+        """C{/debug/config_dump/<kind>}."""
+        resources = self._resources
+        if kind == "modelservers":
+            return {kind: [self.server_view(s) for s in resources.servers]}
+        if kind == "pods":
+            servers = self._servers()
+            return {kind: [self.pod_view(p, servers) for p in resources.pods]}
+        if kind not in SPEC_KINDS:
+            raise DebugError(404, f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        return {kind: [spec_view(r) for r in getattr(resources, SPEC_KINDS[kind][0])]}
 
     def config_object(self, namespace: str, kind: str, name: str) -> dict[str, object]:
         resources = self._resources
-        if kind == "modelroutes":
-            for route in resources.routes:
-                if (route.meta.namespace, route.meta.name) == (namespace, name):
-                    return self.route_view(route)
-            raise DebugError(404, f"ModelRoute {namespace}/{name} not found")
+        if kind in SPEC_KINDS:
+            field, title = SPEC_KINDS[kind]
+            for resource in getattr(resources, field):
+                if (resource.meta.namespace, resource.meta.name) == (namespace, name):
+                    return spec_view(resource)
+            raise DebugError(404, f"{title} {namespace}/{name} not found")
         if kind == "modelservers":
             for server in resources.servers:
                 if (server.meta.namespace, server.meta.name) == (namespace, name):
@@ -123,6 +142,4 @@ class ConfigDump(Views):
                 if (pod.meta.namespace, pod.meta.name) == (namespace, name):
                     return self.pod_view(pod, self._servers())
             raise DebugError(404, f"Pod {namespace}/{name} not found")
-        raise DebugError(
-            404, f"unknown kind {kind!r}; known kinds: modelroutes, modelservers, pods"
-        )
+        raise DebugError(404, f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
