@@ -177,16 +177,31 @@ async def test_pools_and_http_routes_come_and_go_with_the_cluster(
     assert {"InferencePool", "HTTPRoute", "InferenceModelRewrite"} <= kinds
     assert (await cluster.post(router, CHAT, chat_body(MODEL), HOST)).status == 404
     started = time.monotonic()
-    pools = (*pooled(cluster, "chat", "chat", 1), inference_pool("text", {"app": "text"}))
+    records = Cluster.hook(router)
+    pools = (*pooled(cluster, "chat", "chat", 1), *pooled(cluster, "text", "text", 1))
     for doc in (*pools, routes_to_pools()):
         fake.put(doc)
     await cluster.wait_for(
-        lambda: bool(router.store.resources.httproutes) and bool(router.store.pods),
+        lambda: bool(router.store.resources.httproutes) and len(router.store.pods) == 2,
         1.0,
-        "the route and its pool",
+        "the route and its pools",
     )
     assert time.monotonic() - started < 1.0
     assert (await cluster.post(router, CHAT, chat_body(MODEL), HOST)).status == 200
+    assert records[-1].pod is not None and records[-1].pod.key == "default/chat-0"
+    # The HTTPRoute changes: chat goes to the other pool within a second.
+    changed = routes_to_pools()
+    changed["spec"]["rules"][0]["backendRefs"] = [pool_ref("text")]
+    started = time.monotonic()
+    fake.put(changed)
+    await cluster.wait_for(
+        lambda: router.store.resources.httproutes[0].rules[0].backends[0].name == "text",
+        1.0,
+        "the changed HTTPRoute",
+    )
+    assert time.monotonic() - started < 1.0
+    assert (await cluster.post(router, CHAT, chat_body(MODEL), HOST)).status == 200
+    assert records[-1].pod is not None and records[-1].pod.key == "default/text-0"
     fake.delete("gateway.networking.k8s.io/v1", "httproutes", "default", "inference")
     await cluster.wait_for(lambda: not router.store.resources.httproutes, 1.0, "the HTTPRoute gone")
     assert (await cluster.post(router, CHAT, chat_body(MODEL), HOST)).status == 404
