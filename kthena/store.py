@@ -15,7 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kthena.config.gateway import normalize_host
-from kthena.config.inference import HTTPRoute, HTTPRouteRule, InferencePool, ModelRewrite
+from kthena.config.inference import (
+    HTTPRoute,
+    HTTPRouteRule,
+    InferencePool,
+    ModelRewrite,
+    PoolServer,
+)
 from kthena.config.resources import (
     GatewayListener,
     ModelRoute,
@@ -91,6 +97,17 @@ class RouteMatch:
         return self.server.meta.key if self.server.kind == "InferencePool" else None
 
 
+def _ports(server: ModelServer, pod: Pod) -> tuple[int, ...]:
+    """
+    The ports C{server} reaches C{pod} on: its port, or the pod's own
+    (C{kthena.io/workload-port}); every one of a pool's C{targetPorts} when it has
+    several (the Inference Extension: each pod and port is an endpoint).
+    """
+    if isinstance(server, PoolServer) and len(server.ports) > 1:
+        return server.ports
+    return (pod.port or server.port,)
+
+
 def _age(resource: ModelRoute | ModelRewrite) -> tuple[float, int]:
     return resource.meta.age_order
 
@@ -139,15 +156,9 @@ class Datastore:
         for pool in resources.pools:
             index.pools[pool.meta.key] = pool
         for server in (*resources.servers, *(p.server for p in resources.pools)):
-            members: list[PodEndpoint] = []
-            for pod in resources.pods:
-                if not (pod.serving and server.selects(pod)):
-                    continue
-                endpoint = self._endpoint(pod, server, pods)
-                if server.kind == "ModelServer":
-                    endpoint.servers = (*endpoint.servers, server.meta.key)
-                members.append(endpoint)
-            index.server_pods[(server.kind, server.meta.key)] = members
+            index.server_pods[(server.kind, server.meta.key)] = self._members(
+                server, resources.pods, pods
+            )
         index.httproutes = sorted(resources.httproutes, key=route_order)
         for rewrite in sorted(resources.rewrites, key=_age):
             index.rewrites.setdefault(rewrite.pool, []).append(rewrite)
@@ -162,14 +173,30 @@ class Datastore:
         self.resources = resources
         self.generation += 1
 
-    def _endpoint(self, pod: Pod, server: ModelServer, pods: dict[str, PodEndpoint]) -> PodEndpoint:
+    def _members(
+        self, server: ModelServer, candidates: tuple[Pod, ...], pods: dict[str, PodEndpoint]
+    ) -> list[PodEndpoint]:
+        """C{server}'s endpoints: its serving pods on each of its ports (L{_ports})."""
+        members: list[PodEndpoint] = []
+        for pod in candidates:
+            if not (pod.serving and server.selects(pod)):
+                continue
+            for port in _ports(server, pod):
+                endpoint = self._endpoint(pod, server, pods, port)
+                if server.kind == "ModelServer":
+                    endpoint.servers = (*endpoint.servers, server.meta.key)
+                members.append(endpoint)
+        return members
+
+    def _endpoint(
+        self, pod: Pod, server: ModelServer, pods: dict[str, PodEndpoint], port: int
+    ) -> PodEndpoint:
         """
-        The pod's endpoint for C{server}: one per pod and port. Servers (or pools)
-        selecting the same pod on another port (their own, where the pod's annotation
-        gives none) get an endpoint of their own, keyed C{namespace/name:port}.
+        The pod's endpoint on C{port}: one per pod and port. Servers (or pools)
+        selecting the same pod on another port get an endpoint of their own, keyed
+        C{namespace/name:port}.
         """
         assert pod.ip is not None
-        port = pod.port or server.port
         key = pod.meta.key
         endpoint = pods.get(key)
         if endpoint is not None and endpoint.port != port:

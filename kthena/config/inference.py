@@ -32,9 +32,13 @@ C{SGLang}): the pool's API has no such field, and the scrape must know the metri
 class PoolServer(ModelServer):
     """
     An InferencePool seen as the backend the pipeline schedules over and dispatches to:
-    its selector and first target port, no model rename, no traffic policy (the
-    dispatcher's defaults), no prefill/decode group.
+    its selector and target ports (C{port}: the first), no model rename, no traffic
+    policy (the dispatcher's defaults), no prefill/decode group.
+
+    @ivar ports: every target port: with several, each pod and port is an endpoint.
     """
+
+    ports: tuple[int, ...] = ()
 
     kind = "InferencePool"
     backend_type = "inference_pool"
@@ -43,8 +47,8 @@ class PoolServer(ModelServer):
 @dataclass(frozen=True, slots=True)
 class InferencePool:
     """
-    @ivar target_ports: C{spec.targetPorts}; requests go to the first (as Kthena: one
-        endpoint per pod).
+    @ivar target_ports: C{spec.targetPorts}: each pod and port is an endpoint (the
+        Extension's rule; Kthena uses the first only).
     @ivar server: the pool as a backend (L{PoolServer}).
     """
 

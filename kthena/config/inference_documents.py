@@ -85,6 +85,7 @@ def parse_inference_pool(doc: Mapping[str, Any], where: Where, order: int) -> In
         retry=None,
         kv_connector=None,
         spec=spec,
+        ports=ports,
     )
     return InferencePool(meta, match_labels, ports, server, spec)
 

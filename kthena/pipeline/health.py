@@ -147,9 +147,10 @@ class Health:
             usable = {"prefill", "decode"} <= roles
         else:
             usable = bool(healthy)
+        serving = len({p.pod.meta.key for p in pods})  # a pool's pod may have several ports
         if not usable:
             status = "unhealthy"
-        elif len(healthy) == selected:
+        elif len(healthy) == len(pods) and serving == selected:
             status = "healthy"
         else:
             status = "degraded"

@@ -51,11 +51,7 @@ def resources() -> list[Doc]:
         server("base", {"app": "m"}, model="org/m"),
         pod("p0", "10.0.0.1", {"app": "m"}),
         inference_pool(
-            "pool",
-            {"app": "pool"},
-            9000,
-            9001,
-            annotations={"kthena.io/inference-engine": "SGLang"},
+            "pool", {"app": "pool"}, 9000, annotations={"kthena.io/inference-engine": "SGLang"}
         ),
         in_namespace("other", inference_pool("pool", {"app": "pool"}, 9000)),
         inference_pool("spare", {"app": "spare"}, 9000),
@@ -128,7 +124,7 @@ def test_pools_with_their_routes_rewrites_and_pod_counts(admin: AdminHarness) ->
         "name": "pool",
         "namespace": "default",
         "selector": {"matchLabels": {"app": "pool"}},
-        "target_ports": [9000, 9001],
+        "target_ports": [9000],
         "engine": "SGLang",
         "http_routes": [
             {
@@ -158,6 +154,8 @@ def test_pools_with_their_routes_rewrites_and_pod_counts(admin: AdminHarness) ->
         "total_pods": 3,
         "serving_pods": 2,
         "ready_pods": 1,  # pp1 was never scraped
+        "serving_endpoints": 2,
+        "ready_endpoints": 1,
         "health": "degraded",
     }
     spare = pools["default/spare"]
@@ -200,9 +198,10 @@ def test_a_pools_endpoints_serving_or_not(admin: AdminHarness) -> None:
     pp0 = endpoints["default/pp0"]
     assert {k: v for k, v in pp0.items() if k not in ("metrics", "outlier")} == {
         "pod": "default/pp0",
+        "endpoint": "default/pp0",
         "name": "pp0",
         "namespace": "default",
-        "address": "10.0.3.1:9000",  # the pool's first target port
+        "address": "10.0.3.1:9000",  # the pool's target port
         "upstream_address": "10.0.3.1:9000",
         "phase": "Running",
         "ready": True,
@@ -224,8 +223,9 @@ def test_a_pools_endpoints_serving_or_not(admin: AdminHarness) -> None:
 
 
 def test_endpoints_show_pods_as_the_model_server_status_does() -> None:
-    """One pod view: a pod that a ModelServer and a pool both select reads the same in
-    both, but for the pool's address."""
+    """One pod view: a pod that a ModelServer (on 8000) and a pool (on 7000) both select
+    is two endpoints, each shown with its own live state, as the model-server status
+    shows its pods."""
     docs = [*resources(), pod("both", "10.0.4.1", {"app": "m", "pool": "yes"})]
     docs.append(inference_pool("shared", {"pool": "yes"}, 7000))
     admin = AdminHarness(docs, gateway={"name": "default/gw"})
@@ -233,10 +233,30 @@ def test_endpoints_show_pods_as_the_model_server_status_does() -> None:
     status = admin.json("/debug/model-servers/base/status")
     (as_server,) = [p for p in status["pods"] if p["name"] == "both"]
     (as_endpoint,) = admin.json(f"{POOLS}/shared/endpoints")["endpoints"]
-    assert as_endpoint["address"] == "10.0.4.1:7000"
+    assert (as_server["address"], as_server["healthy"]) == ("10.0.4.1:8000", True)
+    assert as_endpoint["endpoint"] == "default/both:7000"
+    assert as_endpoint["address"] == as_endpoint["upstream_address"] == "10.0.4.1:7000"
+    assert (as_endpoint["serving"], as_endpoint["healthy"]) == (True, False)  # not scraped
     for key, value in as_server.items():
-        if key not in ("role", "address"):
+        if key not in ("role", "address", "healthy", "servers"):
             assert as_endpoint[key] == value, key
+
+
+def test_each_target_port_of_a_pool_is_an_endpoint() -> None:
+    docs = [*resources(), inference_pool("ranks", {"app": "pool"}, 9000, 9001)]
+    admin = AdminHarness(docs, gateway={"name": "default/gw"})
+    scraped(admin, "default/pp0")
+    body = admin.json(f"{POOLS}/ranks/endpoints")
+    assert (body["total_pods"], body["serving_pods"], body["serving_endpoints"]) == (3, 2, 4)
+    assert (body["ready_pods"], body["ready_endpoints"], body["health"]) == (1, 1, "degraded")
+    shown = [(e["pod"], e["endpoint"], e["address"], e["healthy"]) for e in body["endpoints"]]
+    assert shown == [
+        ("default/pp0", "default/pp0", "10.0.3.1:9000", True),
+        ("default/pp0", "default/pp0:9001", "10.0.3.1:9001", False),
+        ("default/pp1", "default/pp1", "10.0.3.2:9000", False),
+        ("default/pp1", "default/pp1:9001", "10.0.3.2:9001", False),
+        ("default/pp-pending", None, "10.0.3.9:9000", False),
+    ]
 
 
 def test_a_pool_name_in_two_namespaces_needs_the_namespace(admin: AdminHarness) -> None:

@@ -919,7 +919,11 @@ def test_pool_pods_are_its_serving_pods_in_its_namespace() -> None:
     )
     (p,) = store.resources.pools
     members = store.server_pods(p.server)
-    assert [(e.key, e.host, e.port) for e in members] == [("default/ok", "10.0.0.1", 8001)]
+    # Each pod and target port is an endpoint (the Inference Extension's rule).
+    assert [(e.key, e.host, e.port) for e in members] == [
+        ("default/ok", "10.0.0.1", 8001),
+        ("default/ok:8002", "10.0.0.1", 8002),
+    ]
     assert p.target_ports == (8001, 8002)
     assert p.server.port == 8001
     assert p.server.engine == "vLLM"

@@ -137,7 +137,10 @@ class Views:
         return endpoint is not None and self.plane.health.pod(endpoint)
 
     def _pod_live(self, pod: Pod) -> dict[str, object]:
-        endpoint = self._endpoint(pod)
+        return self._endpoint_live(pod, self._endpoint(pod))
+
+    def _endpoint_live(self, pod: Pod, endpoint: PodEndpoint | None) -> dict[str, object]:
+        """C{pod} through one of its endpoints (C{None}: it serves none)."""
         return {
             "pod": pod.meta.key,
             "name": pod.meta.name,

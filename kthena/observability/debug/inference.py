@@ -22,6 +22,7 @@ from kthena.inference_routing import route_order
 from kthena.observability.debug.common import DebugSources, Views, _find_named, _scraped
 from kthena.observability.debug.routing import Routing
 from kthena.observability.decisions import DECISIONS_KEPT
+from kthena.pods import PodEndpoint
 
 
 def _address(ip: str | None, port: int) -> str | None:
@@ -81,7 +82,9 @@ class InferenceExtension(Views):
         return views
 
     def _pool_summary(self, pool: InferencePool) -> dict[str, object]:
-        """A pool and its pod counts by the one health rule (as a model server's)."""
+        """A pool and its pod counts by the one health rule (as a model server's: a pod
+        counts as ready with one healthy endpoint), and its endpoints' (a pod on each
+        target port)."""
         health = self.plane.health.server(pool.server)
         return {
             "name": pool.meta.name,
@@ -92,8 +95,10 @@ class InferenceExtension(Views):
             "http_routes": self._route_views(pool),
             "rewrites": [_rewrite_view(r) for r in self.store.pool_rewrites(pool)],
             "total_pods": health.selected,
-            "serving_pods": len(health.pods),
-            "ready_pods": len(health.healthy),
+            "serving_pods": len({e.pod.meta.key for e in health.pods}),
+            "ready_pods": len({e.pod.meta.key for e in health.healthy}),
+            "serving_endpoints": len(health.pods),
+            "ready_endpoints": len(health.healthy),
             "health": health.status,
         }
 
@@ -109,26 +114,39 @@ class InferenceExtension(Views):
 
     # -- endpoints
 
-    def _endpoint_view(self, pool: InferencePool, pod: Pod) -> dict[str, object]:
+    def _endpoint_view(
+        self, pool: InferencePool, pod: Pod, endpoint: PodEndpoint | None, port: int
+    ) -> dict[str, object]:
         """
         A pod as the model-server status view shows it, its last scrape, and two
-        addresses: the pool's (the pod's IP, the pool's first target port) and the one
-        the router sends to (C{None} while the pod does not serve), which differ when
-        the pod's port annotation, or another server selecting the same pod, sets it.
+        addresses: the pool's (the pod's IP and target C{port}) and the one the router
+        sends to (C{None} while the pod does not serve), which differ when the pod's port
+        annotation sets it.
         """
-        view = self._pod_live(pod)
-        endpoint = self._endpoint(pod)
-        view["address"] = _address(pod.ip, pool.target_ports[0])
+        view = self._endpoint_live(pod, endpoint)
+        view["endpoint"] = endpoint.key if endpoint is not None else None
+        view["address"] = _address(pod.ip, port)
         view["upstream_address"] = endpoint.authority if endpoint is not None else None
         view["metrics"] = _scraped(endpoint)
         return view
 
     def pool_endpoints(self, pool: InferencePool) -> dict[str, object]:
-        """Every pod the pool's selector selects, serving or not."""
+        """Every pod the pool's selector selects, serving or not: one entry for each of
+        its endpoints (each target port), one for a pod that serves none."""
         view = self._pool_summary(pool)
-        view["endpoints"] = [
-            self._endpoint_view(pool, pod) for pod in self._resources.pods if pool.selects(pod)
-        ]
+        members = self.store.server_pods(pool.server)
+        entries = []
+        for pod in self._resources.pods:
+            if not pool.selects(pod):
+                continue
+            mine = [e for e in members if e.pod is pod]
+            if not mine:
+                entries.append(self._endpoint_view(pool, pod, None, pool.target_ports[0]))
+            several = len(pool.target_ports) > 1
+            for endpoint in mine:
+                port = endpoint.port if several else pool.target_ports[0]
+                entries.append(self._endpoint_view(pool, pod, endpoint, port))
+        view["endpoints"] = entries
         return view
 
     # -- decisions
