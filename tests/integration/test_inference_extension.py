@@ -205,3 +205,28 @@ async def test_pools_and_http_routes_come_and_go_with_the_cluster(
     fake.delete("gateway.networking.k8s.io/v1", "httproutes", "default", "inference")
     await cluster.wait_for(lambda: not router.store.resources.httproutes, 1.0, "the HTTPRoute gone")
     assert (await cluster.post(router, CHAT, chat_body(MODEL), HOST)).status == 404
+
+
+@inline
+async def test_each_target_port_of_a_pod_is_an_endpoint(cluster: Cluster) -> None:
+    ranks = [cluster.sim(MODEL), cluster.sim(MODEL)]
+    ports = [sim.listener.bound_port for sim in ranks]
+    pod = cluster.pod("ranked", ports[0], {"app": "ranks"})
+    del pod["metadata"]["annotations"]  # the pool's ports, not the pod's own
+    resources = [
+        inference_pool("ranks", {"app": "ranks"}, *ports),
+        pod,
+        http_route("all", "gw", [{"backendRefs": [pool_ref("ranks")]}]),
+    ]
+    router = cluster.router(resources, gateway=GATEWAY, podMetrics={"interval": "0.1s"})
+    records = Cluster.hook(router)
+    await cluster.sleep(0.3)  # the first scrape of both
+    assert sorted(router.store.pods) == ["default/ranked", f"default/ranked:{ports[1]}"]
+    for i in range(6):
+        body = chat_body(MODEL, text=f"prompt {i} " * 40)  # no prefix shared
+        assert (await cluster.post(router, CHAT, body, HOST)).status == 200
+    decision = records[-1].decision
+    assert decision is not None and sorted(p.port for p in decision.candidates) == sorted(ports)
+    assert {r.pod.port for r in records if r.pod is not None} <= set(ports)
+    # Both endpoints were scraped on their own port and judged healthy.
+    assert all(router.plane.health.pod(e) for e in router.store.pods.values())
