@@ -33,8 +33,9 @@ CHAT = "/v1/chat/completions"
 GATEWAY_API = {"interface": LOOPBACK}
 
 
-def gateway(name: str, port: int, class_name: str = "kthena-router") -> Doc:
-    """A Gateway: listener C{llm} for llm.example.com and C{any} for every other host."""
+def gateway(name: str, port: int, class_name: str = "kthena-router", tls: int | None = None) -> Doc:
+    """A Gateway: listener C{llm} for llm.example.com and C{any} for every other host
+    (and an HTTPS one on C{tls}, when given)."""
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
@@ -44,7 +45,7 @@ def gateway(name: str, port: int, class_name: str = "kthena-router") -> Doc:
             "listeners": [
                 {"name": "llm", "port": port, "protocol": "HTTP", "hostname": "llm.example.com"},
                 {"name": "any", "port": port, "protocol": "HTTP"},
-                {"name": "tls", "port": port + 1 if port < 65535 else 1, "protocol": "HTTPS"},
+                *([{"name": "tls", "port": tls, "protocol": "HTTPS"}] if tls else []),
             ],
         },
     }
@@ -83,7 +84,9 @@ async def refused(port: int) -> bool:
 @inline
 async def test_gateway_listeners_get_a_port_of_their_own(cluster: Cluster) -> None:
     port = free_port()
-    resources = [*pooled(cluster, "chat", "chat", 1), *routes(port), gateway("gw", port)]
+    tls = free_port()
+    gateways = [gateway("gw", port, tls=tls)]
+    resources = [*pooled(cluster, "chat", "chat", 1), *routes(port), *gateways]
     router = cluster.router(resources, gatewayAPI=GATEWAY_API)
     records = Cluster.hook(router)
     assert list(router.gateway_ports.ports) == [port]
@@ -108,7 +111,7 @@ async def test_gateway_listeners_get_a_port_of_their_own(cluster: Cluster) -> No
     # The port is among the router's listeners (/debug/router/state); HTTPS is not opened.
     names = [(i.name, i.port) for i in router.admin.all_listeners()]
     assert ("proxy", router.proxy.bound_port) in names and (f"gateway port {port}", port) in names
-    assert await refused(port + 1)
+    assert await refused(tls)
     # The Gateway goes (a reload): its port closes, the proxy listener stays.
     router.reconfigure(replace(router.loaded, resources=parse_config(
         {"resources": [*pooled(cluster, "chat", "chat", 1), *routes(port)]}, "t", Path("."), []
