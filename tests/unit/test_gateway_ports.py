@@ -7,6 +7,7 @@ document may say, and the configs the router refuses (the twisted.web server, --
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,13 @@ def test_a_listener_takes_http_routes_of_the_namespaces_it_allows(
 def test_the_configs_own_gateway_listener_takes_routes_of_any_namespace() -> None:
     config = parse_config({"gateway": {"name": "default/gw"}}, "t.yaml", Path("."), [])
     assert config.gateway is not None and _route_in("tenant").attaches(config.gateway)
+
+
+def test_the_docs_examples_load() -> None:
+    """docs/inference-extension.md's config examples are configs the router takes."""
+    docs = Path(__file__).resolve().parents[2] / "docs" / "inference-extension.md"
+    blocks = re.findall(r"```yaml\n(.*?)```", docs.read_text(), re.S)
+    loaded = [parse_config(yaml.safe_load(b), "docs", Path("."), []) for b in blocks]
+    resources = loaded[0].resources
+    assert (len(resources.pools), len(resources.httproutes), len(resources.rewrites)) == (1, 1, 1)
+    assert loaded[1].gateway_api.enabled and len(loaded[1].resources.gateways) == 1
