@@ -259,7 +259,7 @@ class RouterService(SequentialMultiService):
         return [
             listener_info("proxy", self.proxy, serves),
             *(listener_info(f"gateway port {n}", p.service, serves)
-              for n, p in gateways.ports.items() if p.service is not None),
+              for n, p in gateways.ports.items()),
             *(ListenerInfo(f"gateway port {n}", endpoint_for(interface, n), serves, error=why)
               for n, why in gateways.failed.items()),
         ]  # fmt: skip

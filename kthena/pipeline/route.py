@@ -40,6 +40,7 @@ class Routing:
             return value.decode("latin-1") if value is not None else ""
 
         via = self.via
+        host = None  # read only where it is needed: not for a ModelRoute through the proxy
         port = record.gateway_port
         if port is not None:
             host = header("host")
@@ -53,7 +54,7 @@ class Routing:
             via = found_via
         match = self.store.match(parsed.model, header, record.path, via)
         if match is None:
-            match = self._http_route(exchange, record, parsed, via)
+            match = self._http_route(exchange, record, parsed, host, via)
         record.match = match
         return match
 
@@ -62,15 +63,17 @@ class Routing:
         exchange: IExchange,
         record: RequestRecord,
         parsed: Parsed,
+        host: str | None,
         via: GatewayListener | None,
     ) -> RouteMatch:
         def header(name: str) -> str | None:
             value = exchange.header(name.encode("latin-1"))
             return value.decode("latin-1") if value is not None else None
 
-        host = exchange.header(b"host") or b""
+        if host is None:
+            host = header("host") or ""
         found = self.store.match_http_route(
-            parsed.model, host.decode("latin-1"), record.method, record.path, header, via
+            parsed.model, host, record.method, record.path, header, via
         )
         if found is None:
             model = parsed.model

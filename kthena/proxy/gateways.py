@@ -13,7 +13,7 @@ change; it does not stop the router, whose other ports serve on.
 from __future__ import annotations
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -23,18 +23,32 @@ from kthena.http.server import LeanSite
 from kthena.interfaces import IExchange, IReconfigurable, IServerReactor
 from kthena.listening import CannotListenError, ListeningService
 from kthena.pipeline.pipeline import Pipeline
+from kthena.proxy.site import take_limits
 
 log = Logger()
 
 
 class GatewayPort:
-    """One open port: its site, and the listeners its requests are matched against (a
-    change of the Gateways replaces them for new requests)."""
+    """One port: its listening service and site, and the listeners its requests are
+    matched against (a change of the Gateways replaces them for new requests)."""
 
-    def __init__(self, listeners: PortListeners, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        reactor: IServerReactor,
+        config: RouterConfig,
+        number: int,
+        listeners: PortListeners,
+        pipeline: Pipeline,
+    ) -> None:
         self.listeners = listeners
         self.pipeline = pipeline
-        self.service: ListeningService | None = None
+        self.site = LeanSite(
+            self.handle, config.max_body_bytes, reactor, config.downstream, pipeline.refused
+        )
+        self.service = ListeningService(
+            reactor, endpoint_for(config.gateway_api.interface, number), self.site
+        )
+        self.service.setName(f"gateway port {number}")
 
     def handle(self, exchange: IExchange) -> None:
         self.pipeline.handle(exchange, self.listeners)
@@ -76,11 +90,7 @@ class GatewayPorts(MultiService):
     def reconfigure(self, config: RouterConfig) -> None:
         self.config = config
         for port in self.ports.values():
-            assert port.service is not None
-            site = port.service.factory
-            assert isinstance(site, LeanSite)
-            site.max_body_bytes = config.max_body_bytes
-            site.downstream = config.downstream
+            take_limits(port.site, config)
         if self.running:
             self._apply()
 
@@ -89,9 +99,8 @@ class GatewayPorts(MultiService):
         wanted: dict[int, PortListeners] = {}
         if config.gateway_api.enabled:
             wanted = listeners_by_port(config.resources.gateways, config.gateway_api.class_name)
-        closing = [self._close(number) for number in list(self.ports) if number not in wanted]
-        if closing:
-            DeferredList(closing, consumeErrors=True)
+        for number in [n for n in self.ports if n not in wanted]:
+            self._close(number)
         self.failed = {n: why for n, why in self.failed.items() if n in wanted}
         for number, listeners in wanted.items():
             port = self.ports.get(number)
@@ -101,20 +110,11 @@ class GatewayPorts(MultiService):
                 self._open(number, listeners)
 
     def _open(self, number: int, listeners: PortListeners) -> None:
-        config = self.config
-        port = GatewayPort(listeners, self.pipeline)
-        site = LeanSite(
-            port.handle, config.max_body_bytes, self.reactor, config.downstream,
-            self.pipeline.refused,
-        )  # fmt: skip
-        service = ListeningService(
-            self.reactor, endpoint_for(config.gateway_api.interface, number), site
-        )
-        service.setName(f"gateway port {number}")
+        port = GatewayPort(self.reactor, self.config, number, listeners, self.pipeline)
         try:
-            service.setServiceParent(self)
+            port.service.setServiceParent(self)
         except CannotListenError as e:
-            service.disownServiceParent()
+            port.service.disownServiceParent()
             why = str(e).removeprefix("kthena: ")
             if self.failed.get(number) != why:
                 log.error("Gateway port {port}: {why}; tried again at the next change",
@@ -122,22 +122,13 @@ class GatewayPorts(MultiService):
             self.failed[number] = why
             return
         self.failed.pop(number, None)
-        port.service = service
         self.ports[number] = port
         names = ", ".join(f"{via.key} {via.listener}" for via, _ in listeners.listeners)
         log.info("Gateway port {port} open for {names}", port=number, names=names)
 
-    def _close(self, number: int) -> Deferred[object]:
+    def _close(self, number: int) -> None:
+        """Stop listening on the port (connections in flight finish)."""
         port = self.ports.pop(number)
-        assert port.service is not None
         log.info("Gateway port {port} closed: no Gateway listener names it", port=number)
-        d: Deferred[object] = Deferred.fromCoroutine(_stopped(port.service))
-        return d
-
-
-async def _stopped(service: ListeningService) -> object:
-    """Stop listening (connections in flight finish) and leave the tree."""
-    result = service.disownServiceParent()
-    if isinstance(result, Deferred):
-        await result
-    return None
+        closed = maybeDeferred(port.service.disownServiceParent)
+        closed.addErrback(lambda f: log.failure("closing Gateway port {port}", f, port=number))

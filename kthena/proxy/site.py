@@ -104,6 +104,13 @@ class ListenerSite(Protocol):
     downstream: DownstreamConfig
 
 
+def take_limits(site: ListenerSite, config: RouterConfig) -> None:
+    """What a reload changes on a listener's site: the body cap and the client deadlines,
+    for new requests."""
+    site.max_body_bytes = config.max_body_bytes
+    site.downstream = config.downstream
+
+
 @implementer(IReconfigurable)
 class ProxyListener(ListeningService):
     """
@@ -128,8 +135,7 @@ class ProxyListener(ListeningService):
     def reconfigure(self, config: RouterConfig) -> None:
         restart_needed("listen", self.description, config.listen)
         restart_needed("downstream.server", self.server, config.downstream.server)
-        self.site.max_body_bytes = config.max_body_bytes
-        self.site.downstream = config.downstream
+        take_limits(self.site, config)
 
 
 def proxy_site(
